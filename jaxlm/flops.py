@@ -1,0 +1,47 @@
+"""Model FLOPs per token and model FLOPs utilisation (MFU).
+
+Training FLOPs per token follow PaLM (Chowdhery et al. 2022, 2204.02311, appendix B):
+
+    flops_per_token = 6 * N  +  12 * n_layers * n_heads * head_dim * seq_len
+
+N counts the parameters that take part in matmuls: every weight matrix of the blocks plus the
+output head (the input embedding is a lookup, not a matmul; with tied embeddings the table is
+counted once, as the head). Norm gains are left out. 6 = 2 (multiply-add) x 3 (forward +
+backward w.r.t. activations + backward w.r.t. weights). The attention term counts QKᵀ and AV for
+all L x L pairs, as PaLM does (a causal kernel does about half of that work, so MFU is
+conventionally reported this way). Recomputation from remat is not counted: MFU is *model*
+FLOPs, not hardware FLOPs.
+"""
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm.model import ModelConfig
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+  d, k = cfg.d_model, cfg.resolved_head_dim
+  attention = d * k * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)  # q, o and k, v.
+  mlp = 3 * d * cfg.mlp_dim  # gate, up, down.
+  return cfg.num_layers * (attention + mlp) + d * cfg.vocab_size  # + the output head.
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  attention = 12 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * seq_len
+  return 6.0 * matmul_params(cfg) + attention
+
+
+def measure_peak_flops(dtype="float32", size: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of one device on a large jitted matmul in `dtype`: the practical peak that MFU is
+  measured against when the device has no published number (e.g. a CPU)."""
+  a = jnp.ones((size, size), dtype)
+  matmul = jax.jit(lambda x, y: x @ y)
+  matmul(a, a).block_until_ready()  # Compile.
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * size**3 / best

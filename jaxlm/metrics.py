@@ -1,0 +1,84 @@
+"""Where training metrics go: a JSON-lines file, TensorBoard event files, and the terminal
+(a progress bar on a TTY, periodic log lines otherwise). Only process 0 writes."""
+
+import json
+import logging
+import math
+import os
+import sys
+
+import jax
+import tqdm
+
+log = logging.getLogger("jaxlm")
+
+
+class MetricsWriter:
+  """Appends `{"step": s, name: value, ...}` lines to metrics.jsonl and scalars to TensorBoard."""
+
+  def __init__(self, model_dir: str, tensorboard: bool = True):
+    self.enabled = jax.process_index() == 0
+    self._jsonl = self._tb = None
+    if not self.enabled:
+      return
+    self._jsonl = open(os.path.join(model_dir, "metrics.jsonl"), "a", encoding="utf-8")
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # Imported lazily: it pulls in protobuf.
+      self._tb = SummaryWriter(os.path.join(model_dir, "tensorboard"))
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    clean = {k: float(v) for k, v in scalars.items()}
+    self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for name, value in clean.items():
+        if math.isfinite(value):
+          self._tb.add_scalar(name, value, step)
+
+  def close(self) -> None:
+    if self._jsonl:
+      self._jsonl.close()
+    if self._tb:
+      self._tb.close()
+
+
+class Progress:
+  """A tqdm bar (step, loss, tokens/s, ETA) on a terminal; plain log lines when piped."""
+
+  def __init__(self, total_steps: int, start_step: int, mode: str = "auto"):
+    use_bar = {"auto": sys.stderr.isatty(), "bar": True, "log": False}[mode]
+    self._bar = None
+    if use_bar and jax.process_index() == 0:
+      self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
+                            dynamic_ncols=True, smoothing=0.1)
+
+  def advance(self, step: int) -> None:
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
+
+  def report(self, step: int, scalars: dict[str, float]) -> None:
+    shown = {k: v for k, v in scalars.items() if k in _SHOWN}
+    text = " ".join(_SHOWN[k].format(v) for k, v in shown.items())
+    if self._bar is not None:
+      self._bar.set_postfix_str(text, refresh=False)
+    elif jax.process_index() == 0:
+      log.info("step %d %s", step, text)
+
+  def message(self, text: str) -> None:
+    if self._bar is not None:
+      self._bar.write(text)
+    elif jax.process_index() == 0:
+      log.info("%s", text)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+
+
+_SHOWN = {
+    "train/loss": "loss={:.3f}",
+    "perf/tokens_per_sec": "tok/s={:,.0f}",
+    "perf/mfu": "mfu={:.1%}",
+}

@@ -1,0 +1,84 @@
+"""Grouped-query self-attention and the one dispatch point for attention implementations.
+
+`dot_product_attention` is the only place the model computes softmax(QKᵀ)V. Kernels (Pallas,
+cuDNN, splash) register themselves in `ATTENTION_IMPLS` with the same signature, and the model
+code never changes between them (MaxText dispatches the same way).
+"""
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlm.errors import UserError
+from jaxlm.model.config import ModelConfig
+from jaxlm.model.layers import apply_rope, param_with_axes
+
+# Large but finite: a fully masked row (padding) then gives a uniform softmax instead of NaN.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def attention_mask(segment_ids_BL, causal: bool):
+  """[B, 1, 1, L, S] boolean mask: same document (segment id) and, if causal, not in the future."""
+  mask_BLS = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+  if causal:
+    length = segment_ids_BL.shape[1]
+    mask_BLS &= jnp.tril(jnp.ones((length, length), dtype=bool))[None]
+  return mask_BLS[:, None, None]
+
+
+def xla_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, *, causal: bool = True):
+  """Reference attention in plain XLA ops. GQA without repeating K/V: query heads are viewed as
+  [kv_heads, group] so each group shares its K/V head through the einsum."""
+  b, l, h, k = q_BLHK.shape
+  g = k_BSGK.shape[2]
+  q_BLGRK = q_BLHK.reshape(b, l, g, h // g, k)
+  logits_BGRLS = jnp.einsum("blgrk,bsgk->bgrls", q_BLGRK, k_BSGK,
+                            preferred_element_type=jnp.float32) * k ** -0.5
+  logits_BGRLS = jnp.where(attention_mask(segment_ids_BL, causal), logits_BGRLS, MASK_VALUE)
+  probs_BGRLS = jax.nn.softmax(logits_BGRLS, axis=-1).astype(v_BSGK.dtype)
+  out_BLGRK = jnp.einsum("bgrls,bsgk->blgrk", probs_BGRLS, v_BSGK)
+  return out_BLGRK.reshape(b, l, h, k)
+
+
+ATTENTION_IMPLS: dict[str, Callable] = {"xla": xla_attention}
+
+
+def dot_product_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, *, causal: bool = True,
+                          impl: str = "xla"):
+  """softmax(QKᵀ/√d + mask)V with document masking; `impl` picks the implementation."""
+  if impl not in ATTENTION_IMPLS:
+    raise UserError(f"attention_impl={impl!r} is not available; choose one of "
+                    f"{sorted(ATTENTION_IMPLS)}")
+  return ATTENTION_IMPLS[impl](q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, causal=causal)
+
+
+class Attention(nn.Module):
+  """Grouped-query attention (Ainslie et al. 2023, 2305.13245) with rotary positions."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL):
+    cfg = self.config
+    d, h, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+    init = nn.initializers.normal(cfg.init_std)
+    out_init = nn.initializers.normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)
+    pd, dtype = cfg.param_dtype, cfg.compute_dtype
+    w_q = param_with_axes(self, "query", init, (d, h, k), ("embed", "heads", "head_dim"), pd)
+    w_k = param_with_axes(self, "key", init, (d, g, k), ("embed", "kv_heads", "head_dim"), pd)
+    w_v = param_with_axes(self, "value", init, (d, g, k), ("embed", "kv_heads", "head_dim"), pd)
+    w_o = param_with_axes(self, "out", out_init, (h, k, d), ("heads", "head_dim", "embed"), pd)
+
+    q_BLHK = jnp.einsum("bld,dhk->blhk", x_BLD, w_q.astype(dtype))
+    k_BLGK = jnp.einsum("bld,dgk->blgk", x_BLD, w_k.astype(dtype))
+    v_BLGK = jnp.einsum("bld,dgk->blgk", x_BLD, w_v.astype(dtype))
+    q_BLHK = apply_rope(q_BLHK, positions_BL, cfg.rope_theta)
+    k_BLGK = apply_rope(k_BLGK, positions_BL, cfg.rope_theta)
+    q_BLHK = nn.with_logical_constraint(q_BLHK, ("batch", "length", "heads", "head_dim"))
+    k_BLGK = nn.with_logical_constraint(k_BLGK, ("batch", "length", "kv_heads", "head_dim"))
+    v_BLGK = nn.with_logical_constraint(v_BLGK, ("batch", "length", "kv_heads", "head_dim"))
+
+    out_BLHK = dot_product_attention(q_BLHK, k_BLGK, v_BLGK, segment_ids_BL, causal=True,
+                                     impl=cfg.attention_impl)
+    return jnp.einsum("blhk,hkd->bld", out_BLHK, w_o.astype(dtype))

@@ -1,0 +1,74 @@
+"""ModelConfig: the hyper-parameters of a Llama-style decoder, configured from gin."""
+
+import dataclasses
+
+import gin
+import jax.numpy as jnp
+
+from jaxlm.errors import UserError
+
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A decoder-only transformer: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+  `dtype` is the compute dtype; parameters are always stored in float32 (`param_dtype`) so that
+  optimizer updates stay exact in mixed precision.
+  """
+  vocab_size: int = 384
+  d_model: int = 128
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int | None = None  # None: d_model // num_heads.
+  mlp_dim: int = 384
+  max_seq_len: int = 1024
+  rope_theta: float = 10_000.0
+  tie_embeddings: bool = False
+  norm_eps: float = 1e-5
+  init_std: float = 0.02
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs, recompute the rest).
+  attention_impl: str = "xla"
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim",
+                 "max_seq_len"):
+      if getattr(self, name) < 1:
+        raise UserError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+    if self.num_heads % self.num_kv_heads:
+      raise UserError(
+          f"ModelConfig.num_heads={self.num_heads} is not a multiple of num_kv_heads="
+          f"{self.num_kv_heads}; grouped-query attention needs whole groups")
+    if self.head_dim is None and self.d_model % self.num_heads:
+      raise UserError(
+          f"ModelConfig.d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
+          "set ModelConfig.head_dim explicitly")
+    if self.resolved_head_dim % 2:
+      raise UserError(f"head_dim={self.resolved_head_dim} must be even for rotary embeddings")
+    if self.remat not in REMAT_POLICIES:
+      raise UserError(f"ModelConfig.remat={self.remat!r}; choose one of {REMAT_POLICIES}")
+    for name in ("dtype", "param_dtype"):
+      try:
+        jnp.dtype(getattr(self, name))
+      except TypeError:
+        raise UserError(f"ModelConfig.{name}={getattr(self, name)!r} is not a dtype name "
+                        "(use 'float32' or 'bfloat16')") from None
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  def check_seq_len(self, seq_len: int) -> None:
+    if not 1 <= seq_len <= self.max_seq_len:
+      raise UserError(
+          f"sequence length {seq_len} is outside what the model takes (1..max_seq_len="
+          f"{self.max_seq_len}); lower DataConfig.seq_len or raise ModelConfig.max_seq_len")

@@ -1,0 +1,81 @@
+"""Transformer building blocks: embedding, RMSNorm, rotary embedding, SwiGLU MLP.
+
+Every parameter carries logical axis names (DESIGN.md §6) through `nn.with_logical_partitioning`;
+a rule set in a later layer maps them onto mesh axes. Nothing here names a mesh axis.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlm.model.config import ModelConfig
+
+
+def param_with_axes(module: nn.Module, name: str, init, shape, axes, dtype):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class Embed(nn.Module):
+  """Token embedding; `attend` reuses the table as the output head when embeddings are tied."""
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embedding_VD = param_with_axes(
+        self, "embedding", nn.initializers.normal(cfg.init_std), (cfg.vocab_size, cfg.d_model),
+        ("vocab", "embed"), cfg.param_dtype)
+
+  def __call__(self, tokens_BL):
+    x_BLD = jnp.take(self.embedding_VD, tokens_BL, axis=0).astype(self.config.compute_dtype)
+    return nn.with_logical_constraint(x_BLD, ("batch", "length", "embed"))
+
+  def attend(self, x_BLD):
+    return jnp.einsum("bld,vd->blv", x_BLD, self.embedding_VD.astype(x_BLD.dtype))
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square norm (Zhang & Sennrich 2019, 1910.07467); statistics in float32."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BLD):
+    cfg = self.config
+    scale_D = param_with_axes(self, "scale", nn.initializers.ones, (cfg.d_model,), ("embed",),
+                              cfg.param_dtype)
+    x32 = x_BLD.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
+    return (x32 * scale_D).astype(cfg.compute_dtype)
+
+
+def apply_rope(x_BLHK, positions_BL, theta: float):
+  """Rotary position embedding (Su et al. 2021, 2104.09864), half-split ("rotate_half") layout.
+
+  The half-split layout is the one Hugging Face Llama checkpoints use, so weights map 1:1.
+  """
+  head_dim = x_BLHK.shape[-1]
+  inv_freq_K = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles_BLK = positions_BL[..., None].astype(jnp.float32) * inv_freq_K
+  sin, cos = jnp.sin(angles_BLK)[:, :, None, :], jnp.cos(angles_BLK)[:, :, None, :]
+  x1, x2 = jnp.split(x_BLHK.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x_BLHK.dtype)
+
+
+class SwiGLU(nn.Module):
+  """Gated MLP with SiLU (Shazeer 2020, 2002.05202): down(silu(x W_gate) * (x W_up))."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BLD):
+    cfg = self.config
+    init = nn.initializers.normal(cfg.init_std)
+    out_init = nn.initializers.normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)
+    shape_in, shape_out = (cfg.d_model, cfg.mlp_dim), (cfg.mlp_dim, cfg.d_model)
+    w_gate = param_with_axes(self, "gate", init, shape_in, ("embed", "mlp"), cfg.param_dtype)
+    w_up = param_with_axes(self, "up", init, shape_in, ("embed", "mlp"), cfg.param_dtype)
+    w_down = param_with_axes(self, "down", out_init, shape_out, ("mlp", "embed"), cfg.param_dtype)
+    dtype = cfg.compute_dtype
+    gate_BLF = jnp.einsum("bld,df->blf", x_BLD, w_gate.astype(dtype))
+    up_BLF = jnp.einsum("bld,df->blf", x_BLD, w_up.astype(dtype))
+    h_BLF = nn.with_logical_constraint(nn.silu(gate_BLF) * up_BLF, ("batch", "length", "mlp"))
+    return jnp.einsum("blf,fd->bld", h_BLF, w_down.astype(dtype))

@@ -1,0 +1,21 @@
+"""Optimizers: gin-configurable factories `f(schedule) -> optax.GradientTransformation`."""
+
+import gin
+import jax
+import optax
+
+
+def decay_matrices_only(params):
+  """Weight decay on matrices (ndim >= 2) only: norms' gains and biases stay undecayed."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+@gin.configurable
+def adamw(schedule: optax.Schedule, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
+          weight_decay: float = 0.1, grad_clip_norm: float | None = 1.0):
+  """AdamW (Loshchilov & Hutter, 1711.05101) after global-norm gradient clipping."""
+  clip = optax.clip_by_global_norm(grad_clip_norm) if grad_clip_norm else optax.identity()
+  return optax.chain(
+      clip,
+      optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                  mask=decay_matrices_only))

@@ -1,0 +1,79 @@
+"""A run is a list of stages (DESIGN.md §2).
+
+A stage is (model config, data, optimizer + schedule, number of steps, transition). The transition
+maps the previous stage's final params (and optimizer state) to this stage's initial ones; growth,
+sparsity, vocabulary expansion and continual pretraining register their own transitions here. A
+plain pretraining run is one stage whose transition is never called.
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import gin
+import jax
+
+from jaxlm.data.pipeline import DataConfig
+from jaxlm.errors import UserError
+from jaxlm.model import ModelConfig
+from jaxlm.optim.optimizers import adamw
+from jaxlm.optim.schedules import warmup_cosine
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One phase of training. `None` fields take gin's unscoped defaults when the stage starts."""
+  num_steps: int = 1000
+  name: str = "pretrain"
+  model: ModelConfig | None = None
+  data: DataConfig | None = None
+  schedule: Callable = warmup_cosine
+  optimizer: Callable = adamw
+  transition: str = "identity"
+  keep_optimizer_state: bool = False  # Carry Adam moments over the transition (same shapes only).
+
+  def __post_init__(self):
+    if self.num_steps < 1:
+      raise UserError(f"stage {self.name!r}: num_steps must be >= 1, got {self.num_steps}")
+    if self.transition not in TRANSITIONS:
+      raise UserError(f"stage {self.name!r}: unknown transition {self.transition!r}; "
+                      f"registered: {sorted(TRANSITIONS)}")
+    # Resolve defaults now so every stage object fully describes itself.
+    object.__setattr__(self, "model", self.model or ModelConfig())
+    object.__setattr__(self, "data", self.data or DataConfig())
+
+  def make_optimizer(self):
+    return self.optimizer(self.schedule(self.num_steps))
+
+
+def stage_starts(stages) -> list[int]:
+  """Global step at which each stage begins; the run ends at the sum of num_steps."""
+  starts, total = [], 0
+  for stage in stages:
+    starts.append(total)
+    total += stage.num_steps
+  return starts
+
+
+# A transition: (params, previous stage, next stage) -> params for the next stage.
+Transition = Callable[[Any, Stage, Stage], Any]
+TRANSITIONS: dict[str, Transition] = {}
+
+
+def register_transition(name: str):
+  def register(fn: Transition) -> Transition:
+    TRANSITIONS[name] = fn
+    return fn
+  return register
+
+
+@register_transition("identity")
+def identity(params, previous: Stage, following: Stage):
+  """Carry the params over unchanged; the model must not change shape."""
+  from jaxlm.model import init_params  # Local: only shapes are needed, via eval_shape.
+  want = jax.eval_shape(lambda: init_params(following.model, jax.random.key(0)))
+  have = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  if jax.tree.structure(want) != jax.tree.structure(have) or jax.tree.leaves(want) != jax.tree.leaves(have):
+    raise UserError(f"stage {following.name!r} changes the model, which the 'identity' "
+                    "transition cannot do; choose a growth transition")
+  return params

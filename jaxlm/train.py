@@ -1,0 +1,70 @@
+"""Command line: `python -m jaxlm.train --gin_file=F [--gin_file=G] [--gin.NAME=VALUE ...]`.
+
+T5X-style flags: gin files are parsed in order, then bindings (`--gin.NAME=VALUE` or
+`--gin_bindings='NAME = VALUE'`), so later settings win. Bad input ends with one line on stderr
+and exit code 2; an interrupted run exits 130.
+"""
+
+import argparse
+import logging
+import sys
+
+from jaxlm import gin_config
+from jaxlm.errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog="python -m jaxlm.train", description=__doc__.split("\n\n")[0],
+      epilog="Example: python -m jaxlm.train --gin_file=experiments/quickstart.gin "
+             "--gin.MODEL_DIR=\"'/tmp/quick'\"")
+  parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
+  parser.add_argument("--gin_bindings", action="append", default=[],
+                      help="a gin binding such as \"Stage.num_steps = 100\" (repeatable)")
+  parser.add_argument("--gin_search_paths", action="append", default=[],
+                      help="extra folder to resolve gin files and includes in (repeatable)")
+  args, rest = parser.parse_known_args(argv)
+  for arg in rest:  # --gin.NAME=VALUE is the T5X shorthand for a binding.
+    if not (arg.startswith("--gin.") and "=" in arg):
+      parser.error(f"unrecognized argument {arg!r}; bindings look like --gin.NAME=VALUE")
+    name, value = arg[len("--gin."):].split("=", 1)
+    args.gin_bindings.append(f"{name} = {value}")
+  if not args.gin_file:
+    parser.error("give at least one --gin_file, e.g. --gin_file=experiments/quickstart.gin")
+  return args
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  # Our own INFO lines only: gin, absl and orbax log chatty INFO records on the root logger.
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
+                      datefmt="%H:%M:%S")
+  logging.getLogger("jaxlm").setLevel(logging.INFO)
+  try:
+    gin_config.parse(args.gin_file, args.gin_bindings, args.gin_search_paths)
+    from jaxlm import trainer  # After parsing, so that import-time work never hides a flag error.
+    results = trainer.run()
+  except UserError as e:
+    return _fail(str(e))
+  except TypeError as e:
+    message = gin_config.explain_unset_macro(e)
+    if message is None:
+      raise
+    return _fail(message)
+  except KeyboardInterrupt:
+    print("jaxlm: interrupted", file=sys.stderr)
+    return EXIT_INTERRUPTED
+  logging.getLogger("jaxlm").info("done: %s", {k: round(v, 4) for k, v in results.items()})
+  return 0
+
+
+def _fail(message: str) -> int:
+  print(f"jaxlm: error: {message.splitlines()[0]}", file=sys.stderr)
+  return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+  sys.exit(main())
