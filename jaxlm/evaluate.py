@@ -11,26 +11,20 @@ from jaxlm.model import ModelConfig, forward
 
 
 def token_losses(params, cfg: ModelConfig, batch):
-  """Per-target cross-entropy in nats [B, L], and the loss weights."""
+  """Per-target cross-entropy in nats [B, L] (unweighted)."""
   logits_BLV = forward(params, cfg, batch["inputs"], batch["positions"], batch["segment_ids"])
   return optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch["targets"])
 
 
-def make_eval_step(cfg: ModelConfig):
-  @jax.jit
-  def eval_step(params, batch):
-    ce_BL = token_losses(params, cfg, batch)
-    return jnp.sum(ce_BL * batch["weights"]), jnp.sum(batch["weights"])
-  return eval_step
-
-
-def evaluate(eval_step, params, batches, byte_lengths: np.ndarray) -> dict[str, float]:
+def evaluate(eval_step, params, batches, byte_lengths: np.ndarray,
+             to_device=lambda batch: batch) -> dict[str, float]:
   """Mean loss per target token, and bits per byte of the target text.
 
-  `byte_lengths[token_id]` is the number of UTF-8 bytes that token stands for (0 for specials), so
-  bits per byte compares models with different tokenizers.
+  `eval_step(params, batch) -> (summed nats, number of targets)`; `to_device` places a host
+  batch on the mesh. `byte_lengths[token_id]` is the number of UTF-8 bytes that token stands for
+  (0 for specials), so bits per byte compares models with different tokenizers.
   """
-  sums = [eval_step(params, batch) for batch in batches]  # Dispatch all, then sync once.
+  sums = [eval_step(params, to_device(batch)) for batch in batches]  # Dispatch all, sync once.
   total_nats = sum(float(s) for s, _ in sums)
   total_targets = sum(float(n) for _, n in sums)
   total_bytes = sum(float(np.sum(byte_lengths[b["targets"]] * b["weights"])) for b in batches)
@@ -50,7 +44,7 @@ def generate(params, cfg: ModelConfig, prompt_ids, num_tokens: int, rng, tempera
   buffer = jnp.zeros((1, window), jnp.int32).at[0, :len(prompt)].set(prompt)
 
   @jax.jit
-  def sample(buffer, rng):
+  def sample(params, buffer, rng):  # params as an argument: never baked in as constants.
     def step(i, carry):
       buffer, rng = carry
       rng, key = jax.random.split(rng)
@@ -59,4 +53,4 @@ def generate(params, cfg: ModelConfig, prompt_ids, num_tokens: int, rng, tempera
       return buffer.at[0, i].set(token), rng
     return jax.lax.fori_loop(len(prompt), window, step, (buffer, rng))[0]
 
-  return np.asarray(sample(buffer, rng))[0, len(prompt):]
+  return np.asarray(sample(params, buffer, rng))[0, len(prompt):]

@@ -39,7 +39,9 @@ def resolve_gin_file(name: str, paths: list[str]) -> str:
 def parse(gin_files: list[str], bindings: list[str], extra_search_paths: list[str] = ()) -> None:
   """Parse gin files then bindings (later ones win), turning gin's errors into UserError."""
   import jaxlm.trainer  # noqa: F401  Registers every configurable before parsing.
+  import jaxlm.kernels.flash_attention  # noqa: F401  FlashBlockSizes, for attention kernels.
 
+  gin.clear_config()  # A fresh config per parse, so in-process callers (tests, tools) start clean.
   paths = search_paths(extra_search_paths)
   for path in paths:
     gin.add_config_file_search_path(path)

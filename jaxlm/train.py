@@ -9,6 +9,8 @@ import argparse
 import logging
 import sys
 
+import jax
+
 from jaxlm import gin_config
 from jaxlm.errors import UserError
 
@@ -45,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
   logging.getLogger("jaxlm").setLevel(logging.INFO)
   try:
     gin_config.parse(args.gin_file, args.gin_bindings, args.gin_search_paths)
-    from jaxlm import trainer  # After parsing, so that import-time work never hides a flag error.
+    from jaxlm import parallel, trainer  # After parsing: import-time work never hides a flag error.
+    parallel.initialize_distributed(parallel.DistributedConfig())  # Before any device is used.
+    if jax.process_index() != 0:  # One voice per run: other processes only warn.
+      logging.getLogger("jaxlm").setLevel(logging.WARNING)
     results = trainer.run()
   except UserError as e:
     return _fail(str(e))

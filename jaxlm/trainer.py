@@ -1,6 +1,7 @@
-"""The training loop: state, jitted step, and the eval / checkpoint / log cadence.
+"""The training loop: eval / checkpoint / log cadence around the jitted step (train_step.py).
 
-`run` trains a list of stages (stages.py), resuming from the latest checkpoint in model_dir.
+`run` trains a list of stages (stages.py) on a device mesh (parallel.py), resuming from the
+latest checkpoint in model_dir.
 """
 
 import dataclasses
@@ -8,23 +9,23 @@ import logging
 import os
 import tempfile
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
-import flax
+import flax.linen as nn
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
-from jaxlm import evaluate, flops
+from jaxlm import evaluate, flops, parallel
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.pipeline import build_datasets
 from jaxlm.data.tokenizers import ByteTokenizer
 from jaxlm.errors import UserError
 from jaxlm.metrics import MetricsWriter, Progress
-from jaxlm.model import count_params, init_params
+from jaxlm.model import count_params
 from jaxlm.stages import TRANSITIONS, Stage, stage_starts
+from jaxlm.train_step import (TrainState, abstract_state, make_eval_step, make_train_step,
+                              sharded_init, state_shardings)
 
 log = logging.getLogger("jaxlm")
 
@@ -36,41 +37,13 @@ class TrainerConfig:
   eval_every: int = 200
   checkpoint_every: int = 500
   max_checkpoints_to_keep: int = 3
+  microbatches: int = 1  # Gradient accumulation: the global batch is split into this many.
   progress: str = "auto"  # "auto" (bar on a terminal), "bar" or "log".
   tensorboard: bool = True
   peak_flops_per_device: float | None = None  # None: measure a matmul at start-up.
   sample_prompt: str = "def "
   sample_tokens: int = 200
   sample_temperature: float = 0.8
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
-
-
-def init_state(stage: Stage, rng) -> TrainState:
-  params = init_params(stage.model, rng)
-  return TrainState(jnp.zeros((), jnp.int32), params, stage.make_optimizer().init(params))
-
-
-def make_train_step(stage: Stage):
-  cfg, tx = stage.model, stage.make_optimizer()
-
-  def loss_fn(params, batch):
-    ce_BL = evaluate.token_losses(params, cfg, batch)
-    return jnp.sum(ce_BL * batch["weights"]) / jnp.maximum(jnp.sum(batch["weights"]), 1.0)
-
-  def train_step(state: TrainState, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads)}
-    return TrainState(state.step + 1, params, opt_state), metrics
-
-  return jax.jit(train_step, donate_argnums=0)
 
 
 def prepare_model_dir(model_dir: str) -> None:
@@ -84,42 +57,67 @@ def prepare_model_dir(model_dir: str) -> None:
                     "--gin.MODEL_DIR") from None
 
 
-def transition(state: TrainState, previous: Stage, following: Stage) -> TrainState:
-  log.info("stage transition %r -> %r via %r", previous.name, following.name, following.transition)
-  params = TRANSITIONS[following.transition](state.params, previous, following)
-  opt_state = following.make_optimizer().init(params)
-  if following.keep_optimizer_state:
-    if jax.tree.structure(opt_state) != jax.tree.structure(state.opt_state):
-      raise UserError(f"stage {following.name!r}: keep_optimizer_state needs the same optimizer "
-                      "and parameter shapes as the previous stage")
-    opt_state = state.opt_state
-  return TrainState(state.step, params, opt_state)
+def host_rows(batch: dict) -> dict:
+  """This process's contiguous block of a global host batch (all of it on one host)."""
+  count, index = jax.process_count(), jax.process_index()
+  rows = next(iter(batch.values())).shape[0] // count
+  return {k: v[index * rows:(index + 1) * rows] for k, v in batch.items()}
 
 
 class _Run:
-  """The per-run context shared by all stages: directory, writers, checkpointer."""
+  """The per-run context shared by all stages: mesh, writers, checkpointer."""
 
-  def __init__(self, model_dir: str, stages: Sequence[Stage], seed: int, trainer: TrainerConfig):
+  def __init__(self, model_dir: str, stages: Sequence[Stage], seed: int, trainer: TrainerConfig,
+               mesh_config: parallel.MeshConfig):
     self.model_dir, self.stages, self.seed, self.trainer = model_dir, list(stages), seed, trainer
+    self.mesh = parallel.make_mesh(mesh_config)
+    self.rules = mesh_config.resolved_rules()
+    self.batch_sharding = parallel.batch_sharding(self.mesh, self.rules)
     self.starts = stage_starts(self.stages)
     self.total_steps = self.starts[-1] + self.stages[-1].num_steps
     self.checkpointer = Checkpointer(model_dir, trainer.max_checkpoints_to_keep)
     self.writer = MetricsWriter(model_dir, trainer.tensorboard)
     self.peak_flops = trainer.peak_flops_per_device
     self.final_metrics: dict[str, float] = {}
+    log.info("mesh %s over %d devices (%d processes), rules %s",
+             dict(self.mesh.shape), self.mesh.size, jax.process_count(),
+             mesh_config.rules if isinstance(mesh_config.rules, str) else self.rules)
+
+  def to_device(self, host_batch: dict) -> dict:
+    return parallel.global_batch(host_rows(host_batch), self.batch_sharding)
 
   def restore_or_init(self) -> tuple[TrainState, int]:
     step = self.checkpointer.latest_step()
     if step is None:
-      return init_state(self.stages[0], jax.random.key(self.seed)), 0
+      stage = self.stages[0]
+      return sharded_init(stage, state_shardings(stage, self.mesh, self.rules),
+                          jax.random.key(self.seed)), 0
     index = int(self.checkpointer.restore_meta(step)["stage_index"])
     if index >= len(self.stages) or not (self.starts[index] <= step
                                          <= self.starts[index] + self.stages[index].num_steps):
       raise UserError(f"the checkpoint at step {step} in {self.checkpointer.directory} does not fit "
                       "this run's stages; use a new MODEL_DIR or restore the original config")
-    abstract = jax.eval_shape(lambda: init_state(self.stages[index], jax.random.key(self.seed)))
-    log.info("resuming from step %d (stage %d, %r)", step, index, self.stages[index].name)
-    return self.checkpointer.restore_state(step, abstract), index
+    stage = self.stages[index]
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract_state(stage), state_shardings(stage, self.mesh, self.rules))
+    log.info("resuming from step %d (stage %d, %r)", step, index, stage.name)
+    return self.checkpointer.restore_state(step, target), index
+
+  def transition(self, state: TrainState, previous: Stage, following: Stage) -> TrainState:
+    log.info("stage transition %r -> %r via %r", previous.name, following.name,
+             following.transition)
+    params = TRANSITIONS[following.transition](state.params, previous, following)
+    shardings = state_shardings(following, self.mesh, self.rules)
+    params = jax.device_put(params, shardings.params)
+    if following.keep_optimizer_state:
+      if jax.tree.structure(shardings.opt_state) != jax.tree.structure(state.opt_state):
+        raise UserError(f"stage {following.name!r}: keep_optimizer_state needs the same "
+                        "optimizer and parameter shapes as the previous stage")
+      opt_state = state.opt_state
+    else:
+      opt_state = jax.jit(following.make_optimizer().init,
+                          out_shardings=shardings.opt_state)(params)
+    return TrainState(state.step, params, opt_state)
 
   def save(self, state: TrainState, stage_index: int) -> None:
     self.checkpointer.save(int(state.step), state, {"stage_index": stage_index,
@@ -132,27 +130,34 @@ class _Run:
       return state
     cfg, data_cfg = stage.model, stage.data
     cfg.check_seq_len(data_cfg.seq_len)
+    batch_devices = int(np.prod([self.mesh.shape[a] for a in parallel.BATCH_AXES]))
+    if data_cfg.batch_size % (trainer.microbatches * batch_devices):
+      raise UserError(f"batch_size={data_cfg.batch_size} must divide into microbatches="
+                      f"{trainer.microbatches} x {batch_devices} data-parallel devices")
     tokenizer = ByteTokenizer()
     if tokenizer.vocab_size > cfg.vocab_size:
       raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but ModelConfig.vocab_size="
                       f"{cfg.vocab_size}; raise vocab_size")
     train_batches, eval_batches = build_datasets(data_cfg, tokenizer)
     byte_lengths = tokenizer.byte_lengths()
-    train_step, eval_step = make_train_step(stage), evaluate.make_eval_step(cfg)
+    shardings = state_shardings(stage, self.mesh, self.rules)
+    train_step = make_train_step(stage, shardings, self.batch_sharding, trainer.microbatches)
+    eval_step = make_eval_step(stage, shardings.params, self.batch_sharding)
     schedule = stage.schedule(stage.num_steps)
     tokens_per_step = data_cfg.batch_size * data_cfg.seq_len
     flops_per_step = flops.flops_per_token(cfg, data_cfg.seq_len) * tokens_per_step
     if self.peak_flops is None:
       self.peak_flops = flops.measure_peak_flops(cfg.dtype)
-    log.info("stage %r: steps %d..%d, %s params, %.3g model FLOPs/token, peak %.3g FLOP/s/device",
-             stage.name, start, end, f"{count_params(state.params):,}",
+    log.info("stage %r: steps %d..%d, %s params (%s bytes per device with optimizer state), "
+             "%.3g model FLOPs/token, peak %.3g FLOP/s/device", stage.name, start, end,
+             f"{count_params(state.params):,}", f"{parallel.per_device_bytes(state):,}",
              flops_per_step / tokens_per_step, self.peak_flops)
 
     progress = Progress(self.total_steps, int(state.step), trainer.progress)
     step = int(state.step)
     pending, clock, clock_step = [], None, step
     while step < end:
-      state, metrics = train_step(state, train_batches.batch_at(step - start))
+      state, metrics = train_step(state, self.to_device(train_batches.batch_at(step - start)))
       step += 1
       pending.append(metrics)
       progress.advance(step)
@@ -175,7 +180,8 @@ class _Run:
         progress.report(step, scalars)
         pending, clock, clock_step = [], time.perf_counter(), step
       if step % trainer.eval_every == 0 or step == end:
-        results = evaluate.evaluate(eval_step, state.params, eval_batches, byte_lengths)
+        results = evaluate.evaluate(eval_step, state.params, eval_batches, byte_lengths,
+                                    self.to_device)
         self.writer.write(step, results)
         progress.message(f"step {step}: eval loss {results['eval/loss']:.4f}, "
                          f"{results['eval/bits_per_byte']:.4f} bits/byte")
@@ -196,25 +202,28 @@ class _Run:
 
 @gin.configurable
 def run(model_dir: str = gin.REQUIRED, stages: Sequence[Stage] = gin.REQUIRED, seed: int = 0,
-        trainer: TrainerConfig | None = None) -> dict[str, float]:
+        trainer: TrainerConfig | None = None,
+        mesh: parallel.MeshConfig | None = None) -> dict[str, float]:
   """Train `stages` in order into model_dir, resuming from its latest checkpoint. Returns the last
   logged metrics."""
   if not stages:
     raise UserError("run.stages is empty; give at least one Stage")
   prepare_model_dir(model_dir)
-  ctx = _Run(model_dir, stages, seed, trainer or TrainerConfig())
+  ctx = _Run(model_dir, stages, seed, trainer or TrainerConfig(), mesh or parallel.MeshConfig())
   if jax.process_index() == 0:
     with open(os.path.join(model_dir, "config.gin"), "w", encoding="utf-8") as f:
       f.write(gin.config_str())
-  state, index = ctx.restore_or_init()
-  try:
-    for i in range(index, len(ctx.stages)):
-      if i > index:
-        state = transition(state, ctx.stages[i - 1], ctx.stages[i])
-      state = ctx.train_stage(state, i)
-  finally:
-    ctx.checkpointer.close()
-    ctx.writer.close()
-  if ctx.trainer.sample_tokens > 0:
-    log.info("sample:\n%s", ctx.sample(state, ctx.stages[-1]))
+  # The mesh and rules are active while steps trace, so the model's logical constraints apply.
+  with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ctx.rules):
+    try:
+      state, index = ctx.restore_or_init()
+      for i in range(index, len(ctx.stages)):
+        if i > index:
+          state = ctx.transition(state, ctx.stages[i - 1], ctx.stages[i])
+        state = ctx.train_stage(state, i)
+    finally:
+      ctx.checkpointer.close()
+      ctx.writer.close()
+    if ctx.trainer.sample_tokens > 0:
+      log.info("sample:\n%s", ctx.sample(state, ctx.stages[-1]))
   return {"step": int(state.step), **ctx.final_metrics}

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import trainer
+from jaxlm import parallel, trainer
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.pipeline import DataConfig, build_datasets
 from jaxlm.data.sources import text_files
@@ -19,6 +19,7 @@ from jaxlm.model import ModelConfig
 from jaxlm.optim.optimizers import adamw
 from jaxlm.optim.schedules import warmup_constant, warmup_cosine
 from jaxlm.stages import Stage
+from jaxlm.train_step import init_state, make_train_step, sharded_init, state_shardings
 
 TINY = ModelConfig(vocab_size=384, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
                    mlp_dim=192, max_seq_len=128)
@@ -39,7 +40,7 @@ def _stage(path, num_steps, **overrides):
 def _final_params(model_dir):
   ckpt = Checkpointer(str(model_dir))
   step = ckpt.latest_step()
-  abstract = jax.eval_shape(lambda: trainer.init_state(_stage("unused", 8), jax.random.key(0)))
+  abstract = jax.eval_shape(lambda: init_state(_stage("unused", 8), jax.random.key(0)))
   state = ckpt.restore_state(step, abstract)
   ckpt.close()
   return step, state.params
@@ -57,9 +58,12 @@ def test_tiny_model_overfits_a_small_text_far_below_unigram_entropy(tmp_path):
 
   stage = Stage(num_steps=150, model=TINY, data=_data(path, valid_source=lambda: [text]),
                 schedule=lambda n: warmup_constant(n, peak_lr=1e-2, warmup_steps=10))
-  train_step = trainer.make_train_step(stage)
+  mesh_config = parallel.MeshConfig()
+  mesh, rules = parallel.make_mesh(mesh_config), mesh_config.resolved_rules()
+  shardings = state_shardings(stage, mesh, rules)
+  train_step = make_train_step(stage, shardings, parallel.batch_sharding(mesh, rules))
   train_batches, _ = build_datasets(stage.data, ByteTokenizer())
-  state = trainer.init_state(stage, jax.random.key(0))
+  state = sharded_init(stage, shardings, jax.random.key(0))
   for step in range(stage.num_steps):
     state, metrics = train_step(state, train_batches.batch_at(step))
   final_loss = float(metrics["train/loss"])

@@ -26,7 +26,10 @@ class Embed(nn.Module):
         ("vocab", "embed"), cfg.param_dtype)
 
   def __call__(self, tokens_BL):
-    x_BLD = jnp.take(self.embedding_VD, tokens_BL, axis=0).astype(self.config.compute_dtype)
+    # Gather from the whole table (FSDP all-gathers it, as it does every weight at use): a
+    # gather from a sharded table makes XLA's partitioner replicate it anyway, with a warning.
+    table_VD = nn.with_logical_constraint(self.embedding_VD, (None, None))
+    x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(self.config.compute_dtype)
     return nn.with_logical_constraint(x_BLD, ("batch", "length", "embed"))
 
   def attend(self, x_BLD):
