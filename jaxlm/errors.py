@@ -7,3 +7,7 @@ traceback. Raise it with a message that says what is wrong *and* how to fix it.
 
 class UserError(Exception):
   """Bad input: a missing file, an unknown gin binding, an impossible setting."""
+
+
+class TrainingDiverged(UserError):
+  """Training produced non-finite values for too many consecutive steps."""

@@ -32,6 +32,7 @@ def evaluate(eval_step, params, batches, byte_lengths: np.ndarray,
       "eval/loss": total_nats / max(total_targets, 1.0),
       "eval/bits_per_byte": total_nats / math.log(2) / max(total_bytes, 1.0),
       "eval/targets": total_targets,
+      "eval/bytes": total_bytes,
   }
 
 

@@ -16,12 +16,14 @@ log = logging.getLogger("jaxlm")
 class MetricsWriter:
   """Appends `{"step": s, name: value, ...}` lines to metrics.jsonl and scalars to TensorBoard."""
 
-  def __init__(self, model_dir: str, tensorboard: bool = True):
+  def __init__(self, model_dir: str, tensorboard: bool = True, resume_step: int | None = None):
     self.enabled = jax.process_index() == 0
     self._jsonl = self._tb = None
     if not self.enabled:
       return
-    self._jsonl = open(os.path.join(model_dir, "metrics.jsonl"), "a", encoding="utf-8")
+    path = os.path.join(model_dir, "metrics.jsonl")
+    _drop_records_after(path, resume_step or 0)
+    self._jsonl = open(path, "a", encoding="utf-8")
     if tensorboard:
       from tensorboardX import SummaryWriter  # Imported lazily: it pulls in protobuf.
       self._tb = SummaryWriter(os.path.join(model_dir, "tensorboard"))
@@ -42,6 +44,24 @@ class MetricsWriter:
       self._jsonl.close()
     if self._tb:
       self._tb.close()
+
+
+def _drop_records_after(path: str, step: int) -> None:
+  """On resume, forget what a killed run logged past its last checkpoint (and any line it was
+  cut off in), so the log reads as if the run had never stopped."""
+  if not os.path.exists(path):
+    return
+  kept = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        if json.loads(line)["step"] <= step:
+          kept.append(line if line.endswith("\n") else line + "\n")
+      except (ValueError, KeyError):
+        pass  # A partial last line from a killed process.
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.writelines(kept)
+  os.replace(path + ".tmp", path)
 
 
 class Progress:

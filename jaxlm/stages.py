@@ -31,6 +31,7 @@ class Stage:
   optimizer: Callable = adamw
   transition: str = "identity"
   keep_optimizer_state: bool = False  # Carry Adam moments over the transition (same shapes only).
+  restore_from: Any = None  # A restore.RestoreConfig: start this stage from another run.
 
   def __post_init__(self):
     if self.num_steps < 1:

@@ -1,8 +1,11 @@
 """Command line: `python -m jaxlm.train --gin_file=F [--gin_file=G] [--gin.NAME=VALUE ...]`.
 
 T5X-style flags: gin files are parsed in order, then bindings (`--gin.NAME=VALUE` or
-`--gin_bindings='NAME = VALUE'`), so later settings win. Bad input ends with one line on stderr
-and exit code 2; an interrupted run exits 130.
+`--gin_bindings='NAME = VALUE'`), so later settings win.
+
+Exit codes: 0 done; 2 bad input (one line on stderr); 3 training diverged (too many
+consecutive non-finite steps); 75 preempted by SIGTERM/SIGINT after saving a checkpoint (run
+the same command to resume); 130 a second signal (no final checkpoint).
 """
 
 import argparse
@@ -12,10 +15,11 @@ import sys
 import jax
 
 from jaxlm import gin_config
-from jaxlm.errors import UserError
+from jaxlm.errors import TrainingDiverged, UserError
+from jaxlm.preemption import EXIT_FORCED, EXIT_PREEMPTED
 
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
+EXIT_DIVERGED = 3
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -52,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     if jax.process_index() != 0:  # One voice per run: other processes only warn.
       logging.getLogger("jaxlm").setLevel(logging.WARNING)
     results = trainer.run()
+  except TrainingDiverged as e:
+    return _fail(str(e), EXIT_DIVERGED)
   except UserError as e:
     return _fail(str(e))
   except TypeError as e:
@@ -59,16 +65,18 @@ def main(argv: list[str] | None = None) -> int:
     if message is None:
       raise
     return _fail(message)
-  except KeyboardInterrupt:
+  except KeyboardInterrupt:  # Only before training starts; during it, signals are handled.
     print("jaxlm: interrupted", file=sys.stderr)
-    return EXIT_INTERRUPTED
+    return EXIT_FORCED
+  if results.pop("preempted"):
+    return EXIT_PREEMPTED
   logging.getLogger("jaxlm").info("done: %s", {k: round(v, 4) for k, v in results.items()})
   return 0
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, code: int = EXIT_USER_ERROR) -> int:
   print(f"jaxlm: error: {message.splitlines()[0]}", file=sys.stderr)
-  return EXIT_USER_ERROR
+  return code
 
 
 if __name__ == "__main__":

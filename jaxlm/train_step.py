@@ -60,7 +60,8 @@ def make_train_step(stage: Stage, shardings: TrainState, batch_sharding,
                     num_microbatches: int = 1):
   """jit(state, batch) -> (state, metrics), donating the old state. With k micro-batches the
   summed gradient is divided by the total loss weight once, so the update equals the one for
-  the whole batch (up to float summation order)."""
+  the whole batch (up to float summation order). The step counter advances even when the
+  update is skipped, so data order and schedules stay tied to the step."""
   cfg, tx = stage.model, stage.make_optimizer()
 
   def weighted_loss_sum(params, batch):
@@ -91,8 +92,15 @@ def make_train_step(stage: Stage, shardings: TrainState, batch_sharding,
     grads = jax.tree.map(lambda g: g / weight_sum, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"train/loss": loss_sum / weight_sum, "train/grad_norm": optax.tree.norm(grads)}
-    return TrainState(state.step + 1, params, opt_state), metrics
+    loss, grad_norm = loss_sum / weight_sum, optax.tree.norm(grads)
+    # A non-finite loss, gradient or update leaves params and optimizer state as they were: the
+    # step is skipped (and counted by the trainer), never applied.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
+               "train/nonfinite": 1.0 - finite.astype(jnp.float32)}
+    return TrainState(state.step + 1, keep(params, state.params),
+                      keep(opt_state, state.opt_state)), metrics
 
   replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
   return jax.jit(train_step, in_shardings=(shardings, batch_sharding),
@@ -110,3 +118,8 @@ def make_eval_step(stage: Stage, param_shardings, batch_sharding):
   replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
   return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding),
                  out_shardings=replicated)
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))

@@ -54,7 +54,9 @@ def test_loss_trajectory_is_the_same_on_every_mesh_and_with_accumulation(tmp_pat
       "1x8x1": _mesh_flags(1, 8, 1),
       "2x2x2": _mesh_flags(2, 2, 2),
       "2x1x4": _mesh_flags(2, 1, 4),
-      "2x2x2/accumulate4": [*_mesh_flags(2, 2, 2), "--gin.TrainerConfig.microbatches=4"]}))
+      "2x2x2/accumulate4": [*_mesh_flags(2, 2, 2), "--gin.TrainerConfig.microbatches=4"],
+      # The Pallas kernel (interpret mode on CPU) runs per shard through shard_map.
+      "2x2x2/pallas": [*_mesh_flags(2, 2, 2), "--gin.ModelConfig.attention_impl='pallas'"]}))
   reference = np.array(single["1x1x1"])
   assert len(reference) == 20 and reference[-1] < reference[0] - 1.0  # It really trained.
   for name, losses in {**single, **many}.items():

@@ -33,8 +33,9 @@ def _data(path, **overrides):
 
 
 def _stage(path, num_steps, **overrides):
-  return Stage(num_steps=num_steps, model=TINY, data=_data(path),
-               schedule=lambda n: warmup_cosine(n, peak_lr=3e-3, warmup_steps=2), **overrides)
+  return Stage(**{"num_steps": num_steps, "model": TINY, "data": _data(path),
+                  "schedule": lambda n: warmup_cosine(n, peak_lr=3e-3, warmup_steps=2),
+                  **overrides})
 
 
 def _final_params(model_dir):
@@ -62,7 +63,7 @@ def test_tiny_model_overfits_a_small_text_far_below_unigram_entropy(tmp_path):
   mesh, rules = parallel.make_mesh(mesh_config), mesh_config.resolved_rules()
   shardings = state_shardings(stage, mesh, rules)
   train_step = make_train_step(stage, shardings, parallel.batch_sharding(mesh, rules))
-  train_batches, _ = build_datasets(stage.data, ByteTokenizer())
+  train_batches = build_datasets(stage.data).train
   state = sharded_init(stage, shardings, jax.random.key(0))
   for step in range(stage.num_steps):
     state, metrics = train_step(state, train_batches.batch_at(step))
@@ -86,13 +87,15 @@ def test_resume_from_latest_continues_the_step_count_bitwise(tmp_path, small_tex
 
   result = trainer.run(str(interrupted), [_stage(small_text_file, 8)], trainer=QUIET)
   assert result["step"] == 8
-  steps = [json.loads(line)["step"] for line in open(interrupted / "metrics.jsonl")]
+  steps = [r["step"] for r in map(json.loads, open(interrupted / "metrics.jsonl"))
+           if "train/loss" in r]
   assert sorted(set(steps)) == [2, 4, 6, 8] and steps.count(6) == 1  # Continued, not restarted.
   (step_a, params_a), (step_b, params_b) = _final_params(full), _final_params(interrupted)
   assert step_a == step_b == 8
   # Same data (a pure function of the step), same program: the resumed run is bit-identical.
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
-  losses = lambda d: [json.loads(l).get("train/loss") for l in open(d / "metrics.jsonl")]
+  losses = lambda d: [(r["step"], r["train/loss"]) for r in map(json.loads, open(d / "metrics.jsonl"))
+                      if "train/loss" in r]
   assert losses(full) == losses(interrupted)
 
 
@@ -103,12 +106,12 @@ def test_two_stages_hand_over_with_the_identity_transition(tmp_path, small_text_
   assert result["step"] == 8
   assert math.isfinite(result["eval/loss"])
   meta = Checkpointer(str(tmp_path / "run")).restore_meta(8)
-  assert meta == {"stage_index": 1, "stage_name": "second"}
+  assert (meta["stage_index"], meta["stage_name"], meta["data"]) == (1, "second", {"stage_step": 4})
+  assert "warmup_cosine" in meta["gin_config"]  # The operative gin config travels along.
 
 
 def test_identity_transition_refuses_a_changed_model(tmp_path, small_text_file):
   wider = ModelConfig(**{**TINY.__dict__, "d_model": 128})
-  stages = [_stage(small_text_file, 2), Stage(num_steps=2, model=wider,
-                                              data=_data(small_text_file))]
+  stages = [_stage(small_text_file, 2), _stage(small_text_file, 2, model=wider)]
   with pytest.raises(UserError, match="identity"):
     trainer.run(str(tmp_path / "run"), stages, trainer=QUIET)

@@ -1,89 +1,78 @@
-"""Packing: documents -> fixed-length rows with segment ids and positions.
+"""Packing: documents -> fixed-length rows with segment ids and positions, computed on demand.
 
-Documents are framed as [bos] + tokens + [eos] and concatenated into one token stream. Row i is
-stream[i * L : i * L + L + 1] for L = seq_len: a row holds L inputs and, shifted by one, L targets,
+Documents are taken in a given order (a seeded shuffle for training, stored order for
+evaluation), framed as [bos] + tokens + [eos] and concatenated into one stream. Row i is
+stream[i * L : i * L + L + 1] for L = seq_len: it holds L inputs and, shifted by one, L targets,
 so consecutive rows overlap by one token and every stream token after the first is a target
 exactly once. Nothing is dropped or repeated; the tail of the last row is padding.
-"""
 
-import dataclasses
+No row is materialised ahead of time: `rows(indices)` finds each position's document by binary
+search over the framed starts and reads only the tokens it needs, so a store far larger than
+memory packs the same way as a list of strings.
+"""
 
 import numpy as np
 
+from jaxlm.data.documents import TokenizedDocuments
 from jaxlm.errors import UserError
 
-PAD_ID = 0  # Padding token and its segment id; the loss weights of padding are zero anyway.
 
-
-@dataclasses.dataclass(frozen=True)
 class PackedRows:
-  """Packed rows; every array is int32 [num_rows, seq_len + 1]."""
-  tokens: np.ndarray
-  segment_ids: np.ndarray  # 1, 2, 3, ... per document in order of appearance in the row; 0 = pad.
-  positions: np.ndarray  # From 0 at each segment's first token in the row; 0 on padding.
+  """Rows of seq_len + 1 tokens over `documents` taken in `order` (default: as stored)."""
 
-  @property
-  def num_rows(self) -> int:
-    return self.tokens.shape[0]
+  def __init__(self, documents: TokenizedDocuments, seq_len: int, bos_id: int, eos_id: int,
+               pad_id: int = 0, order: np.ndarray | None = None, name: str = "the corpus"):
+    if seq_len < 1:
+      raise UserError(f"seq_len must be at least 1, got {seq_len}; fix DataConfig.seq_len")
+    self.documents = documents
+    self.seq_len = seq_len
+    self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+    order = np.arange(documents.num_documents) if order is None else np.asarray(order)
+    self.order = order.astype(np.int64)
+    framed_lengths = documents.lengths[self.order] + 2
+    self.framed_starts = np.cumsum(framed_lengths) - framed_lengths  # [D], in stream order.
+    self.stream_length = int(framed_lengths.sum())
+    # ceil((S - 1) / L): the rows needed for every token after the first to be a target.
+    self.num_rows = max(-(-(self.stream_length - 1) // seq_len), 0)
+    if self.num_rows == 0:
+      raise UserError(f"{name} has no text; check the data source (paths, field, separator, "
+                      "domains)")
 
-  @property
-  def seq_len(self) -> int:
-    return self.tokens.shape[1] - 1
+  def rows(self, row_indices) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens, segment_ids, positions), each int32 [N, seq_len + 1], for rows `row_indices`.
 
+    segment_ids are 1, 2, 3, ... per document in order of appearance in the row (0 = padding);
+    positions count from 0 at each segment's first token in the row (0 on padding).
+    """
+    rows_N = np.asarray(row_indices, dtype=np.int64).reshape(-1)
+    if rows_N.size and (rows_N.min() < 0 or rows_N.max() >= self.num_rows):
+      raise IndexError(f"row index out of range [0, {self.num_rows})")
+    row_start_N1 = rows_N[:, None] * self.seq_len
+    position_NC = row_start_N1 + np.arange(self.seq_len + 1, dtype=np.int64)[None, :]
+    in_stream_NC = position_NC < self.stream_length
+    position_NC = np.minimum(position_NC, self.stream_length - 1)
 
-def _framed_stream(documents_tokens, bos_id: int, eos_id: int):
-  """Returns (tokens, document index from 1, document start offset), each a [S] stream.
+    slot_NC = np.searchsorted(self.framed_starts, position_NC, side="right") - 1
+    offset_NC = position_NC - self.framed_starts[slot_NC]  # 0 = bos, length + 1 = eos.
+    document_NC = self.order[slot_NC]
+    is_eos_NC = offset_NC == self.documents.lengths[document_NC] + 1
+    is_body_NC = (offset_NC > 0) & ~is_eos_NC & in_stream_NC
 
-  Empty documents are skipped, so consecutive documents have consecutive indices.
-  """
-  documents_tokens = [np.asarray(t, dtype=np.int32) for t in documents_tokens]
-  documents_tokens = [t for t in documents_tokens if t.size]
-  if not documents_tokens:
-    return (np.zeros((0,), np.int32),) * 3
-  bos, eos = np.array([bos_id], np.int32), np.array([eos_id], np.int32)
-  pieces = []
-  for tokens in documents_tokens:
-    pieces += [bos, tokens, eos]
-  stream_S = np.concatenate(pieces)
-  lengths_D = np.array([t.size + 2 for t in documents_tokens], dtype=np.int64)
-  starts_D = np.cumsum(lengths_D) - lengths_D
-  document_S = np.repeat(np.arange(1, lengths_D.size + 1, dtype=np.int32), lengths_D)
-  document_start_S = np.repeat(starts_D, lengths_D)
-  return stream_S, document_S, document_start_S
+    tokens_NC = np.full(position_NC.shape, self.bos_id, dtype=np.int32)
+    tokens_NC[is_eos_NC] = self.eos_id
+    body_positions = self.documents.starts[document_NC[is_body_NC]] + offset_NC[is_body_NC] - 1
+    tokens_NC[is_body_NC] = self.documents.tokens.gather(body_positions)
+    tokens_NC[~in_stream_NC] = self.pad_id
 
+    # Consecutive stream slots are consecutive documents, so a row's k-th segment is slot k - 1
+    # after the row's first: no scan needed.
+    segment_ids_NC = (slot_NC - slot_NC[:, :1] + 1).astype(np.int32)
+    segment_ids_NC[~in_stream_NC] = 0
+    segment_start_NC = np.maximum(self.framed_starts[slot_NC], row_start_N1)
+    positions_NC = (position_NC - segment_start_NC).astype(np.int32)
+    positions_NC[~in_stream_NC] = 0
+    return tokens_NC, segment_ids_NC, positions_NC
 
-def _rows_of(stream_S: np.ndarray, num_rows: int, seq_len: int) -> np.ndarray:
-  """[num_rows, seq_len + 1] copy of the overlapping windows starting every seq_len tokens."""
-  windows = np.lib.stride_tricks.sliding_window_view(stream_S, seq_len + 1)
-  return np.ascontiguousarray(windows[::seq_len][:num_rows])
-
-
-def pack_stream(documents_tokens: list[np.ndarray], seq_len: int, bos_id: int, eos_id: int,
-                name: str = 'the corpus') -> PackedRows:
-  """Packs tokenized documents into overlapping rows of seq_len + 1 tokens (see module doc)."""
-  if seq_len < 1:
-    raise UserError(f'seq_len must be at least 1, got {seq_len}; fix DataConfig.seq_len')
-  stream_S, document_S, document_start_S = _framed_stream(documents_tokens, bos_id, eos_id)
-  num_rows = -(-(stream_S.size - 1) // seq_len)  # ceil((S - 1) / L): rows needed to target all.
-  if num_rows <= 0:
-    raise UserError(f'{name} has no text; check the data source (paths, separator, domains)')
-
-  pad = num_rows * seq_len + 1 - stream_S.size
-  tokens_RC = _rows_of(np.pad(stream_S, (0, pad), constant_values=PAD_ID), num_rows, seq_len)
-  document_RC = _rows_of(np.pad(document_S, (0, pad)), num_rows, seq_len)
-  document_start_RC = _rows_of(np.pad(document_start_S, (0, pad)), num_rows, seq_len)
-  is_pad_RC = document_RC == 0
-
-  # Documents are numbered consecutively along the stream, so a row's k-th segment is the
-  # document k - 1 after the row's first one: no scan needed.
-  segment_ids_RC = document_RC - document_RC[:, :1] + 1
-  segment_ids_RC[is_pad_RC] = 0
-
-  # A segment starts at its document's start, or at the row start if the document began earlier.
-  row_start_R1 = np.arange(num_rows, dtype=np.int64)[:, None] * seq_len
-  column_1C = np.arange(seq_len + 1, dtype=np.int64)[None, :]
-  segment_start_RC = np.maximum(document_start_RC, row_start_R1)
-  positions_RC = (row_start_R1 + column_1C - segment_start_RC).astype(np.int32)
-  positions_RC[is_pad_RC] = 0
-  return PackedRows(tokens=tokens_RC, segment_ids=segment_ids_RC.astype(np.int32),
-                    positions=positions_RC)
+  def all_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every row; for tests and small corpora."""
+    return self.rows(np.arange(self.num_rows))

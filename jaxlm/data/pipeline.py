@@ -1,163 +1,166 @@
-"""Batches for the trainer: shuffled train batches by step, and fixed eval batches.
+"""DataConfig -> Datasets: the tokenizer, train batches by step, and eval batches per domain.
 
-Numpy only (no jax, no grain: `import grain` pulls in jax), so the data path stays light.
-A batch is a dict of [B, L] arrays: inputs, targets, segment_ids, positions (int32) and weights
-(float32, 0 where the target belongs to another document or is padding).
+    datasets = build_datasets(data_config, shard_index=jax.process_index(),
+                              shard_count=jax.process_count())
+    batch = datasets.train.batch_at(step)        # this host's rows of global batch `step`
+    for domain, batches in datasets.eval.items(): ...
+    byte_lengths = datasets.tokenizer.byte_lengths()
+
+Importing this module imports grain (sampling.py), and grain imports jax.
 """
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import gin
 import numpy as np
 
-from jaxlm.data import sources
-from jaxlm.data.packing import PackedRows, pack_stream
+from jaxlm.data import sources as source_lib
+from jaxlm.data.batches import Batch, TrainBatches, eval_batches, make_examples
+from jaxlm.data.documents import split_train_valid
+from jaxlm.data.packing import PackedRows
+from jaxlm.data.sampling import derived_seed, normalize_weights
+from jaxlm.data.seqio_source import seqio_source  # Registers the gin name; imports no seqio.
+from jaxlm.data.tokenizers import resolve_tokenizer
 from jaxlm.errors import UserError
 
-logger = logging.getLogger('jaxlm')
+logger = logging.getLogger("jaxlm")
 
-Batch = dict[str, np.ndarray]
+__all__ = ["Batch", "DataConfig", "Datasets", "TrainBatches", "build_datasets", "eval_batches",
+           "make_examples", "seqio_source"]
 
-
-def make_examples(tokens_BC: np.ndarray, segment_ids_BC: np.ndarray,
-                  positions_BC: np.ndarray) -> Batch:
-  """Rows [B, L + 1] -> model inputs and shifted targets [B, L]."""
-  input_segments_BL = segment_ids_BC[:, :-1]
-  target_segments_BL = segment_ids_BC[:, 1:]
-  # No loss for predicting the next document's bos from this one's eos, nor on padding.
-  weights_BL = (target_segments_BL == input_segments_BL) & (input_segments_BL > 0)
-  return {
-      'inputs': tokens_BC[:, :-1].astype(np.int32),
-      'targets': tokens_BC[:, 1:].astype(np.int32),
-      'segment_ids': input_segments_BL.astype(np.int32),
-      'positions': positions_BC[:, :-1].astype(np.int32),
-      'weights': weights_BL.astype(np.float32),
-  }
-
-
-class TrainBatches:
-  """Train batches as a pure function of the step, so resuming at step s is exact for free.
-
-  The k-th row drawn (k = step * batch_size + j) is permutation(seed, epoch)[k % num_rows] with
-  epoch = k // num_rows: every row once per epoch, a fresh order each epoch, and batches may
-  straddle epochs (or span several when num_rows < batch_size).
-  """
-
-  def __init__(self, rows: PackedRows, batch_size: int, seed: int):
-    if batch_size < 1:
-      raise UserError(f'batch_size must be at least 1, got {batch_size}; fix DataConfig.batch_size')
-    if seed < 0:
-      raise UserError(f'the data seed must be >= 0, got {seed}; fix DataConfig.seed')
-    self.rows = rows
-    self.batch_size = batch_size
-    self.seed = seed
-    self._permutations = {}  # epoch -> row order; a few recent epochs only.
-
-  @property
-  def num_rows(self) -> int:
-    return self.rows.num_rows
-
-  @property
-  def seq_len(self) -> int:
-    return self.rows.seq_len
-
-  @property
-  def tokens_per_batch(self) -> int:
-    return self.batch_size * self.seq_len
-
-  def _permutation(self, epoch: int) -> np.ndarray:
-    if epoch not in self._permutations:
-      if len(self._permutations) >= 4:
-        self._permutations.pop(min(self._permutations))
-      rng = np.random.default_rng((self.seed, epoch))
-      self._permutations[epoch] = rng.permutation(self.num_rows)
-    return self._permutations[epoch]
-
-  def row_indices_at(self, step: int) -> np.ndarray:
-    """The rows of batch `step`, in batch order."""
-    if step < 0:
-      raise ValueError(f'step must be >= 0, got {step}')
-    drawn_B = step * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
-    epoch_B, offset_B = np.divmod(drawn_B, self.num_rows)
-    rows_B = np.empty_like(drawn_B)
-    for epoch in np.unique(epoch_B):
-      in_epoch = epoch_B == epoch
-      rows_B[in_epoch] = self._permutation(int(epoch))[offset_B[in_epoch]]
-    return rows_B
-
-  def batch_at(self, step: int) -> Batch:
-    rows_B = self.row_indices_at(step)
-    return make_examples(self.rows.tokens[rows_B], self.rows.segment_ids[rows_B],
-                         self.rows.positions[rows_B])
-
-
-def eval_batches(rows: PackedRows, batch_size: int, max_batches: int | None = None) -> list[Batch]:
-  """Every row once, in order; the last batch is padded with all-zero rows (weight 0) so that
-  every batch has the same shape and the eval step compiles once."""
-  if batch_size < 1:
-    raise UserError(f'eval batch size must be at least 1, got {batch_size}; '
-                    'fix DataConfig.eval_batch_size')
-  num_rows = rows.num_rows
-  if max_batches is not None:
-    num_rows = min(num_rows, max_batches * batch_size)
-  batches = []
-  for start in range(0, num_rows, batch_size):
-    stop = min(start + batch_size, num_rows)
-    pad = ((0, batch_size - (stop - start)), (0, 0))
-    batches.append(make_examples(*(np.pad(a[start:stop], pad) for a in
-                                   (rows.tokens, rows.segment_ids, rows.positions))))
-  return batches
+PROPORTION_LOG_STEPS = 1000  # build_datasets logs the realised mixture over this many steps.
 
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """What to train and evaluate on, and how to cut it into batches."""
-  source: Callable[[], list[str]] = sources.builtin_corpus
-  valid_source: Callable[[], list[str]] | None = None  # If set, used instead of a split.
-  valid_fraction: float = 0.02
+  """What to train and evaluate on, and how to cut it into batches.
+
+  One source (`source`) or several named ones (`sources`) mixed by `mixture` weights. Every
+  source is evaluated on its own validation set, also one whose weight is 0, which is how a
+  continual-pretraining run measures forgetting. A stage is given its own DataConfig through a
+  gin scope, so each stage can have its own mixture:
+
+      DataConfig.sources = [@old/text_files(), @new/text_files()]
+      old/text_files.name = "shakespeare"
+      old/text_files.paths = "/data/shakespeare/train.txt"
+      new/text_files.name = "french"
+      new/text_files.paths = "/data/french/train.txt"
+
+      run.stages = [@pretrain/Stage(), @continual/Stage()]
+      pretrain/DataConfig.mixture = {"shakespeare": 1.0}
+      continual/DataConfig.mixture = {"french": 0.95, "shakespeare": 0.05}   # 5% replay
+
+  (Stage builds its DataConfig inside its scope; `continual/Stage.data = @continual/DataConfig()`
+  says the same explicitly.)
+  """
+  source: Any = source_lib.builtin_corpus  # A source, a list of them, or a callable giving one.
+  sources: Sequence[Any] = ()  # Several named sources; when given, `source` is not used.
+  mixture: Mapping[str, float] | None = None  # {name: weight}; None: in proportion to size.
+  tokenizer: Any = None  # None: byte-level; e.g. @sentencepiece_tokenizer().
+  valid_source: Any = None  # The one source's validation documents instead of a split.
+  valid_fraction: float = 0.02  # Split off sources that have no validation set of their own.
   seq_len: int = 256
-  batch_size: int = 16
+  batch_size: int = 16  # The global batch: all hosts together.
   eval_batch_size: int | None = None  # None: batch_size.
-  max_eval_batches: int | None = 16  # None: the whole validation split.
+  max_eval_batches: int | None = 16  # Per domain; None: the whole validation set.
   seed: int = 0
 
 
-def _documents_from(source) -> list[str]:
-  # A gin binding may pass the source (`@text_files`) or its result (`@text_files()`).
-  return list(source()) if callable(source) else list(source)
+@dataclasses.dataclass(frozen=True)
+class Datasets:
+  train: TrainBatches
+  eval: dict[str, list[Batch]]  # Domain (source name) -> batches, each [eval_batch_size, L].
+  tokenizer: Any
 
 
-def _pack_split(documents: list[str], tokenizer, seq_len: int, split: str) -> PackedRows:
-  if not documents:
-    raise UserError(f'the {split} split has no documents; check DataConfig.source/valid_source '
-                    'and valid_fraction')
-  documents_tokens = [tokenizer.encode(d) for d in documents]
-  rows = pack_stream(documents_tokens, seq_len, tokenizer.bos_id, tokenizer.eos_id,
-                     name=f'the {split} split')
-  num_tokens = sum(t.size for t in documents_tokens)
-  logger.info('%s split: %d documents, %d tokens, %d rows of %d', split, len(documents),
-              num_tokens, rows.num_rows, seq_len)
-  return rows
-
-
-def build_datasets(config: DataConfig, tokenizer) -> tuple[TrainBatches, list[Batch]]:
-  """Reads, splits, tokenizes and packs the data; returns (train batches, eval batches)."""
+def _check(config: DataConfig) -> None:
   if config.seq_len < 1:
-    raise UserError(f'seq_len must be at least 1, got {config.seq_len}; fix DataConfig.seq_len')
+    raise UserError(f"seq_len must be at least 1, got {config.seq_len}; fix DataConfig.seq_len")
   if config.batch_size < 1:
-    raise UserError(f'batch_size must be at least 1, got {config.batch_size}; '
-                    'fix DataConfig.batch_size')
-  documents = _documents_from(config.source)
-  if config.valid_source is not None:
-    train_documents, valid_documents = documents, _documents_from(config.valid_source)
+    raise UserError(f"batch_size must be at least 1, got {config.batch_size}; "
+                    "fix DataConfig.batch_size")
+  if config.seed < 0:
+    raise UserError(f"the data seed must be >= 0, got {config.seed}; fix DataConfig.seed")
+  if not 0.0 < config.valid_fraction < 1.0:
+    raise UserError(f"valid_fraction must be in (0, 1), got {config.valid_fraction}; "
+                    "e.g. set DataConfig.valid_fraction = 0.02")
+
+
+def _sources_of(config: DataConfig) -> list:
+  if config.sources:
+    found = source_lib.as_sources(list(config.sources), "DataConfig.sources")
   else:
-    train_documents, valid_documents = sources.split_train_valid(
-        documents, config.valid_fraction, config.seed)
-  train_rows = _pack_split(train_documents, tokenizer, config.seq_len, 'train')
-  valid_rows = _pack_split(valid_documents, tokenizer, config.seq_len, 'valid')
+    found = source_lib.as_sources(config.source, "DataConfig.source")
+  names = [s.name for s in found]
+  duplicates = sorted({n for n in names if names.count(n) > 1})
+  if duplicates:
+    raise UserError(f"several sources are named {duplicates}; give each its own name (e.g. "
+                    "scoped: old/text_files.name = 'old')")
+  if config.valid_source is not None and len(found) != 1:
+    raise UserError("DataConfig.valid_source is for a single source; with several, give each "
+                    "its own (text_files.valid_paths, tokenized_store.valid_path, ...)")
+  return found
+
+
+def _weights(config: DataConfig, found: list, train_rows: dict[str, PackedRows]):
+  names = [s.name for s in found]
+  if config.mixture is not None:
+    return normalize_weights(config.mixture, names)
+  defaults = [getattr(s, "default_weight", None) for s in found]
+  if all(w is not None for w in defaults):  # A seqio Mixture's rates.
+    return normalize_weights(dict(zip(names, defaults)), names)
+  return normalize_weights({n: float(train_rows[n].num_rows) for n in names}, names)
+
+
+def _valid_documents(config: DataConfig, tokenizer):
+  valid = source_lib.as_sources(config.valid_source, "DataConfig.valid_source")
+  if len(valid) != 1:
+    raise UserError("DataConfig.valid_source must be one source or a list of documents")
+  return valid[0].load(tokenizer).train
+
+
+def build_datasets(config: DataConfig, shard_index: int = 0, shard_count: int = 1, *,
+                   start_rows: Mapping[str, int] | None = None) -> Datasets:
+  """Reads, tokenizes and splits every source; returns this host's train batches, the eval
+  batches of every domain (not sharded: each host evaluates all of them) and the tokenizer.
+
+  `start_rows` ({source: rows}) skips rows already drawn, e.g. an earlier stage's
+  `train.rows_drawn(its num_steps)`, so a later stage continues each source instead of
+  restarting it.
+  """
+  _check(config)
+  tokenizer = resolve_tokenizer(config.tokenizer)
+  found = _sources_of(config)
   eval_batch_size = config.eval_batch_size or config.batch_size
-  return (TrainBatches(train_rows, config.batch_size, config.seed),
-          eval_batches(valid_rows, eval_batch_size, config.max_eval_batches))
+  pad_id = getattr(tokenizer, "pad_id", 0)
+  train_rows, evaluation = {}, {}
+  for source in found:
+    loaded = source.load(tokenizer)
+    valid = loaded.valid
+    if valid is None and config.valid_source is not None:
+      valid = _valid_documents(config, tokenizer)
+    train, valid = ((loaded.train, valid) if valid is not None else split_train_valid(
+        loaded.train, config.valid_fraction, config.seed, name=f"source {source.name!r}"))
+    # A seeded document order, so that documents stored side by side (one file's worth, one
+    # domain's worth) do not share rows in every epoch's first batches.
+    order = np.random.default_rng(derived_seed(config.seed, "documents", source.name, bits=63)
+                                  ).permutation(train.num_documents)
+    train_rows[source.name] = PackedRows(
+        train, config.seq_len, tokenizer.bos_id, tokenizer.eos_id, pad_id, order,
+        name=f"the train split of source {source.name!r}")
+    valid_rows = PackedRows(valid, config.seq_len, tokenizer.bos_id, tokenizer.eos_id, pad_id,
+                            name=f"the valid split of source {source.name!r}")
+    evaluation[source.name] = eval_batches(valid_rows, eval_batch_size, config.max_eval_batches)
+    logger.info("source %r: train %d documents, %d tokens, %d rows of %d; valid %d documents, "
+                "%d tokens, %d eval batches", source.name, train.num_documents, train.num_tokens,
+                train_rows[source.name].num_rows, config.seq_len, valid.num_documents,
+                valid.num_tokens, len(evaluation[source.name]))
+  weights = _weights(config, found, train_rows)
+  batches = TrainBatches(train_rows, weights, config.batch_size, config.seed, shard_index,
+                         shard_count, start_rows)
+  batches.log_proportions(PROPORTION_LOG_STEPS)
+  return Datasets(batches, evaluation, tokenizer)

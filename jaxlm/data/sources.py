@@ -1,111 +1,186 @@
-"""Document sources: gin-configurable functions that return a list of documents (strings).
+"""Sources: named collections of documents, each one domain of a mixture and of evaluation.
 
-A data config names a source (`DataConfig.source = @text_files`) and the pipeline calls it with no
-arguments, so every source's arguments are bound in gin.
+A source is a small description (what to read, its name) that `load(tokenizer)` turns into
+tokenized train documents and, when it has its own, validation documents; otherwise the pipeline
+splits a validation set off by DataConfig.valid_fraction. Every source gets its own validation
+set, so evaluation reports loss and bits per byte per domain.
+
+  builtin_corpus(domains)            the no-download corpus (corpora.py)
+  text_files(paths, separator)       UTF-8 text: one document per file, or split on separator
+  jsonl_files(paths, field)          one document per JSON line
+  parquet_files(paths, field)        one document per row (needs pyarrow)
+  tokenized_store(path)              a store made by tools/prepare_data.py (store.py)
+  seqio_source(task)                 a registered seqio Task or Mixture (seqio_source.py)
+
+The file sources read and tokenize in memory at start-up, which suits up to a few hundred MB;
+beyond that, prepare a store once and train from it.
 """
 
-import glob
-import hashlib
+import dataclasses
+import logging
 import os
-import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import gin
 
-from jaxlm.data import corpora
+from jaxlm.data import corpora, readers
+from jaxlm.data.documents import TokenizedDocuments, tokenize_documents
+from jaxlm.data.store import open_store, read_manifest, store_url
 from jaxlm.errors import UserError
 
+logger = logging.getLogger("jaxlm")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedSource:
+  name: str
+  train: TokenizedDocuments
+  valid: TokenizedDocuments | None  # None: split off train by DataConfig.valid_fraction.
+
+
+class Source(Protocol):
+  name: str
+
+  def load(self, tokenizer) -> LoadedSource:
+    ...
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSource:
+  """Documents produced by `read` (and `read_valid`), tokenized in memory."""
+  name: str
+  read: Callable[[], Sequence[str]]
+  read_valid: Callable[[], Sequence[str]] | None = None
+
+  def load(self, tokenizer) -> LoadedSource:
+    train = tokenize_documents(list(self.read()), tokenizer)
+    valid = (tokenize_documents(list(self.read_valid()), tokenizer)
+             if self.read_valid is not None else None)
+    return LoadedSource(self.name, train, valid)
+
+
+def documents_source(documents: Sequence[str], name: str = "text",
+                     valid_documents: Sequence[str] | None = None) -> TextSource:
+  """A source over documents already in memory."""
+  documents = list(documents)
+  valid = list(valid_documents) if valid_documents is not None else None
+  return TextSource(name, lambda: documents, (lambda: valid) if valid is not None else None)
+
 
 @gin.configurable
-def builtin_corpus(domains: Sequence[str] = ('code', 'prose')) -> list[str]:
-  """The no-download corpus: the given built-in domains' documents, in the given order."""
-  if isinstance(domains, str):
-    domains = (domains,)
-  documents = []
+def builtin_corpus(domains: Sequence[str] = ("code", "prose"),
+                   name: str | None = None) -> TextSource:
+  """The no-download corpus: the given built-in domains' documents, in the given order. Named
+  after its domains ("code+prose") unless given a name."""
+  domains = (domains,) if isinstance(domains, str) else tuple(domains)
   for domain in domains:
-    documents.extend(corpora.builtin_documents(domain))
-  return documents
+    if domain not in corpora.DOMAINS:
+      raise UserError(f"unknown built-in corpus domain {domain!r}; choose from "
+                      f"{list(corpora.DOMAINS)}")
+
+  def read():
+    return [d for domain in domains for d in corpora.builtin_documents(domain)]
+  return TextSource(name or "+".join(domains), read)
 
 
-def _has_glob_magic(path: str) -> bool:
-  return any(c in path for c in '*?[')
-
-
-def _expand_path(path: str) -> list[pathlib.Path]:
-  """One path, directory or glob -> the sorted files it names."""
-  if _has_glob_magic(path):
-    matches = sorted(pathlib.Path(p) for p in glob.glob(path, recursive=True))
-    files = [p for p in matches if p.is_file()]
-    if not files:
-      raise UserError(f'the glob {path!r} matches no files; check the pattern in text_files.paths')
-    return files
-  p = pathlib.Path(path)
-  if p.is_dir():
-    files = sorted(f for f in p.rglob('*') if f.is_file())
-    if not files:
-      raise UserError(f'the directory {path!r} contains no files; check text_files.paths')
-    return files
-  if p.is_file():
-    return [p]
-  raise UserError(f'text file {path!r} does not exist; fix text_files.paths')
+def _file_source(paths, valid_paths, name, binding, **options) -> TextSource:
+  files = readers.expand_paths(paths, binding=f"{binding}.paths")
+  valid_files = (readers.expand_paths(valid_paths, binding=f"{binding}.valid_paths")
+                 if valid_paths is not None else None)
+  if options["on_bad_utf8"] not in readers.BAD_UTF8_POLICIES:
+    raise UserError(f"{binding}.on_bad_utf8 must be one of {readers.BAD_UTF8_POLICIES}, got "
+                    f"{options['on_bad_utf8']!r}")
+  return TextSource(
+      name, lambda: readers.read_all(files, f"source {name!r}", **options),
+      (lambda: readers.read_all(valid_files, f"source {name!r} (valid)", **options))
+      if valid_files is not None else None)
 
 
 @gin.configurable
-def text_files(paths: str | Sequence[str] = gin.REQUIRED,
-               separator: str | None = None) -> list[str]:
-  """Documents read from UTF-8 text files.
+def text_files(paths: str | Sequence[str] = gin.REQUIRED, separator: str | None = None,
+               name: str = "text", valid_paths: str | Sequence[str] | None = None,
+               on_bad_utf8: str = "replace") -> TextSource:
+  """UTF-8 text files.
 
   Args:
     paths: a path or list of paths; each is a file, a directory (all files under it,
       recursively, sorted) or a glob (`**` allowed). A file named twice is read once.
-    separator: None makes each file one document (no assumption about its layout);
-      otherwise each file is split on it and empty pieces are dropped.
+    separator: None makes each file one document; otherwise each file is split on it and empty
+      pieces are dropped.
+    name: the domain name in mixtures and evaluation.
+    valid_paths: files holding this source's validation documents (else a split of `paths`).
+    on_bad_utf8: "replace" invalid bytes with U+FFFD or "skip" the document; either is counted
+      and logged.
   """
-  if isinstance(paths, (str, os.PathLike)):
-    paths = [paths]
-  files = []
-  for path in paths:
-    files.extend(_expand_path(os.fspath(path)))
-  files = list(dict.fromkeys(files))  # Deduplicated, order kept.
-  documents = []
-  for f in files:
-    text = f.read_text(encoding='utf-8', errors='replace')
-    if separator is None:
-      documents.append(text)
-    else:
-      documents.extend(piece for piece in text.split(separator) if piece)
-  return documents
+  return _file_source(paths, valid_paths, name, "text_files", file_format="text",
+                      separator=separator, on_bad_utf8=on_bad_utf8)
 
 
-def _split_key(text: str, seed: int) -> int:
-  digest = hashlib.blake2b(text.encode('utf-8'), digest_size=8,
-                           salt=seed.to_bytes(8, 'little', signed=True)).digest()
-  return int.from_bytes(digest, 'little')
+@gin.configurable
+def jsonl_files(paths: str | Sequence[str] = gin.REQUIRED, field: str = "text",
+                name: str = "jsonl", valid_paths: str | Sequence[str] | None = None,
+                on_bad_utf8: str = "replace") -> TextSource:
+  """JSON-lines files (optionally .gz): one document per line, from its `field`."""
+  return _file_source(paths, valid_paths, name, "jsonl_files", file_format="jsonl", field=field,
+                      on_bad_utf8=on_bad_utf8)
 
 
-def split_train_valid(documents: Sequence[str], valid_fraction: float,
-                      seed: int) -> tuple[list[str], list[str]]:
-  """Splits documents into disjoint (train, valid) lists, deterministically.
+@gin.configurable
+def parquet_files(paths: str | Sequence[str] = gin.REQUIRED, field: str = "text",
+                  name: str = "parquet", valid_paths: str | Sequence[str] | None = None,
+                  on_bad_utf8: str = "replace") -> TextSource:
+  """Parquet files: one document per row, from column `field` (needs pyarrow)."""
+  return _file_source(paths, valid_paths, name, "parquet_files", file_format="parquet",
+                      field=field, on_bad_utf8=on_bad_utf8)
 
-  Documents are ranked by a seeded hash of their text and the lowest-ranked
-  round(valid_fraction * n) (at least 1, at most n - 1) go to valid, so the split does not depend
-  on document order and identical documents always land on the same side. Both lists keep the
-  input order. A single document is cut at character (1 - valid_fraction) * len instead, so a
-  one-file corpus still gets a held-out tail.
-  """
-  if not 0.0 < valid_fraction < 1.0:
-    raise UserError(f'valid_fraction must be in (0, 1), got {valid_fraction}; '
-                    'e.g. set DataConfig.valid_fraction = 0.02')
-  documents = list(documents)
-  if len(documents) == 1:
-    text = documents[0]
-    cut = min(max(round(len(text) * (1.0 - valid_fraction)), 1), len(text) - 1)
-    return [text[:cut]], [text[cut:]]
-  if not documents:
-    return [], []
-  keys = [_split_key(text, seed) for text in documents]
-  num_valid = min(max(round(valid_fraction * len(documents)), 1), len(documents) - 1)
-  threshold = sorted(keys)[num_valid - 1]
-  train = [d for d, k in zip(documents, keys) if k > threshold]
-  valid = [d for d, k in zip(documents, keys) if k <= threshold]
-  return train, valid
+
+@dataclasses.dataclass(frozen=True)
+class StoreSource:
+  """A tokenized store; its tokens are read on demand, never loaded whole."""
+  name: str
+  path: str
+  valid_path: str | None = None
+
+  def load(self, tokenizer) -> LoadedSource:
+    train = self._open(self.path, tokenizer)
+    valid = self._open(self.valid_path, tokenizer) if self.valid_path is not None else None
+    return LoadedSource(self.name, train, valid)
+
+  def _open(self, path: str, tokenizer) -> TokenizedDocuments:
+    store = open_store(path)
+    prepared_with = store.manifest["tokenizer"]["fingerprint"]
+    if prepared_with != tokenizer.fingerprint:
+      raise UserError(f"the store {store.url} was tokenized with {prepared_with}, but "
+                      f"DataConfig.tokenizer is {tokenizer.fingerprint}; prepare it with this "
+                      "tokenizer or set DataConfig.tokenizer to match")
+    logger.info("source %r: store %s (%d documents, %d tokens)", self.name, store.url,
+                store.manifest["num_documents"], store.manifest["num_tokens"])
+    return store.documents
+
+
+@gin.configurable
+def tokenized_store(path: str = gin.REQUIRED, valid_path: str | None = None,
+                    name: str | None = None) -> StoreSource:
+  """A store prepared by tools/prepare_data.py, at a local path or a tensorstore URL. Named as
+  it was prepared (--name, default the store's directory name) unless given a name."""
+  if name is None:
+    manifest = read_manifest(path)
+    name = (manifest or {}).get("name") or os.path.basename(store_url(path).rstrip("/"))
+  return StoreSource(name, os.fspath(path), valid_path)
+
+
+def as_sources(value, binding: str = "DataConfig.source") -> list:
+  """A source, a list of them, a list of document strings, or a callable giving any of these
+  (`@text_files` unevaluated, `lambda: [...]`) -> a list of sources."""
+  if callable(value) and not hasattr(value, "load"):
+    value = value()
+  if hasattr(value, "load"):
+    return [value]
+  if isinstance(value, str):
+    raise UserError(f"{binding} is the string {value[:40]!r}; bind a source such as "
+                    "@text_files() or @tokenized_store()")
+  items = list(value)
+  if all(isinstance(item, str) for item in items):
+    return [documents_source(items)]
+  return [source for item in items for source in as_sources(item, binding)]

@@ -5,6 +5,8 @@ cuDNN, splash) register themselves in `ATTENTION_IMPLS` with the same signature,
 code never changes between them (MaxText dispatches the same way).
 """
 
+import functools
+import math
 from typing import Callable
 
 import flax.linen as nn
@@ -45,13 +47,50 @@ def xla_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, *, causal: bool = True
 ATTENTION_IMPLS: dict[str, Callable] = {"xla": xla_attention}
 
 
+def _register_kernel_impls() -> None:
+  # Imported on first use, not at the top: jaxlm.kernels imports this module to register into
+  # ATTENTION_IMPLS, and a model that only uses 'xla' never pays for importing Pallas.
+  import jaxlm.kernels.attention_impls  # noqa: F401  pylint: disable=import-outside-toplevel
+
+
 def dot_product_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, *, causal: bool = True,
                           impl: str = "xla"):
   """softmax(QKᵀ/√d + mask)V with document masking; `impl` picks the implementation."""
   if impl not in ATTENTION_IMPLS:
+    _register_kernel_impls()
+  if impl not in ATTENTION_IMPLS:
     raise UserError(f"attention_impl={impl!r} is not available; choose one of "
                     f"{sorted(ATTENTION_IMPLS)}")
-  return ATTENTION_IMPLS[impl](q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, causal=causal)
+  fn = functools.partial(ATTENTION_IMPLS[impl], causal=causal)
+  if impl != "xla":  # XLA partitions its own ops; a kernel needs to be handed its shard.
+    fn = _per_shard(fn)
+  return fn(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL)
+
+
+def _per_shard(fn):
+  """Run a kernel on each device's block of the batch and heads (shard_map), when a mesh and
+  logical rules are active: a custom kernel has no SPMD partitioning rule, so without this XLA
+  would gather whole arrays onto every device. Attention is independent per example and per
+  head, and GQA groups stay whole because kv_heads split the same way as heads."""
+  mesh, rules = jax.sharding.get_abstract_mesh(), nn.get_logical_axis_rules()
+  if mesh.empty or not rules:
+    return fn
+  specs = [nn.logical_to_mesh_axes(names, rules) for names in (
+      ("batch", "length", "heads", "head_dim"), ("batch", "length", "kv_heads", "head_dim"),
+      ("batch", "length", "kv_heads", "head_dim"), ("batch", "length"))]
+
+  def splits_evenly(*arrays):
+    for array, spec in zip(arrays, specs):
+      for dim, axes in zip(array.shape, spec):
+        axes = axes if isinstance(axes, tuple) else (axes,)
+        if dim % math.prod(mesh.shape[a] for a in axes if a is not None):
+          return False
+    return True
+
+  sharded = jax.shard_map(fn, mesh=mesh, in_specs=tuple(specs), out_specs=specs[0],
+                          check_vma=False)
+  # Shapes that do not split (e.g. the 1x1 trace at init) run the kernel on whole arrays.
+  return lambda *arrays: sharded(*arrays) if splits_evenly(*arrays) else fn(*arrays)
 
 
 class Attention(nn.Module):

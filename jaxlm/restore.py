@@ -1,0 +1,138 @@
+"""Initialise a run from another run's checkpoint, with a regex assignment map (T5X's
+`RestoreCheckpointConfig(assignment_map=...)`): the one mechanism that growth, MoE upcycling and
+continual-pretraining stages reuse for partial or renamed loads.
+
+Names are parameter paths joined with "/" (e.g. "layer_3/mlp/up"). For every parameter of the
+new model, the first rule whose pattern fully matches its name decides its source: a
+replacement string (regex groups allowed, e.g. ("layer_(\\d+)/(.*)", "layer_\\1/\\2")) or None
+(keep the fresh initialisation). A name no rule matches loads the same name from the source if
+it exists, and is freshly initialised otherwise. The report lists what was loaded, created and
+skipped, and is written to MODEL_DIR/restore_report.json.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import re
+
+import gin
+import jax
+import numpy as np
+import optax
+
+from jaxlm.checkpoint import Checkpointer
+from jaxlm.errors import UserError
+
+log = logging.getLogger("jaxlm")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class RestoreConfig:
+  path: str  # Another run's MODEL_DIR.
+  step: int | None = None  # None: its latest checkpoint.
+  include_optimizer: bool = False  # Also the optimizer state, exactly as saved (counts too).
+  assignment_map: tuple[tuple[str, str | None], ...] = ()
+
+
+@dataclasses.dataclass
+class RestoreReport:
+  loaded: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (target, source)
+  created: list[str] = dataclasses.field(default_factory=list)
+  skipped: list[str] = dataclasses.field(default_factory=list)  # Source tensors not used.
+
+
+def path_name(path) -> str:
+  """A key path as "a/b/0/c", the same for a namedtuple field and a dict key of that name (a
+  checkpoint restored without a target has dicts where the live state has namedtuples)."""
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+  return "/".join(parts)
+
+
+def _flatten(tree) -> dict:
+  return {path_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(tree)
+          if leaf is not None}
+
+
+def source_name(target: str, assignment_map) -> tuple[str | None, bool]:
+  """(source name or None, whether a rule decided it)."""
+  for pattern, replacement in assignment_map:
+    match = re.fullmatch(pattern, target)
+    if match:
+      return (None if replacement is None else match.expand(replacement)), True
+  return target, False
+
+
+def _param_names_in(state, tx):
+  """For every leaf of the train state, the parameter name it belongs to ("" for counters)."""
+  names = jax.tree_util.tree_map_with_path(lambda p, _: path_name(p), state.params)
+  opt_names = optax.tree_map_params(tx, lambda _, name: name, state.opt_state, names,
+                                    transform_non_params=lambda _: "")
+  return state.replace(step="", params=names, opt_state=opt_names)
+
+
+def restore_into(config: RestoreConfig, state, tx, model_dir: str):
+  """`state` (freshly initialised, sharded) with tensors loaded from another run's checkpoint."""
+  if not os.path.isdir(os.path.join(config.path, "checkpoints")):
+    raise UserError(f"cannot restore from {config.path!r}: it has no checkpoints/ folder; set "
+                    "RestoreConfig.path to another run's MODEL_DIR")
+  checkpointer = Checkpointer(config.path, read_only=True)
+  step = config.step if config.step is not None else checkpointer.latest_step()
+  if step is None or step not in checkpointer.all_steps():
+    raise UserError(f"no checkpoint at step {config.step} in {config.path!r}; it has "
+                    f"{checkpointer.all_steps()}")
+  source = _flatten(checkpointer.restore_state(step))
+  checkpointer.close()
+
+  report, used = RestoreReport(), set()
+  names = _param_names_in(state, tx)
+
+  def load(path, leaf, param_name):
+    path = path_name(path)
+    in_params = path.startswith("params/")
+    if not in_params and not config.include_optimizer:
+      return leaf
+    if not param_name:  # A counter (the step, Adam's count): copied as saved, if at all.
+      if path == "step" or path not in source:
+        return leaf
+      used.add(path)
+      return jax.device_put(np.asarray(source[path], leaf.dtype), leaf.sharding)
+    mapped, by_rule = source_name(param_name, config.assignment_map)
+    prefix = path[:len(path) - len(param_name)]
+    if mapped is None or (not by_rule and prefix + mapped not in source):
+      if in_params:
+        report.created.append(path)
+      return leaf
+    if prefix + mapped not in source:
+      raise UserError(f"assignment map sends {param_name!r} to {mapped!r}, which is not in the "
+                      f"checkpoint at {config.path!r} step {step}")
+    value = source[prefix + mapped]
+    if value.shape != leaf.shape:
+      raise UserError(f"cannot load {prefix + mapped!r} {tuple(value.shape)} into {path!r} "
+                      f"{tuple(leaf.shape)}: shapes differ; map it elsewhere or to None")
+    used.add(prefix + mapped)
+    if in_params:
+      report.loaded.append((path, prefix + mapped))
+    return jax.device_put(np.asarray(value, leaf.dtype), leaf.sharding)
+
+  restored = jax.tree_util.tree_map_with_path(load, state, names)
+  report.skipped = sorted(k for k in source if k.startswith("params/") and k not in used)
+  _log_report(report, config, step, model_dir)
+  return restored, report
+
+
+def _log_report(report: RestoreReport, config: RestoreConfig, step: int, model_dir: str):
+  log.info("restored from %s step %d: %d tensors loaded, %d created fresh, %d skipped",
+           config.path, step, len(report.loaded), len(report.created), len(report.skipped))
+  for label, items in (("created", report.created), ("skipped", report.skipped)):
+    if items:
+      log.info("  %s: %s%s", label, ", ".join(items[:8]), " ..." if len(items) > 8 else "")
+  if jax.process_index() == 0:
+    with open(os.path.join(model_dir, "restore_report.json"), "w", encoding="utf-8") as f:
+      json.dump({"source": config.path, "step": step, **dataclasses.asdict(report)}, f, indent=1)

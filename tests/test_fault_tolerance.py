@@ -1,0 +1,306 @@
+"""Fault injection: kill -9, SIGTERM, corrupt checkpoints, NaN gradients, restore with an
+assignment map, pre-flight checks, keep policy. Nothing already saved may be lost."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import quick_run_args
+from jaxlm import parallel, trainer
+from jaxlm.checkpoint import CORRUPT_DIR, Checkpointer
+from jaxlm.errors import TrainingDiverged, UserError
+from jaxlm.model import ModelConfig
+from jaxlm.preemption import EXIT_FORCED, EXIT_PREEMPTED
+from jaxlm.restore import RestoreConfig, restore_into
+from jaxlm.train_step import make_train_step, sharded_init, state_shardings
+from test_trainer import QUIET, TINY, _stage
+
+STEPS = 60
+
+
+def _cli_args(model_dir, corpus):
+  return [sys.executable, "-m", "jaxlm.train", *quick_run_args(
+      model_dir, corpus, f"--gin.Stage.num_steps={STEPS}", "--gin.TrainerConfig.log_every=1",
+      "--gin.TrainerConfig.checkpoint_every=5", "--gin.TrainerConfig.eval_every=1000",
+      "--gin.TrainerConfig.sample_tokens=0", "--gin.TrainerConfig.progress='log'")]
+
+
+def _records(model_dir):
+  with open(os.path.join(model_dir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+def _losses(model_dir):
+  return {r["step"]: r["train/loss"] for r in _records(model_dir) if "train/loss" in r}
+
+
+def _last_logged_step(model_dir):
+  try:
+    with open(os.path.join(model_dir, "metrics.jsonl"), "rb") as f:
+      lines = f.read().splitlines()
+    return json.loads(lines[-1])["step"] if lines else 0
+  except (OSError, ValueError, IndexError):
+    return 0
+
+
+def _start_and_wait_for(args, model_dir, step):
+  process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while _last_logged_step(model_dir) < step:
+    assert process.poll() is None, process.stderr.read()[-2000:]
+    assert time.time() < deadline
+    time.sleep(0.01)
+  return process
+
+
+def _raw_params(model_dir, step):
+  checkpointer = Checkpointer(str(model_dir), read_only=True)
+  params = checkpointer.restore_state(step)["params"]
+  checkpointer.close()
+  return params
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  """One uninterrupted CLI run that every interrupted run must reproduce bit for bit."""
+  root = tmp_path_factory.mktemp("reference")
+  corpus = root / "corpus.txt"
+  import textwrap
+  corpus.write_text(open(textwrap.__file__, encoding="utf-8").read())
+  result = subprocess.run(_cli_args(root / "run", corpus), capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  return root / "run", corpus
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kill_9_at_a_random_step_then_resume_is_bitwise_identical(tmp_path, reference_run, seed):
+  reference, corpus = reference_run
+  kill_at = int(np.random.default_rng(seed).integers(3, STEPS // 2))
+  model_dir = tmp_path / "run"
+  process = _start_and_wait_for(_cli_args(model_dir, corpus), model_dir, kill_at)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert process.returncode == -signal.SIGKILL
+  killed_at = _last_logged_step(model_dir)
+  assert killed_at < STEPS  # It really died mid-run.
+
+  result = subprocess.run(_cli_args(model_dir, corpus), capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "resuming from step" in result.stderr
+  jax.tree.map(np.testing.assert_array_equal, _raw_params(reference, STEPS),
+               _raw_params(model_dir, STEPS))
+  # The log past the resume point is rewritten as if the run had never stopped.
+  assert _losses(model_dir) == _losses(reference)
+
+
+def test_sigterm_checkpoints_the_step_reached_and_exits_75(tmp_path, reference_run):
+  _, corpus = reference_run
+  model_dir = tmp_path / "run"
+  process = _start_and_wait_for(_cli_args(model_dir, corpus), model_dir, 7)
+  process.send_signal(signal.SIGTERM)
+  _, err = process.communicate(timeout=120)
+  assert process.returncode == EXIT_PREEMPTED, err[-2000:]
+  reached = _last_logged_step(model_dir)
+  assert Checkpointer(str(model_dir)).latest_step() == reached < STEPS
+  assert f"checkpoint saved at step {reached}" in err
+
+  result = subprocess.run(_cli_args(model_dir, corpus), capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f"resuming from step {reached}" in result.stderr
+  assert max(_losses(model_dir)) == STEPS
+
+
+def test_a_second_signal_exits_at_once_and_keeps_the_last_checkpoint(tmp_path, reference_run):
+  reference, corpus = reference_run
+  model_dir = tmp_path / "run"
+  process = _start_and_wait_for(_cli_args(model_dir, corpus), model_dir, 12)
+  process.send_signal(signal.SIGTERM)
+  process.send_signal(signal.SIGTERM)
+  process.communicate(timeout=120)
+  assert process.returncode in (EXIT_FORCED, EXIT_PREEMPTED)  # 75 only if it won the race.
+  result = subprocess.run(_cli_args(model_dir, corpus), capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  jax.tree.map(np.testing.assert_array_equal, _raw_params(reference, STEPS),
+               _raw_params(model_dir, STEPS))
+
+
+def _biggest_file(directory):
+  files = [os.path.join(d, f) for d, _, fs in os.walk(directory) for f in fs]
+  return max(files, key=os.path.getsize)
+
+
+@pytest.mark.parametrize("damage", ["truncate_array_file", "delete_meta_item"])
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, small_text_file,
+                                                                 caplog, damage):
+  model_dir = tmp_path / "run"
+  trainer.run(str(model_dir), [_stage(small_text_file, 8)], trainer=QUIET)
+  newest = model_dir / "checkpoints" / "8"
+  if damage == "truncate_array_file":
+    victim = _biggest_file(newest / "state")
+    os.truncate(victim, os.path.getsize(victim) // 2)
+  else:
+    import shutil
+    shutil.rmtree(newest / "meta")
+  with caplog.at_level("INFO", logger="jaxlm"):
+    result = trainer.run(str(model_dir), [_stage(small_text_file, 8)], trainer=QUIET)
+  assert "checkpoint 8 is unreadable" in caplog.text and "falling back" in caplog.text
+  assert "resuming from step 4" in caplog.text
+  assert result["step"] == 8
+  assert len(os.listdir(model_dir / CORRUPT_DIR)) == 1  # Kept aside, not deleted.
+  assert Checkpointer(str(model_dir)).all_steps() == [4, 8]
+
+
+class _BadDataAt:
+  """Wraps the train batches: NaN loss weights on chosen steps (a corrupt-data fault)."""
+
+  def __init__(self, batches, bad_steps):
+    self.batches, self.bad_steps = batches, set(bad_steps)
+
+  def __getattr__(self, name):
+    return getattr(self.batches, name)
+
+  def batch_at(self, step):
+    batch = self.batches.batch_at(step)
+    if step in self.bad_steps:
+      batch = {**batch, "weights": np.full_like(batch["weights"], np.nan)}
+    return batch
+
+
+def _inject_nan(monkeypatch, bad_steps):
+  build = trainer.build_datasets
+
+  def build_with_bad_data(*args, **kwargs):
+    datasets = build(*args, **kwargs)
+    return dataclasses.replace(datasets, train=_BadDataAt(datasets.train, bad_steps))
+
+  monkeypatch.setattr(trainer, "build_datasets", build_with_bad_data)
+
+
+def test_nan_steps_are_skipped_counted_and_params_stay_finite(tmp_path, small_text_file,
+                                                               monkeypatch):
+  _inject_nan(monkeypatch, {2, 3, 9})
+  result = trainer.run(str(tmp_path / "run"), [_stage(small_text_file, 12)], trainer=QUIET)
+  assert result["train/skipped_steps"] == 3
+  params = _raw_params(tmp_path / "run", 12)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_too_many_consecutive_nan_steps_stop_the_run(tmp_path, small_text_file, monkeypatch):
+  _inject_nan(monkeypatch, {5, 6, 7, 8, 9})
+  config = QUIET.__class__(**{**QUIET.__dict__, "max_consecutive_nonfinite": 3})
+  with pytest.raises(TrainingDiverged, match="3 consecutive steps"):
+    trainer.run(str(tmp_path / "run"), [_stage(small_text_file, 12)], trainer=config)
+  # Checkpoints stop at the streak, and every one of them holds finite params (the step-8
+  # one was saved mid-streak: its bad updates were skipped, never applied).
+  steps = Checkpointer(str(tmp_path / "run")).all_steps()
+  assert steps == [4, 8]
+  for step in steps:
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(_raw_params(tmp_path / "run", step)))
+
+
+def test_a_skipped_step_leaves_params_and_optimizer_state_untouched(small_text_file):
+  stage = _stage(small_text_file, 8)
+  mesh_config = parallel.MeshConfig()
+  mesh, rules = parallel.make_mesh(mesh_config), mesh_config.resolved_rules()
+  shardings = state_shardings(stage, mesh, rules)
+  step_fn = make_train_step(stage, shardings, parallel.batch_sharding(mesh, rules))
+  state = sharded_init(stage, shardings, jax.random.key(0))
+  before = jax.device_get(state)
+  batch = {"inputs": np.ones((4, 64), np.int32), "targets": np.ones((4, 64), np.int32),
+           "positions": np.tile(np.arange(64, dtype=np.int32), (4, 1)),
+           "segment_ids": np.ones((4, 64), np.int32), "weights": np.full((4, 64), np.nan, np.float32)}
+  after, metrics = step_fn(state, batch)
+  assert float(metrics["train/nonfinite"]) == 1.0
+  assert int(after.step) == 1
+  jax.tree.map(np.testing.assert_array_equal, before.params, jax.device_get(after.params))
+  jax.tree.map(np.testing.assert_array_equal, before.opt_state, jax.device_get(after.opt_state))
+
+
+def test_restore_with_an_assignment_map_into_a_model_with_one_extra_layer(tmp_path,
+                                                                          small_text_file):
+  source_dir = tmp_path / "source"
+  trainer.run(str(source_dir), [_stage(small_text_file, 4)], trainer=QUIET)
+  source = _raw_params(source_dir, 4)
+  deeper = ModelConfig(**{**TINY.__dict__, "num_layers": 3})
+  stage = _stage(small_text_file, 4, model=deeper)
+  mesh_config = parallel.MeshConfig()
+  mesh = parallel.make_mesh(mesh_config)
+  fresh = sharded_init(stage, state_shardings(stage, mesh, mesh_config.resolved_rules()),
+                       jax.random.key(7))
+  fresh_params = jax.device_get(fresh.params)
+
+  # Default map: same names load, the new layer_2 stays freshly initialised.
+  restored, report = restore_into(RestoreConfig(path=str(source_dir)), fresh,
+                                  stage.make_optimizer(), str(tmp_path))
+  params = jax.device_get(restored.params)
+  for name in ("layer_0", "layer_1", "embed", "lm_head", "final_norm"):
+    jax.tree.map(np.testing.assert_array_equal, params[name], source[name])
+  jax.tree.map(np.testing.assert_array_equal, params["layer_2"], fresh_params["layer_2"])
+  assert sorted(report.created) == sorted(
+      f"params/layer_2/{p}" for p in ("attention/key", "attention/out", "attention/query",
+                                      "attention/value", "attention_norm/scale", "mlp/down",
+                                      "mlp/gate", "mlp/up", "mlp_norm/scale"))
+  assert ("params/layer_0/mlp/up", "params/layer_0/mlp/up") in report.loaded
+  assert report.skipped == []
+  saved = json.loads((tmp_path / "restore_report.json").read_text())
+  assert saved["created"] == report.created and len(saved["loaded"]) == len(report.loaded)
+
+  # A rule: the new top layer copies the old top layer (stacking); layer_0 is left fresh.
+  rules = (("layer_2/(.*)", r"layer_1/\1"), ("layer_0/.*", None))
+  restored, report = restore_into(RestoreConfig(path=str(source_dir), assignment_map=rules),
+                                  fresh, stage.make_optimizer(), str(tmp_path))
+  params = jax.device_get(restored.params)
+  jax.tree.map(np.testing.assert_array_equal, params["layer_2"], source["layer_1"])
+  jax.tree.map(np.testing.assert_array_equal, params["layer_0"], fresh_params["layer_0"])
+  assert all(name.startswith("params/layer_0/") for name in report.created)
+  assert len(report.skipped) == 9 and all(s.startswith("params/layer_0/") for s in report.skipped)
+
+
+def test_restore_errors_are_clear(tmp_path, small_text_file):
+  stage = _stage(small_text_file, 4)
+  mesh_config = parallel.MeshConfig()
+  mesh = parallel.make_mesh(mesh_config)
+  fresh = sharded_init(stage, state_shardings(stage, mesh, mesh_config.resolved_rules()),
+                       jax.random.key(0))
+  with pytest.raises(UserError, match="no checkpoints/ folder"):
+    restore_into(RestoreConfig(path=str(tmp_path / "nowhere")), fresh, stage.make_optimizer(),
+                 str(tmp_path))
+  trainer.run(str(tmp_path / "source"), [_stage(small_text_file, 4)], trainer=QUIET)
+  with pytest.raises(UserError, match="not in the checkpoint"):
+    restore_into(RestoreConfig(path=str(tmp_path / "source"),
+                               assignment_map=(("layer_1/(.*)", r"layer_9/\1"),)),
+                 fresh, stage.make_optimizer(), str(tmp_path))
+  with pytest.raises(UserError, match="shapes differ"):
+    restore_into(RestoreConfig(path=str(tmp_path / "source"),
+                               assignment_map=(("layer_0/mlp/up", "layer_0/mlp/down"),)),
+                 fresh, stage.make_optimizer(), str(tmp_path))
+
+
+def test_preflight_refuses_a_model_dir_without_space_for_one_checkpoint(tmp_path,
+                                                                      small_text_file,
+                                                                      monkeypatch):
+  monkeypatch.setattr(trainer.shutil, "disk_usage", lambda _: os.statvfs_result((0,) * 10)
+                      and type("Usage", (), {"free": 1024})())
+  with pytest.raises(UserError, match="MiB free but one checkpoint needs"):
+    trainer.run(str(tmp_path / "run"), [_stage(small_text_file, 4)], trainer=QUIET)
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")  # Failed before anything else.
+
+
+def test_keep_policy_keeps_the_last_n_plus_every_kth(tmp_path, small_text_file):
+  config = QUIET.__class__(**{**QUIET.__dict__, "checkpoint_every": 2, "keep_checkpoints": 2,
+                              "keep_checkpoint_every": 4})
+  trainer.run(str(tmp_path / "run"), [_stage(small_text_file, 12)], trainer=config)
+  assert Checkpointer(str(tmp_path / "run")).all_steps() == [4, 8, 10, 12]
