@@ -7,6 +7,7 @@ and any --gin_search_paths.
 
 import difflib
 import inspect
+import logging
 import os
 import re
 from pathlib import Path
@@ -46,10 +47,14 @@ def parse(gin_files: list[str], bindings: list[str], extra_search_paths: list[st
   for path in paths:
     gin.add_config_file_search_path(path)
   files = [resolve_gin_file(f, paths) for f in gin_files]
+  # gin logs an ERROR for every search path an include is not in; the real failures raise.
+  logging.disable(logging.ERROR)
   try:
     gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
   except Exception as e:  # gin raises many types (incl. tokenize.TokenError) for bad text.  # pylint: disable=broad-except
     raise UserError(explain_gin_error(e)) from None
+  finally:
+    logging.disable(logging.NOTSET)
 
 
 def explain_gin_error(error: Exception) -> str:
