@@ -5,15 +5,22 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxlm.model import ModelConfig, forward
+from jaxlm.model.cross_entropy import head_cross_entropy
+from jaxlm.model.transformer import features
 
 
 def token_losses(params, cfg: ModelConfig, batch):
-  """Per-target cross-entropy in nats [B, L] (unweighted)."""
-  logits_BLV = forward(params, cfg, batch["inputs"], batch["positions"], batch["segment_ids"])
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch["targets"])
+  """Per-target cross-entropy in nats [B, L] (unweighted). The output head is fused with the
+  loss (model/cross_entropy.py): no [B, L, V] logits are kept, and the gradient is cheapest for
+  a loss of the form sum(ce * batch["weights"]), as training takes it."""
+  x_BLD, w_DV = features(params, cfg, batch["inputs"], batch["positions"], batch["segment_ids"])
+  b, l, d = x_BLD.shape
+  weights_N = batch["weights"].reshape(-1) if "weights" in batch else jnp.ones((b * l,))
+  ce_N = head_cross_entropy(x_BLD.reshape(b * l, d), w_DV, batch["targets"].reshape(-1),
+                            weights_N, cfg.compute_dtype)
+  return ce_N.reshape(b, l)
 
 
 def evaluate(eval_step, params, batches, byte_lengths: np.ndarray,

@@ -16,7 +16,7 @@ def param_with_axes(module: nn.Module, name: str, init, shape, axes, dtype):
 
 
 class Embed(nn.Module):
-  """Token embedding; `attend` reuses the table as the output head when embeddings are tied."""
+  """Token embedding; with tied embeddings the Decoder also uses the table as the output head."""
   config: ModelConfig
 
   def setup(self):
@@ -31,9 +31,6 @@ class Embed(nn.Module):
     table_VD = nn.with_logical_constraint(self.embedding_VD, (None, None))
     x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(self.config.compute_dtype)
     return nn.with_logical_constraint(x_BLD, ("batch", "length", "embed"))
-
-  def attend(self, x_BLD):
-    return jnp.einsum("bld,vd->blv", x_BLD, self.embedding_VD.astype(x_BLD.dtype))
 
 
 class RMSNorm(nn.Module):
@@ -64,6 +61,29 @@ def apply_rope(x_BLHK, positions_BL, theta: float):
   return rotated.astype(x_BLHK.dtype)
 
 
+@jax.custom_vjp
+def swiglu(gate_up_BL2F):
+  """silu(gate) * up from the stacked [..., 2, F] projection. Its own VJP writes the stacked
+  gradient in one pass; autodiff of the two slices would pad each and add them (~8% of a
+  bench-tiny step on CPU)."""
+  gate, up = gate_up_BL2F[..., 0, :], gate_up_BL2F[..., 1, :]
+  return nn.silu(gate) * up
+
+
+def _swiglu_forward(gate_up_BL2F):
+  return swiglu(gate_up_BL2F), gate_up_BL2F
+
+
+def _swiglu_backward(gate_up_BL2F, dh_BLF):
+  gate, up = gate_up_BL2F[..., 0, :], gate_up_BL2F[..., 1, :]
+  sigmoid = jax.nn.sigmoid(gate)
+  dgate = dh_BLF * up * sigmoid * (1 + gate * (1 - sigmoid))  # d silu(x) = σ(x)(1 + x(1 - σ(x))).
+  return (jnp.stack([dgate, dh_BLF * gate * sigmoid], axis=-2),)
+
+
+swiglu.defvjp(_swiglu_forward, _swiglu_backward)
+
+
 class SwiGLU(nn.Module):
   """Gated MLP with SiLU (Shazeer 2020, 2002.05202): down(silu(x W_gate) * (x W_up))."""
   config: ModelConfig
@@ -78,7 +98,9 @@ class SwiGLU(nn.Module):
     w_up = param_with_axes(self, "up", init, shape_in, ("embed", "mlp"), cfg.param_dtype)
     w_down = param_with_axes(self, "down", out_init, shape_out, ("mlp", "embed"), cfg.param_dtype)
     dtype = cfg.compute_dtype
-    gate_BLF = jnp.einsum("bld,df->blf", x_BLD, w_gate.astype(dtype))
-    up_BLF = jnp.einsum("bld,df->blf", x_BLD, w_up.astype(dtype))
-    h_BLF = nn.with_logical_constraint(nn.silu(gate_BLF) * up_BLF, ("batch", "length", "mlp"))
+    # One [D, 2, F] matmul instead of two [D, F] ones: a larger, more efficient GEMM on CPU
+    # (~4% of a bench-small step). The params stay two arrays; only this step stacks them.
+    w_gate_up_D2F = jnp.stack([w_gate, w_up], axis=1).astype(dtype)
+    gate_up_BL2F = jnp.einsum("bld,dtf->bltf", x_BLD, w_gate_up_D2F)
+    h_BLF = nn.with_logical_constraint(swiglu(gate_up_BL2F), ("batch", "length", "mlp"))
     return jnp.einsum("blf,fd->bld", h_BLF, w_down.astype(dtype))

@@ -2,6 +2,7 @@
 
     params = init_params(config, rng)             # a plain pytree of float32 arrays
     logits_BLV = forward(params, config, tokens_BL, positions_BL, segment_ids_BL)
+    x_BLD, w_DV = features(params, config, tokens_BL)   # for a loss that applies the head
     axes = logical_axes(config)                   # same tree, leaves are logical PartitionSpecs
 """
 
@@ -36,7 +37,9 @@ class Decoder(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None):
+  def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, features_only=False):
+    """With `features_only`, returns (final normed hidden states x_BLD, output head w_DV)
+    instead of the logits, so a fused loss can apply the head itself (cross_entropy.py)."""
     cfg = self.config
     if positions_BL is None:
       positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
@@ -52,11 +55,13 @@ class Decoder(nn.Module):
       x_BLD = block(cfg, name=f"layer_{i}")(x_BLD, positions_BL, segment_ids_BL)
     x_BLD = RMSNorm(cfg, name="final_norm")(x_BLD)
     if cfg.tie_embeddings:
-      logits_BLV = embed.attend(x_BLD)
+      w_DV = embed.embedding_VD.T
     else:
-      w_out = param_with_axes(self, "lm_head", nn.initializers.normal(cfg.init_std),
-                              (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype)
-      logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, w_out.astype(x_BLD.dtype))
+      w_DV = param_with_axes(self, "lm_head", nn.initializers.normal(cfg.init_std),
+                             (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype)
+    if features_only:
+      return x_BLD, w_DV
+    logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, w_DV.astype(x_BLD.dtype))
     logits_BLV = nn.with_logical_constraint(logits_BLV, ("batch", "length", "vocab"))
     return logits_BLV.astype(jnp.float32)
 
@@ -79,6 +84,12 @@ def logical_axes(config: ModelConfig):
 
 def forward(params, config: ModelConfig, tokens_BL, positions_BL=None, segment_ids_BL=None):
   return Decoder(config).apply({"params": params}, tokens_BL, positions_BL, segment_ids_BL)
+
+
+def features(params, config: ModelConfig, tokens_BL, positions_BL=None, segment_ids_BL=None):
+  """(final hidden states x_BLD, output head w_DV): `forward` without its last matmul."""
+  return Decoder(config).apply({"params": params}, tokens_BL, positions_BL, segment_ids_BL,
+                               features_only=True)
 
 
 def count_params(params) -> int:

@@ -1,0 +1,107 @@
+"""tools/bench.py: the FLOP formula against a hand count and against the model's own matmuls,
+and the harness end to end on bench-tiny (a test of the tool, not of speed)."""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from conftest import REPO_ROOT
+from jaxlm import flops
+from jaxlm.model import ModelConfig, count_params, forward, init_params
+
+
+def _load_bench():
+  spec = importlib.util.spec_from_file_location("bench", REPO_ROOT / "tools" / "bench.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+bench = _load_bench()
+# A model small enough that both frameworks take a step in well under a second.
+MICRO = bench.BenchConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2, mlp_dim=64,
+                          seq_len=16, batch_size=2)
+
+
+def test_bench_tiny_flops_per_token_match_a_hand_count():
+  cfg = bench.CONFIGS["bench-tiny"].model_config("float32")
+  # Per layer: q, k, v, o 4 x 256x256 = 262144; gate, up, down 3 x 256x704 = 540672.
+  # 4 layers = 3211264, plus the untied head 256x256 = 65536: N = 3276800 matmul weights.
+  assert flops.matmul_params(cfg) == 3_276_800
+  # 6N = 19660800; attention 12 * layers 4 * heads 4 * head_dim 64 * seq 256 = 3145728.
+  assert flops.flops_per_token(cfg, seq_len=256) == 19_660_800 + 3_145_728
+  # N is every parameter but the input embedding (256x256) and the 9 norm gains (256 each).
+  params = init_params(cfg, jax.random.key(0))
+  assert count_params(params) == 3_276_800 + 256 * 256 + 9 * 256
+
+
+def _dot_flops(jaxpr) -> int:
+  """2·M·N·K summed over every dot_general in a jaxpr, sub-jaxprs included."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+      contracted = math.prod(eqn.invars[0].aval.shape[d] for d in lhs_contract)
+      total += 2 * math.prod(eqn.outvars[0].aval.shape) * contracted
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        if hasattr(sub, "jaxpr"):
+          total += _dot_flops(getattr(sub.jaxpr, "jaxpr", sub.jaxpr))
+        elif hasattr(sub, "eqns"):
+          total += _dot_flops(sub)
+  return total
+
+
+def test_forward_matmul_flops_are_a_third_of_the_training_formula():
+  # The forward pass does 2 FLOPs per matmul weight and 4·H·K·L for QKᵀ and AV per token and
+  # layer; training adds two more of each (activation and weight gradients): the formula's 6
+  # and 12. Counting the model's own dot_generals checks that nothing is missed or doubled.
+  cfg = ModelConfig(vocab_size=96, d_model=32, num_layers=3, num_heads=4, num_kv_heads=2,
+                    mlp_dim=80, max_seq_len=24)
+  params = init_params(cfg, jax.random.key(0))
+  tokens = jnp.zeros((2, 24), jnp.int32)
+  jaxpr = jax.make_jaxpr(lambda p: forward(p, cfg, tokens))(params).jaxpr
+  assert 3 * _dot_flops(jaxpr) == flops.flops_per_token(cfg, seq_len=24) * tokens.size
+
+
+def test_harness_runs_end_to_end_on_bench_tiny(tmp_path):
+  out = tmp_path / "bench.json"
+  done = subprocess.run(
+      [sys.executable, "tools/bench.py", "--configs=bench-tiny", "--impls=jaxlm", "--steps=2",
+       "--warmup=1", "--peak_sizes=256", f"--json={out}"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "bench-tiny   jaxlm  float32" in done.stdout
+  result = json.loads(out.read_text())
+  (row,) = result["rows"]
+  assert row["steps"] == 2 and row["tokens_per_s"] > 0 and row["compile_s"] > 0
+  assert row["flops_per_token"] == flops.flops_per_token(
+      bench.CONFIGS["bench-tiny"].model_config("float32"), 256)
+  assert 0 < row["mfu"] == pytest.approx(row["achieved_flops"] / result["peaks"]["float32"]["xla"])
+  assert row["peak_mem_mib"] > 0 and row["xla_plan_bytes"] > 0
+  assert math.isfinite(row["last_loss"])
+
+
+def test_unknown_config_is_one_clear_error():
+  done = subprocess.run([sys.executable, "tools/bench.py", "--configs=bench-huge"],
+                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
+  assert done.returncode == 2 and "unknown config or impl 'bench-huge'" in done.stderr
+
+
+def test_jaxlm_and_torch_sides_build_the_same_model_and_loss():
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  torch_side = bench.run_torch(MICRO, "float32", steps=1, warmup=1)
+  jax_side = bench.run_jaxlm(MICRO, "float32", steps=1, warmup=1)
+  params = init_params(MICRO.model_config("float32"), jax.random.key(0))
+  # Same architecture: the same parameter count (untied head, no biases, norm gains included).
+  assert torch_side["num_params"] == count_params(params)
+  # Same task: both start near ln(V) on uniform random tokens (init std 0.02 on both sides).
+  for side in (torch_side, jax_side):
+    assert side["first_loss"] == pytest.approx(math.log(MICRO.vocab_size), abs=0.05)
