@@ -164,8 +164,8 @@ class _Run:
       state, _ = restore_into(stage.restore_from, state, stage.make_optimizer(), self.model_dir)
     return state
 
-  def save(self, state: TrainState, index: int, force: bool = False) -> None:
-    step = int(state.step)
+  def save(self, state: TrainState, index: int, step: int, force: bool = False) -> None:
+    """`step` is the host's own counter: reading state.step would wait for the device."""
     if step == self.last_saved_step or not (force or self.checkpointer.should_save(step)):
       return
     if not bool(all_finite(state.params)):
@@ -266,10 +266,10 @@ class _Run:
                          f"{results['eval/bits_per_byte']:.4f} bits/byte")
         self.final_metrics.update(results)
         clock, clock_step = time.perf_counter(), step
-      self.save(state, index, force=step == end)
+      self.save(state, index, step, force=step == end)
       # Multi-process runs agree on stopping at log steps only (it costs a collective).
       if (jax.process_count() == 1 or step % trainer.log_every == 0) and guard.requested():
-        self.save(state, index, force=True)
+        self.save(state, index, step, force=True)
         self.checkpointer.wait()
         progress.message(f"preempted: checkpoint saved at step {step}; run the same command "
                          "to resume")
