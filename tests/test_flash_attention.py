@@ -226,11 +226,11 @@ def test_impls_for_other_hardware_are_a_clear_error_on_cpu(impl, match):
     dot_product_attention(q, k, v, segments, impl="flash")
 
 
-def test_auto_is_xla_on_cpu():
+def test_auto_is_xla_blocked_on_cpu():
   q, k, v, segments, _ = _inputs(6, 1, 16, 2, 1, 16, jnp.float32)
-  assert choose_attention_impl(q) == "xla"
+  assert choose_attention_impl(q) == "xla_blocked"
   np.testing.assert_array_equal(dot_product_attention(q, k, v, segments, impl="auto"),
-                                xla_attention(q, k, v, segments))
+                                attention.xla_blocked_attention(q, k, v, segments))
 
 
 def test_splash_glue_matches_xla_in_interpret_mode():

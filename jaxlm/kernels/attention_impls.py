@@ -3,7 +3,8 @@
   pallas  our flash-attention kernel (`flash_attention`); runs in interpret mode on CPU
   cudnn   cuDNN's fused flash attention through `jax.nn.dot_product_attention` (NVIDIA GPUs)
   splash  JAX's TPU splash attention, which skips fully masked tiles (TPUs)
-  auto    the best available: TPU -> splash, GPU -> cudnn when it fits else pallas, CPU -> xla
+  auto    the best available: TPU -> splash, GPU -> cudnn when it fits else pallas,
+          CPU -> xla_blocked (causal blocks in plain XLA, `jaxlm.model.attention`)
 
 All take `fn(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, *, causal)`, so `ModelConfig.attention_impl`
 switches between them with no change to the model. `jaxlm.model.attention` imports this module
@@ -100,7 +101,7 @@ def choose_attention_impl(q_BLHK) -> str:
   if backend == "gpu":
     usable = cudnn_limitation(q_BLHK) is None and q_BLHK.shape[1] <= CUDNN_AUTO_MAX_LENGTH
     return "cudnn" if usable else "pallas"
-  return "xla"  # Interpret-mode kernels on CPU are for testing, far slower than XLA.
+  return "xla_blocked"  # Interpret-mode kernels on CPU are for testing, far slower than XLA.
 
 
 def auto_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, *, causal: bool = True):

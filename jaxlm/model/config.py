@@ -33,7 +33,7 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs, recompute the rest).
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"  # See jaxlm.model.attention / jaxlm.kernels.attention_impls.
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim",
