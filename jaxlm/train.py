@@ -14,7 +14,7 @@ import sys
 
 import jax
 
-from jaxlm import gin_config
+from jaxlm import gin_config, host_memory
 from jaxlm.errors import TrainingDiverged, UserError
 from jaxlm.preemption import EXIT_FORCED, EXIT_PREEMPTED
 
@@ -32,6 +32,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                       help="a gin binding such as \"Stage.num_steps = 100\" (repeatable)")
   parser.add_argument("--gin_search_paths", action="append", default=[],
                       help="extra folder to resolve gin files and includes in (repeatable)")
+  parser.add_argument("--host_malloc", choices=("keep", "system"), default="keep",
+                      help="keep: glibc malloc keeps freed memory for the next step (faster on "
+                           "CPU, see jaxlm/host_memory.py); system: glibc's defaults")
   args, rest = parser.parse_known_args(argv)
   for arg in rest:  # --gin.NAME=VALUE is the T5X shorthand for a binding.
     if not (arg.startswith("--gin.") and "=" in arg):
@@ -45,6 +48,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
+  if args.host_malloc == "keep":
+    host_memory.keep_freed_memory()
   # Our own INFO lines only: gin, absl and orbax log chatty INFO records on the root logger.
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
                       datefmt="%H:%M:%S")

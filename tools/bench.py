@@ -1,7 +1,7 @@
 """Training throughput of the real jaxlm train step, side by side with PyTorch (issue 7).
 
     python tools/bench.py --configs=bench-tiny,bench-small --dtypes=float32,bfloat16 \
-        --allocator=jemalloc --steps=20 --json=/tmp/bench.json
+        --steps=20 --json=/tmp/bench.json
 
 For each named config and dtype this measures, after compilation and warm-up, the train-step
 time (median and min-max over --steps steps, each timed to completion), tokens/s, model FLOPs
@@ -38,6 +38,8 @@ import sys
 import time
 
 import numpy as np
+
+from jaxlm import host_memory
 
 LEARNING_RATE = 3e-4  # Constant: a schedule costs the same on both sides and would only add noise.
 ADAMW = {"b1": 0.9, "b2": 0.95, "eps": 1e-8, "weight_decay": 0.1, "grad_clip_norm": 1.0}
@@ -264,25 +266,29 @@ def measure_peaks(dtype: str, sizes: list[int]) -> dict:
 
 WORKERS = {"jaxlm": run_jaxlm, "torch": run_torch}
 
-# XLA:CPU allocates its temporaries afresh every step; glibc hands buffers this large back to the
-# kernel on free, so each step page-faults (and zero-fills) gigabytes again: 1.6M minor faults
-# and ~3 s of system time per bench-small step. jemalloc that never returns freed pages reuses
-# them instead. Applied to both sides alike (PyTorch's CPU allocator is malloc too).
-ALLOCATORS = {"system": None, "jemalloc": "libjemalloc.so.2"}
+# XLA:CPU allocates its temporaries afresh every step; glibc's defaults hand buffers this large
+# back to the kernel on free, so each step page-faults (and zero-fills) gigabytes again: 1.6M
+# minor faults and ~3 s of system time per bench-small step. 'keep' is what `python -m
+# jaxlm.train` sets up by itself (glibc mallopt, jaxlm/host_memory.py); 'jemalloc' preloads
+# jemalloc with decay off. Each is applied to both sides alike (PyTorch's CPU allocator is malloc
+# too); 'system' is glibc untouched.
+ALLOCATORS = {"keep": None, "system": None, "jemalloc": "libjemalloc.so.2"}
 ALLOCATOR_ENV = {"jemalloc": {"MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}}
 LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64",
                 "/usr/lib", "/usr/local/lib")
 
 
 def allocator_env(name: str) -> dict:
-  """Environment that makes a worker process use allocator `name` (LD_PRELOAD)."""
+  """Environment that makes a worker process use allocator `name`."""
+  if name == "keep":
+    return {"JAXLM_BENCH_KEEP_FREED_MEMORY": "1"}  # Read by the worker: mallopt, in-process.
   library = ALLOCATORS[name]
   if library is None:
     return {}
   found = [os.path.join(d, library) for d in LIBRARY_DIRS if os.path.exists(os.path.join(d, library))]
   if not found:
     raise SystemExit(f"bench: error: --allocator={name} needs {library} (Debian/Ubuntu: apt-get "
-                     "install libjemalloc2), or use --allocator=system")
+                     "install libjemalloc2), or use --allocator=keep")
   return {"LD_PRELOAD": found[0], **ALLOCATOR_ENV.get(name, {})}
 
 
@@ -299,6 +305,8 @@ def _run_worker(kind: str, env: dict | None = None, **spec) -> dict:
 
 
 def _worker_main(kind: str, spec: dict) -> None:
+  if os.environ.get("JAXLM_BENCH_KEEP_FREED_MEMORY") and not host_memory.keep_freed_memory():
+    raise SystemExit("bench: error: --allocator=keep needs glibc malloc; use --allocator=system")
   if kind == "peak":
     result = measure_peaks(spec["dtype"], spec["sizes"])
   else:
@@ -348,8 +356,9 @@ def main(argv=None) -> int:
   parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
   parser.add_argument("--peak_sizes", type=lambda t: [int(n) for n in _csv(t)],
                       default=[1024, 2048, 4096], help="sides of the square peak matmuls")
-  parser.add_argument("--allocator", choices=sorted(ALLOCATORS), default="system",
-                      help="malloc for every worker, both sides (jemalloc: see ALLOCATORS)")
+  parser.add_argument("--allocator", choices=sorted(ALLOCATORS), default="keep",
+                      help="malloc for every worker, both sides (see ALLOCATORS); keep is what "
+                           "the trainer sets up")
   parser.add_argument("--json", help="write every row (with all step times) to this file")
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   parser.add_argument("--worker_spec", help=argparse.SUPPRESS)
