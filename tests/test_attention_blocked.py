@@ -1,6 +1,8 @@
 """`xla_blocked` attention (causal query blocks in plain XLA, what 'auto' runs on CPU) against the
 dense XLA reference, and the rotary tables that replaced in-step sin/cos."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,7 +81,7 @@ def test_auto_runs_blocked_on_cpu_through_the_model():
   assert cfg.attention_impl == "auto"
   params = init_params(cfg, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(1), (2, 256), 0, 64)
-  dense = forward(params, ModelConfig(**{**cfg.__dict__, "attention_impl": "xla"}), tokens)
+  dense = forward(params, dataclasses.replace(cfg, attention_impl="xla"), tokens)
   np.testing.assert_allclose(forward(params, cfg, tokens), dense, atol=2e-5, rtol=1e-5)
 
 

@@ -55,7 +55,7 @@ def rope_tables(max_len: int, head_dim: int, theta: float) -> tuple[np.ndarray, 
   """sin and cos of every position's rotary angles, [max_len, head_dim / 2] float32 constants.
 
   Looked up, not computed in the step: fused into their consumers, jnp.sin/cos were evaluated
-  again for every head and every use, forward and backward (~15% of a bench-small step on CPU).
+  again for every head and every use, forward and backward (~10% of a bench-small step on CPU).
   The angles are float32 products as Hugging Face Llama forms them."""
   inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
   angles = np.arange(max_len, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None]
