@@ -14,7 +14,8 @@ the same from inside the running process:
 
 The price is that resident memory stays at the run's high-water mark, as it does under jemalloc
 or TCMalloc (what MaxText's images preload). `python -m jaxlm.train` applies this unless
-started with `--host_malloc=system`; elsewhere (GPU/TPU hosts) it costs nothing measurable.
+started with `--host_malloc=system`. On GPU and TPU hosts it touches only host-side allocations
+(not measured there).
 """
 
 import ctypes
