@@ -21,13 +21,14 @@ from jaxlm.model.layers import apply_rope, param_with_axes
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def attention_mask(segment_ids_BL, causal: bool):
-  """[B, 1, 1, L, S] boolean mask: same document (segment id) and, if causal, not in the future."""
-  mask_BLS = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+def attention_mask(q_segments_BL, k_segments_BS, causal: bool, q_offset: int = 0):
+  """[B, L, S] boolean mask: same document (segment id) and, if causal, not in the future.
+  Queries are rows q_offset.. of the sequence and keys its first S rows (a query block)."""
+  mask_BLS = q_segments_BL[:, :, None] == k_segments_BS[:, None, :]
   if causal:
-    length = segment_ids_BL.shape[1]
-    mask_BLS &= jnp.tril(jnp.ones((length, length), dtype=bool))[None]
-  return mask_BLS[:, None, None]
+    q_positions = q_offset + jnp.arange(q_segments_BL.shape[1])
+    mask_BLS &= (q_positions[:, None] >= jnp.arange(k_segments_BS.shape[1])[None, :])[None]
+  return mask_BLS
 
 
 def xla_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, *, causal: bool = True):
@@ -38,7 +39,8 @@ def xla_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, *, causal: bool = True
   q_BLGRK = q_BLHK.reshape(b, l, g, h // g, k)
   logits_BGRLS = jnp.einsum("blgrk,bsgk->bgrls", q_BLGRK, k_BSGK,
                             preferred_element_type=jnp.float32) * k ** -0.5
-  logits_BGRLS = jnp.where(attention_mask(segment_ids_BL, causal), logits_BGRLS, MASK_VALUE)
+  mask_BLS = attention_mask(segment_ids_BL, segment_ids_BL, causal)
+  logits_BGRLS = jnp.where(mask_BLS[:, None, None], logits_BGRLS, MASK_VALUE)
   probs_BGRLS = jax.nn.softmax(logits_BGRLS, axis=-1).astype(v_BSGK.dtype)
   out_BLGRK = jnp.einsum("bgrls,bsgk->blgrk", probs_BGRLS, v_BSGK)
   return out_BLGRK.reshape(b, l, h, k)
@@ -73,8 +75,7 @@ def xla_blocked_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, *, causal: boo
     end = min(start + block, l)
     logits_BGRLS = jnp.einsum("bgrlk,bgsk->bgrls", q_BGRLK[:, :, :, start:end],
                               k_BGSK[:, :, :end], preferred_element_type=jnp.float32) * k ** -0.5
-    mask_BLS = segment_ids_BL[:, start:end, None] == segment_ids_BL[:, None, :end]
-    mask_BLS &= (jnp.arange(start, end)[:, None] >= jnp.arange(end)[None, :])[None]
+    mask_BLS = attention_mask(segment_ids_BL[:, start:end], segment_ids_BL[:, :end], True, start)
     logits_BGRLS = jnp.where(mask_BLS[:, None, None], logits_BGRLS, MASK_VALUE)
     probs_BGRLS = jax.nn.softmax(logits_BGRLS, axis=-1).astype(v_BSGK.dtype)
     out_blocks.append(jnp.einsum("bgrls,bgsk->bgrlk", probs_BGRLS, v_BGSK[:, :, :end]))
