@@ -10,6 +10,7 @@ never pickled; they are tensorstore arrays and JSON.
 import logging
 import os
 import shutil
+import sys
 import time
 
 import jax
@@ -18,9 +19,53 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from jaxlm.errors import UserError
+from jaxlm.tree_names import flatten_names
+from jaxlm.validation import check_range
 
 log = logging.getLogger("jaxlm")
 CORRUPT_DIR = "corrupt_checkpoints"
+
+
+class _DropReadOnlyNotices(logging.Filter):
+  """orbax warns on every read-only manager it opens (restore sources, pre-flight reads)."""
+
+  def filter(self, record):
+    message = record.getMessage()
+    return not ("read_only=True" in message or "directory is read only" in message)
+
+
+logging.getLogger("absl").addFilter(_DropReadOnlyNotices())
+
+
+def _silence_abandoned_reads() -> None:
+  """A checkpoint that fails to read part-way leaves tensorstore reads in flight; their
+  callbacks land on orbax's closed event loop and Python prints a traceback for each ("Event
+  loop is closed", "Task exception was never retrieved"), dozens per checkpoint and possibly
+  after the restore has returned. The failure itself is reported once, by restore_latest; these
+  echoes are dropped for the life of the process (installed once, chaining the previous hooks).
+  """
+  if getattr(sys.excepthook, "jaxlm_quiet", False):
+    return
+  previous_excepthook, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+  def excepthook(kind, value, traceback):  # Only the echo itself: never hide a real error.
+    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+      previous_excepthook(kind, value, traceback)
+
+  def unraisablehook(unraisable):
+    if not _is_abandoned_read(unraisable.exc_value):
+      previous_unraisable(unraisable)
+
+  excepthook.jaxlm_quiet = True
+  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+  logging.getLogger("asyncio").addFilter(
+      lambda record: not (record.exc_info and _is_abandoned_read(record.exc_info[1])))
+
+
+def _is_abandoned_read(error) -> bool:
+  text = str(error)
+  return ("Event loop is closed" in text or "Encountered error while reading array" in text
+          or "tensorstore_spec" in text)
 
 
 class Checkpointer:
@@ -30,18 +75,29 @@ class Checkpointer:
   def __init__(self, model_dir: str, every_steps: int | None = None,
                every_secs: float | None = None, keep_last: int | None = 3,
                keep_every: int | None = None, read_only: bool = False):
+    check_range("keep_checkpoints", keep_last, low=1, optional=True, integer=True)
+    check_range("keep_checkpoint_every", keep_every, low=1, optional=True, integer=True)
+    check_range("checkpoint_every", every_steps, low=1, optional=True, integer=True)
+    check_range("checkpoint_every_secs", every_secs, low=0, low_open=True, optional=True)
+    _silence_abandoned_reads()
     self.model_dir = os.path.abspath(model_dir)
     self.directory = os.path.join(self.model_dir, "checkpoints")
     save = [policies.FixedIntervalPolicy(every_steps)] if every_steps else []
     if every_secs:
-      save.append(policies.ContinuousCheckpointingPolicy(minimum_interval_secs=int(every_secs)))
-    keep = [policies.LatestN(keep_last)] if keep_last else [policies.PreserveAll()]
+      save.append(policies.ContinuousCheckpointingPolicy(
+          minimum_interval_secs=max(1, round(every_secs))))
+    # LatestN(None) keeps every checkpoint; it is in every orbax version pyproject allows
+    # (PreserveAll is not).
+    keep = [policies.LatestN(keep_last)]
     if keep_every:
       keep.append(policies.EveryNSteps(keep_every))
     self._manager = ocp.CheckpointManager(
         self.directory, item_names=("state", "meta"),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(
             create=not read_only, read_only=read_only,
+            save_interval_steps=0 if read_only else 1,
             save_decision_policy=policies.AnySavePolicy(save or [policies.SpecificStepsPolicy(())]),
             preservation_policy=policies.AnyPreservationPolicy(keep)))
 
@@ -62,6 +118,17 @@ class Checkpointer:
   def restore_meta(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
+  def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+    """{"params/embed/embedding": shape, ...} of the saved state, from its metadata only."""
+    tree = self._manager.item_metadata(step)["state"]
+    return {name: tuple(leaf.shape) for name, leaf in flatten_names(tree).items()}
+
+  @staticmethod
+  def describe(error: Exception) -> str:
+    """The first line of an orbax/tensorstore error, short enough for one log line."""
+    text = str(error).splitlines()[0][:200] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
   def restore_state(self, step: int, target=None):
     """Restore into `target`'s structure, shapes and shardings (ShapeDtypeStructs), or, with no
     target, as saved (nested dicts and lists of arrays)."""
@@ -71,21 +138,25 @@ class Checkpointer:
   def restore_latest(self, make_target) -> tuple[int, dict, object] | None:
     """(step, meta, state) of the newest checkpoint that reads back, or None if there is none.
 
-    `make_target(meta)` gives the restore target for a checkpoint's record. A checkpoint that
+    `make_target(step, meta)` gives the restore target for a checkpoint's record, or raises
+    UserError if the checkpoint does not fit the run (then nothing is moved). A checkpoint that
     fails to read (a truncated or missing file) is reported and moved to corrupt_checkpoints/
     (kept, never deleted), and the previous one is tried.
     """
     for step in reversed(self.all_steps()):
       try:
         meta = self.restore_meta(step)
-        return step, meta, self.restore_state(step, make_target(meta))
+        target = make_target(step, meta)
+        return step, meta, self.restore_state(step, target)
       except UserError:
         raise
       except Exception as e:  # pylint: disable=broad-except  (tensorstore/orbax raise many types)
-        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         self._quarantine(step)
-        log.warning("checkpoint %d is unreadable (%s: %s); moved it to %s/ and falling back to "
-                    "the previous checkpoint", step, type(e).__name__, reason, CORRUPT_DIR)
+        older = [s for s in self.all_steps() if s < step]
+        log.warning("checkpoint %d is unreadable (%s); moved it to %s/; %s", step,
+                    self.describe(e), CORRUPT_DIR,
+                    f"falling back to checkpoint {older[-1]}" if older else
+                    "no older checkpoint: starting from step 0")
     return None
 
   def _quarantine(self, step: int) -> None:

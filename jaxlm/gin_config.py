@@ -94,6 +94,28 @@ def explain_unset_macro(error: TypeError) -> str | None:
   return f"gin macro {name} is used but never set; pass --gin.{name}=\"{example}\""
 
 
+def explain_missing_bindings(error: Exception) -> str | None:
+  """A required argument that no binding sets, as gin reports it at call time: "Required
+  bindings for `F` not provided in config: [...]" (gin.REQUIRED) or a TypeError "missing 1
+  required positional argument: 'path'" from configurable F (a dataclass field without default).
+  """
+  text = str(error)
+  match = re.search(r"Required bindings for `([^`]+)` not provided in config: \[([^\]]*)\]", text)
+  missing = re.search(r"missing \d+ required (?:positional |keyword-only )?arguments?: (.*)", text)
+  called = re.search(r"In call to configurable '([^']+)'", text)
+  if match:
+    function, names = match.group(1), re.findall(r"'([^']+)'", match.group(2))
+  elif missing and called:
+    function, names = called.group(1), re.findall(r"'([^']+)'", missing.group(1).splitlines()[0])
+  else:
+    return None
+  example = ("include 'gin/runs/pretrain.gin' (see experiments/quickstart.gin)"
+             if function == "run" else f"--gin.{function}.{names[0]}=VALUE")
+  return (f"gin config never sets {', '.join(f'{function}.{n}' for n in names)}, which "
+          f"{'is' if len(names) == 1 else 'are'} required; bind {'it' if len(names) == 1 else 'them'} "
+          f"in a gin file or on the command line, e.g. {example}")
+
+
 def _suggest(name: str, candidates: list[str]) -> str:
   close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
   return f"; did you mean {close[0]!r}?" if close else ""

@@ -11,6 +11,7 @@ import jax
 import tqdm
 
 log = logging.getLogger("jaxlm")
+PROGRESS_MODES = ("auto", "bar", "log")  # A bar on a terminal, always a bar, always log lines.
 
 
 class MetricsWriter:
@@ -68,7 +69,7 @@ class Progress:
   """A tqdm bar (step, loss, tokens/s, ETA) on a terminal; plain log lines when piped."""
 
   def __init__(self, total_steps: int, start_step: int, mode: str = "auto"):
-    use_bar = {"auto": sys.stderr.isatty(), "bar": True, "log": False}[mode]
+    use_bar = {"auto": sys.stderr.isatty(), "bar": True, "log": False}[mode]  # PROGRESS_MODES
     self._bar = None
     if use_bar and jax.process_index() == 0:
       self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",

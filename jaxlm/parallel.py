@@ -21,6 +21,7 @@ import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from jaxlm.errors import UserError
+from jaxlm.validation import check_field_types, check_range
 
 log = logging.getLogger("jaxlm")
 
@@ -48,6 +49,10 @@ class MeshConfig:
   fsdp: int = 1
   tensor: int = 1
   rules: Any = "fsdp_tensor"  # A RULE_SETS name, or ((logical, mesh axis or None), ...).
+
+  def __post_init__(self):
+    check_field_types(self)
+    self.resolved_rules()  # An unknown rule set or mesh axis fails when the config is built.
 
   def shape(self, num_devices: int) -> tuple[int, ...]:
     sizes = [self.data, self.fsdp, self.tensor]
@@ -150,6 +155,13 @@ class DistributedConfig:
   num_processes: int | None = None
   process_id: int | None = None
   local_device_ids: tuple[int, ...] | None = None
+
+  def __post_init__(self):
+    check_field_types(self)
+    check_range("DistributedConfig.num_processes", self.num_processes, low=1, integer=True,
+                optional=True)
+    check_range("DistributedConfig.process_id", self.process_id, low=0, integer=True,
+                optional=True)
 
 
 def initialize_distributed(config: DistributedConfig) -> bool:

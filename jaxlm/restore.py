@@ -23,6 +23,8 @@ import optax
 
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.errors import UserError
+from jaxlm.tree_names import flatten_names, path_name
+from jaxlm.validation import check_field_types, check_range
 
 log = logging.getLogger("jaxlm")
 
@@ -35,29 +37,25 @@ class RestoreConfig:
   include_optimizer: bool = False  # Also the optimizer state, exactly as saved (counts too).
   assignment_map: tuple[tuple[str, str | None], ...] = ()
 
+  def __post_init__(self):
+    check_field_types(self)
+    check_range("RestoreConfig.step", self.step, low=0, optional=True, integer=True)
+    for rule in self.assignment_map:
+      if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
+        raise UserError(f"RestoreConfig.assignment_map rule {rule!r} is not a (pattern, "
+                        "replacement or None) pair")
+      try:
+        re.compile(rule[0])
+      except (re.error, TypeError) as e:
+        raise UserError(f"RestoreConfig.assignment_map pattern {rule[0]!r} is not a regular "
+                        f"expression ({e})") from None
+
 
 @dataclasses.dataclass
 class RestoreReport:
   loaded: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (target, source)
   created: list[str] = dataclasses.field(default_factory=list)
   skipped: list[str] = dataclasses.field(default_factory=list)  # Source tensors not used.
-
-
-def path_name(path) -> str:
-  """A key path as "a/b/0/c", the same for a namedtuple field and a dict key of that name (a
-  checkpoint restored without a target has dicts where the live state has namedtuples)."""
-  parts = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-  return "/".join(parts)
-
-
-def _flatten(tree) -> dict:
-  return {path_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(tree)
-          if leaf is not None}
 
 
 def source_name(target: str, assignment_map) -> tuple[str | None, bool]:
@@ -77,52 +75,77 @@ def _param_names_in(state, tx):
   return state.replace(step="", params=names, opt_state=opt_names)
 
 
-def restore_into(config: RestoreConfig, state, tx, model_dir: str):
-  """`state` (freshly initialised, sharded) with tensors loaded from another run's checkpoint."""
+def _source_step(config: RestoreConfig) -> tuple[Checkpointer, int]:
   if not os.path.isdir(os.path.join(config.path, "checkpoints")):
     raise UserError(f"cannot restore from {config.path!r}: it has no checkpoints/ folder; set "
                     "RestoreConfig.path to another run's MODEL_DIR")
   checkpointer = Checkpointer(config.path, read_only=True)
   step = config.step if config.step is not None else checkpointer.latest_step()
-  if step is None or step not in checkpointer.all_steps():
-    raise UserError(f"no checkpoint at step {config.step} in {config.path!r}; it has "
-                    f"{checkpointer.all_steps()}")
-  source = _flatten(checkpointer.restore_state(step))
-  checkpointer.close()
+  steps = checkpointer.all_steps()
+  if step is None or step not in steps:
+    checkpointer.close()
+    raise UserError(f"no checkpoint at step {config.step} in {config.path!r}; it has {steps}")
+  return checkpointer, step
 
-  report, used = RestoreReport(), set()
-  names = _param_names_in(state, tx)
 
-  def load(path, leaf, param_name):
+def assign_sources(config: RestoreConfig, state, tx, source_shapes: dict, step: int):
+  """For every leaf of `state` (arrays or ShapeDtypeStructs), the checkpoint tensor it loads
+  ("path" in `source_shapes`) or None (keep the leaf); plus the report. Raises UserError for a
+  map that names a missing tensor or a shape that differs."""
+  report = RestoreReport()
+
+  def assign(path, leaf, param_name):
     path = path_name(path)
     in_params = path.startswith("params/")
     if not in_params and not config.include_optimizer:
-      return leaf
+      return None
     if not param_name:  # A counter (the step, Adam's count): copied as saved, if at all.
-      if path == "step" or path not in source:
-        return leaf
-      used.add(path)
-      return jax.device_put(np.asarray(source[path], leaf.dtype), leaf.sharding)
+      return None if path == "step" or path not in source_shapes else path
     mapped, by_rule = source_name(param_name, config.assignment_map)
     prefix = path[:len(path) - len(param_name)]
-    if mapped is None or (not by_rule and prefix + mapped not in source):
+    if mapped is None or (not by_rule and prefix + mapped not in source_shapes):
       if in_params:
         report.created.append(path)
-      return leaf
-    if prefix + mapped not in source:
+      return None
+    if prefix + mapped not in source_shapes:
       raise UserError(f"assignment map sends {param_name!r} to {mapped!r}, which is not in the "
                       f"checkpoint at {config.path!r} step {step}")
-    value = source[prefix + mapped]
-    if value.shape != leaf.shape:
-      raise UserError(f"cannot load {prefix + mapped!r} {tuple(value.shape)} into {path!r} "
-                      f"{tuple(leaf.shape)}: shapes differ; map it elsewhere or to None")
-    used.add(prefix + mapped)
+    if tuple(source_shapes[prefix + mapped]) != tuple(leaf.shape):
+      raise UserError(f"cannot load {prefix + mapped!r} {tuple(source_shapes[prefix + mapped])} "
+                      f"into {path!r} {tuple(leaf.shape)}: shapes differ; map it elsewhere or "
+                      "to None")
     if in_params:
       report.loaded.append((path, prefix + mapped))
-    return jax.device_put(np.asarray(value, leaf.dtype), leaf.sharding)
+    return prefix + mapped
 
-  restored = jax.tree_util.tree_map_with_path(load, state, names)
-  report.skipped = sorted(k for k in source if k.startswith("params/") and k not in used)
+  sources = jax.tree_util.tree_map_with_path(assign, state, _param_names_in(state, tx))
+  used = {s for s in jax.tree.leaves(sources) if s is not None}
+  report.skipped = sorted(k for k in source_shapes if k.startswith("params/") and k not in used)
+  return sources, report
+
+
+def check_restore_source(config: RestoreConfig, state, tx) -> None:
+  """Pre-flight: the source run and step exist and the map fits, from tensor metadata only."""
+  checkpointer, step = _source_step(config)
+  try:
+    assign_sources(config, state, tx, checkpointer.saved_shapes(step), step)
+  finally:
+    checkpointer.close()
+
+
+def restore_into(config: RestoreConfig, state, tx, model_dir: str):
+  """`state` (freshly initialised, sharded) with tensors loaded from another run's checkpoint."""
+  checkpointer, step = _source_step(config)
+  try:
+    source = flatten_names(checkpointer.restore_state(step))
+  finally:
+    checkpointer.close()
+  shapes = {k: np.shape(v) for k, v in source.items()}
+  sources, report = assign_sources(config, state, tx, shapes, step)
+  restored = jax.tree.map(
+      lambda leaf, name: leaf if name is None else jax.device_put(
+          np.asarray(source[name], leaf.dtype), leaf.sharding),
+      state, sources, is_leaf=lambda x: x is None)
   _log_report(report, config, step, model_dir)
   return restored, report
 

@@ -14,6 +14,7 @@ import jax
 
 from jaxlm.data.pipeline import DataConfig
 from jaxlm.errors import UserError
+from jaxlm.validation import check_field_types, check_range
 from jaxlm.model import ModelConfig
 from jaxlm.optim.optimizers import adamw
 from jaxlm.optim.schedules import warmup_cosine
@@ -34,8 +35,13 @@ class Stage:
   restore_from: Any = None  # A restore.RestoreConfig: start this stage from another run.
 
   def __post_init__(self):
-    if self.num_steps < 1:
-      raise UserError(f"stage {self.name!r}: num_steps must be >= 1, got {self.num_steps}")
+    check_field_types(self)
+    check_range(f"Stage.num_steps (stage {self.name!r})", self.num_steps, low=1, integer=True)
+    for name in ("schedule", "optimizer"):
+      if not callable(getattr(self, name)):
+        raise UserError(f"Stage.{name} (stage {self.name!r}) must be a factory such as "
+                        f"@{'warmup_cosine' if name == 'schedule' else 'adamw'} (unevaluated), "
+                        f"got {getattr(self, name)!r}")
     if self.transition not in TRANSITIONS:
       raise UserError(f"stage {self.name!r}: unknown transition {self.transition!r}; "
                       f"registered: {sorted(TRANSITIONS)}")

@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     return _fail(str(e), EXIT_DIVERGED)
   except UserError as e:
     return _fail(str(e))
-  except TypeError as e:
-    message = gin_config.explain_unset_macro(e)
+  except (TypeError, RuntimeError) as e:  # gin reports unset macros and bindings at call time.
+    message = gin_config.explain_unset_macro(e) or gin_config.explain_missing_bindings(e)
     if message is None:
       raise
     return _fail(message)

@@ -7,8 +7,6 @@ newest intact checkpoint in model_dir, and stops cleanly on SIGTERM/SIGINT (pree
 import dataclasses
 import logging
 import os
-import shutil
-import tempfile
 import time
 from typing import Sequence
 
@@ -17,17 +15,18 @@ import gin
 import jax
 import numpy as np
 
-from jaxlm import evaluate, flops, parallel
+from jaxlm import evaluate, flops, parallel, preflight
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.data.pipeline import build_datasets
 from jaxlm.errors import TrainingDiverged, UserError
-from jaxlm.metrics import MetricsWriter, Progress
+from jaxlm.metrics import PROGRESS_MODES, MetricsWriter, Progress
 from jaxlm.model import count_params
 from jaxlm.preemption import PreemptionGuard
 from jaxlm.restore import restore_into
 from jaxlm.stages import TRANSITIONS, Stage, stage_starts
 from jaxlm.train_step import (TrainState, abstract_state, all_finite, make_eval_step,
                               make_train_step, sharded_init, state_shardings)
+from jaxlm.validation import check_choice, check_field_types, check_range
 
 log = logging.getLogger("jaxlm")
 
@@ -50,25 +49,52 @@ class TrainerConfig:
   sample_tokens: int = 200
   sample_temperature: float = 0.8
 
+  def __post_init__(self):
+    check_field_types(self)
+    for name in ("log_every", "eval_every", "microbatches"):
+      check_range(f"TrainerConfig.{name}", getattr(self, name), low=1, integer=True)
+    for name in ("checkpoint_every", "keep_checkpoints", "keep_checkpoint_every"):  # None: off.
+      check_range(f"TrainerConfig.{name}", getattr(self, name), low=1, integer=True,
+                  optional=True)
+    check_range("TrainerConfig.checkpoint_every_secs", self.checkpoint_every_secs, low=0,
+                low_open=True, optional=True)
+    check_range("TrainerConfig.max_consecutive_nonfinite", self.max_consecutive_nonfinite, low=0,
+                integer=True)
+    check_choice("TrainerConfig.progress", self.progress, PROGRESS_MODES)
+    check_range("TrainerConfig.peak_flops_per_device", self.peak_flops_per_device, low=0,
+                low_open=True, optional=True)
+    check_range("TrainerConfig.sample_tokens", self.sample_tokens, low=0, integer=True)
+    check_range("TrainerConfig.sample_temperature", self.sample_temperature, low=0)
 
-def tree_bytes(tree) -> int:
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+def write_config(model_dir: str, text: str) -> None:
+  """MODEL_DIR/config.gin is the operative config of the latest run; a resumed run whose config
+  differs keeps the previous one as config.<its modification time>.gin."""
+  path = os.path.join(model_dir, "config.gin")
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      if f.read() == text:
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(path)))
+    kept, n = os.path.join(model_dir, f"config.{stamp}.gin"), 1
+    while os.path.exists(kept):
+      n += 1
+      kept = os.path.join(model_dir, f"config.{stamp}-{n}.gin")
+    os.replace(path, kept)
+    log.info("the config differs from the one this MODEL_DIR was trained with; kept that one as "
+             "%s", os.path.basename(kept))
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
 
 
-def prepare_model_dir(model_dir: str, checkpoint_bytes: int) -> None:
-  """Fail before any compilation if model_dir cannot hold one more checkpoint."""
-  try:
-    os.makedirs(model_dir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=model_dir, prefix=".write_probe"):
-      pass
-  except OSError as e:
-    raise UserError(f"MODEL_DIR {model_dir!r} is not writable ({e.strerror}); choose another "
-                    "--gin.MODEL_DIR") from None
-  free = shutil.disk_usage(model_dir).free
-  if free < checkpoint_bytes:
-    raise UserError(f"MODEL_DIR {model_dir!r} has {free / 2**20:,.1f} MiB free but one "
-                    f"checkpoint needs about {checkpoint_bytes / 2**20:,.1f} MiB; free space or "
-                    "choose another --gin.MODEL_DIR")
+def nonfinite_cause(metrics: dict) -> str:
+  """Which part of a skipped step was not finite, from its (host) metrics."""
+  if not np.isfinite(float(metrics["train/loss"])):
+    return "non-finite loss"
+  if not np.isfinite(float(metrics["train/grad_norm"])):
+    return "non-finite gradients"
+  return "the optimizer update overflowed (loss and gradients were finite)"
 
 
 def host_rows(batch: dict) -> dict:
@@ -89,18 +115,16 @@ class _Run:
     self.batch_sharding = parallel.batch_sharding(self.mesh, self.rules)
     self.starts = stage_starts(self.stages)
     self.total_steps = self.starts[-1] + self.stages[-1].num_steps
-    self.checkpointer = Checkpointer(
-        model_dir, every_steps=trainer.checkpoint_every, every_secs=trainer.checkpoint_every_secs,
-        keep_last=trainer.keep_checkpoints, keep_every=trainer.keep_checkpoint_every)
+    self.checkpointer = None  # Opened after the pre-flight checks (it creates checkpoints/).
     self.writer = None  # Opened once the resume step is known.
+    self.plan = None  # preflight.Plan: where to resume, and the first stage's data.
     self.tokenizer = None  # The current stage's (DataConfig.tokenizer).
     self.peak_flops = trainer.peak_flops_per_device
     self.final_metrics: dict[str, float] = {}
     self.skipped_steps, self.nonfinite_streak, self.preempted = 0, 0, False
+    self.nonfinite_causes: set[str] = set()
     self.last_saved_step = None
-    log.info("mesh %s over %d devices (%d processes), rules %s",
-             dict(self.mesh.shape), self.mesh.size, jax.process_count(),
-             mesh_config.rules if isinstance(mesh_config.rules, str) else self.rules)
+    self.rules_label = mesh_config.rules if isinstance(mesh_config.rules, str) else self.rules
 
   def to_device(self, host_batch: dict) -> dict:
     """A batch every host holds whole -> one global array per field."""
@@ -119,12 +143,24 @@ class _Run:
                     "eval/bits_per_byte": bits / max(num_bytes, 1.0), "eval/targets": targets})
     return results
 
-  def _restore_target(self, meta: dict) -> TrainState:
-    index, step = int(meta["stage_index"]), int(meta["step"])
-    if index >= len(self.stages) or not (self.starts[index] <= step
-                                         <= self.starts[index] + self.stages[index].num_steps):
-      raise UserError(f"the checkpoint at step {step} in {self.checkpointer.directory} does not fit "
-                      "this run's stages; use a new MODEL_DIR or restore the original config")
+  def open(self, plan: preflight.Plan) -> None:
+    """After the pre-flight checks: the first writes to MODEL_DIR."""
+    self.plan = plan
+    trainer = self.trainer
+    log.info("mesh %s over %d devices (%d processes), rules %s",
+             dict(self.mesh.shape), self.mesh.size, jax.process_count(), self.rules_label)
+    os.makedirs(self.model_dir, exist_ok=True)
+    if jax.process_index() == 0:
+      write_config(self.model_dir, gin.config_str())
+    self.checkpointer = Checkpointer(
+        self.model_dir, every_steps=trainer.checkpoint_every,
+        every_secs=trainer.checkpoint_every_secs, keep_last=trainer.keep_checkpoints,
+        keep_every=trainer.keep_checkpoint_every)
+
+  def _restore_target(self, step: int, meta: dict) -> TrainState:
+    index = int(meta["stage_index"])
+    preflight.check_fit(step, index, self.checkpointer.saved_shapes(step), self.stages,
+                        self.checkpointer.directory)
     stage = self.stages[index]
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract_state(stage), state_shardings(stage, self.mesh, self.rules))
@@ -170,28 +206,35 @@ class _Run:
       return
     if not bool(all_finite(state.params)):
       raise TrainingDiverged(f"params are not finite at step {step}; refusing to save a "
-                             "checkpoint (the previous one is intact)")
+                             f"checkpoint ({self._last_checkpoint()})")
     self.checkpointer.save(step, state, force=force, meta={
         "step": step, "stage_index": index, "stage_name": self.stages[index].name,
         "seed": self.seed, "data": {"stage_step": step - self.starts[index]},
         "skipped_steps": self.skipped_steps, "gin_config": gin.operative_config_str()})
     self.last_saved_step = step
 
+  def _last_checkpoint(self) -> str:
+    latest = self.checkpointer.latest_step()
+    return ("no checkpoint was saved before it" if latest is None else
+            f"the last checkpoint, step {latest}, is intact")
+
   def track_nonfinite(self, metrics: dict, step: int) -> None:
     """Count skipped (non-finite) steps; stop after too many in a row."""
     if not float(metrics["train/nonfinite"]):
-      self.nonfinite_streak = 0
+      self.nonfinite_streak, self.nonfinite_causes = 0, set()
       return
+    cause = nonfinite_cause(metrics)
     self.skipped_steps += 1
     self.nonfinite_streak += 1
-    log.warning("step %d: non-finite loss or gradients; update skipped (%d skipped so far)",
-                step, self.skipped_steps)
+    self.nonfinite_causes.add(cause)
+    log.warning("step %d: %s; update skipped (%d skipped so far)", step, cause,
+                self.skipped_steps)
     limit = self.trainer.max_consecutive_nonfinite
     if limit and self.nonfinite_streak >= limit:
       raise TrainingDiverged(
-          f"stopping: {self.nonfinite_streak} consecutive steps (up to step {step}) had a "
-          "non-finite loss or gradients; lower the learning rate or check the data; the last "
-          "checkpoint is intact")
+          f"stopping: {self.nonfinite_streak} consecutive steps (up to step {step}) were "
+          f"skipped ({'; '.join(sorted(self.nonfinite_causes))}); lower the learning rate or "
+          f"check the data; {self._last_checkpoint()}")
 
   def train_stage(self, state: TrainState, index: int, guard: PreemptionGuard) -> TrainState:
     stage, start, trainer = self.stages[index], self.starts[index], self.trainer
@@ -199,17 +242,13 @@ class _Run:
     if int(state.step) >= end:
       return state
     cfg, data_cfg = stage.model, stage.data
-    cfg.check_seq_len(data_cfg.seq_len)
-    batch_devices = int(np.prod([self.mesh.shape[a] for a in parallel.BATCH_AXES]))
-    if data_cfg.batch_size % (trainer.microbatches * batch_devices):
-      raise UserError(f"batch_size={data_cfg.batch_size} must divide into microbatches="
-                      f"{trainer.microbatches} x {batch_devices} data-parallel devices")
-    datasets = build_datasets(data_cfg, shard_index=jax.process_index(),
-                              shard_count=jax.process_count())
+    if self.plan.first_stage == index:  # Built by the pre-flight checks.
+      datasets, self.plan.datasets = self.plan.datasets, None
+    else:
+      datasets = build_datasets(data_cfg, shard_index=jax.process_index(),
+                                shard_count=jax.process_count())
+      preflight.check_vocab(stage, datasets.tokenizer)
     self.tokenizer = datasets.tokenizer
-    if self.tokenizer.vocab_size > cfg.vocab_size:
-      raise UserError(f"the tokenizer has {self.tokenizer.vocab_size} ids but "
-                      f"ModelConfig.vocab_size={cfg.vocab_size}; raise vocab_size")
     byte_lengths = self.tokenizer.byte_lengths()
     proportions = datasets.train.realised_proportions(stage.num_steps)
     self.writer.write(int(state.step), {f"data/proportion/{k}": v for k, v in proportions.items()})
@@ -292,15 +331,21 @@ def run(model_dir: str = gin.REQUIRED, stages: Sequence[Stage] = gin.REQUIRED, s
         mesh: parallel.MeshConfig | None = None) -> dict[str, float]:
   """Train `stages` in order into model_dir, resuming from its newest intact checkpoint.
   Returns the last logged metrics, plus "preempted": 1.0 if a signal stopped the run."""
+  if not isinstance(model_dir, str) or not model_dir:
+    raise UserError(f"run.model_dir (MODEL_DIR) must be a non-empty path string, got "
+                    f"{model_dir!r}; e.g. --gin.MODEL_DIR=\"'/tmp/run'\"")
   if not stages:
     raise UserError("run.stages is empty; give at least one Stage")
-  prepare_model_dir(model_dir, max(tree_bytes(abstract_state(s)) for s in stages))
+  for stage in stages:
+    if not isinstance(stage, Stage):
+      raise UserError(f"run.stages holds {stage!r}, which is not a Stage; write "
+                      "run.stages = [@Stage()] (or scoped stages such as @pretrain/Stage())")
   ctx = _Run(model_dir, stages, seed, trainer or TrainerConfig(), mesh or parallel.MeshConfig())
-  if jax.process_index() == 0:
-    with open(os.path.join(model_dir, "config.gin"), "w", encoding="utf-8") as f:
-      f.write(gin.config_str())
   # The mesh and rules are active while steps trace, so the model's logical constraints apply.
   with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ctx.rules), PreemptionGuard() as guard:
+    # Every check runs before the first write to MODEL_DIR.
+    ctx.open(preflight.preflight(model_dir, ctx.stages, ctx.trainer.microbatches, ctx.mesh,
+                                 ctx.rules))
     try:
       state, index = ctx.restore_or_init()
       for i in range(index, len(ctx.stages)):

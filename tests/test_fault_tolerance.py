@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import quick_run_args
-from jaxlm import parallel, trainer
+from jaxlm import parallel, preflight, trainer
 from jaxlm.checkpoint import CORRUPT_DIR, Checkpointer
 from jaxlm.errors import TrainingDiverged, UserError
 from jaxlm.model import ModelConfig
@@ -186,6 +186,8 @@ def _inject_nan(monkeypatch, bad_steps):
     datasets = build(*args, **kwargs)
     return dataclasses.replace(datasets, train=_BadDataAt(datasets.train, bad_steps))
 
+  # The first stage's data is built by the pre-flight checks, later stages' by the trainer.
+  monkeypatch.setattr(preflight, "build_datasets", build_with_bad_data)
   monkeypatch.setattr(trainer, "build_datasets", build_with_bad_data)
 
 
@@ -292,7 +294,7 @@ def test_restore_errors_are_clear(tmp_path, small_text_file):
 def test_preflight_refuses_a_model_dir_without_space_for_one_checkpoint(tmp_path,
                                                                       small_text_file,
                                                                       monkeypatch):
-  monkeypatch.setattr(trainer.shutil, "disk_usage", lambda _: os.statvfs_result((0,) * 10)
+  monkeypatch.setattr(preflight.shutil, "disk_usage", lambda _: os.statvfs_result((0,) * 10)
                       and type("Usage", (), {"free": 1024})())
   with pytest.raises(UserError, match="MiB free but one checkpoint needs"):
     trainer.run(str(tmp_path / "run"), [_stage(small_text_file, 4)], trainer=QUIET)

@@ -46,7 +46,7 @@ def test_warmup_constant_shape():
 def test_bad_schedule_settings_are_clear_errors():
   with pytest.raises(UserError, match="warmup_steps"):
     warmup_cosine(10, warmup_steps=20)
-  with pytest.raises(UserError, match="learning rate"):
+  with pytest.raises(UserError, match=r"warmup_cosine.peak_lr must be a number in \(0, inf\)"):
     warmup_cosine(10, peak_lr=0.0, warmup_steps=1)
 
 

@@ -139,16 +139,17 @@ def test_a_dimension_that_does_not_divide_its_mesh_axes_is_a_clear_error():
     state_shardings(stage, mesh, parallel.RULE_SETS["fsdp_tensor"])
 
 
-@pytest.mark.parametrize("config, devices, match", [
-    (parallel.MeshConfig(data=-1, fsdp=3), 8, "does not divide the 8 devices"),
-    (parallel.MeshConfig(data=3), 8, "needs 3 devices but there are 8"),
-    (parallel.MeshConfig(data=2, fsdp=2, tensor=4), 8, "needs 16 devices"),
-    (parallel.MeshConfig(data=-1, fsdp=-1), 8, "at most one -1"),
-    (parallel.MeshConfig(rules=(("embed", "model"),)), 1, "unknown mesh axis 'model'"),
-    (parallel.MeshConfig(rules="zero4"), 1, "unknown rule set 'zero4'"),
+@pytest.mark.parametrize("settings, devices, match", [
+    ({"data": -1, "fsdp": 3}, 8, "does not divide the 8 devices"),
+    ({"data": 3}, 8, "needs 3 devices but there are 8"),
+    ({"data": 2, "fsdp": 2, "tensor": 4}, 8, "needs 16 devices"),
+    ({"data": -1, "fsdp": -1}, 8, "at most one -1"),
+    ({"rules": (("embed", "model"),)}, 1, "unknown mesh axis 'model'"),  # Found when built.
+    ({"rules": "zero4"}, 1, "unknown rule set 'zero4'"),
 ])
-def test_bad_mesh_or_rules_are_clear_errors(config, devices, match):
+def test_bad_mesh_or_rules_are_clear_errors(settings, devices, match):
   with pytest.raises(UserError, match=match):
+    config = parallel.MeshConfig(**settings)
     config.shape(devices)
     config.resolved_rules()
 

@@ -25,6 +25,7 @@ from jaxlm.data.sampling import derived_seed, normalize_weights
 from jaxlm.data.seqio_source import seqio_source  # Registers the gin name; imports no seqio.
 from jaxlm.data.tokenizers import resolve_tokenizer
 from jaxlm.errors import UserError
+from jaxlm.validation import check_field_types, check_range
 
 logger = logging.getLogger("jaxlm")
 
@@ -69,25 +70,22 @@ class DataConfig:
   max_eval_batches: int | None = 16  # Per domain; None: the whole validation set.
   seed: int = 0
 
+  def __post_init__(self):
+    check_field_types(self)
+    for name in ("seq_len", "batch_size"):
+      check_range(f"DataConfig.{name}", getattr(self, name), low=1, integer=True)
+    for name in ("eval_batch_size", "max_eval_batches"):
+      check_range(f"DataConfig.{name}", getattr(self, name), low=1, integer=True, optional=True)
+    check_range("DataConfig.seed", self.seed, low=0, integer=True)
+    check_range("DataConfig.valid_fraction", self.valid_fraction, low=0, high=1, low_open=True,
+                high_open=True)
+
 
 @dataclasses.dataclass(frozen=True)
 class Datasets:
   train: TrainBatches
   eval: dict[str, list[Batch]]  # Domain (source name) -> batches, each [eval_batch_size, L].
   tokenizer: Any
-
-
-def _check(config: DataConfig) -> None:
-  if config.seq_len < 1:
-    raise UserError(f"seq_len must be at least 1, got {config.seq_len}; fix DataConfig.seq_len")
-  if config.batch_size < 1:
-    raise UserError(f"batch_size must be at least 1, got {config.batch_size}; "
-                    "fix DataConfig.batch_size")
-  if config.seed < 0:
-    raise UserError(f"the data seed must be >= 0, got {config.seed}; fix DataConfig.seed")
-  if not 0.0 < config.valid_fraction < 1.0:
-    raise UserError(f"valid_fraction must be in (0, 1), got {config.valid_fraction}; "
-                    "e.g. set DataConfig.valid_fraction = 0.02")
 
 
 def _sources_of(config: DataConfig) -> list:
@@ -132,7 +130,6 @@ def build_datasets(config: DataConfig, shard_index: int = 0, shard_count: int = 
   `train.rows_drawn(its num_steps)`, so a later stage continues each source instead of
   restarting it.
   """
-  _check(config)
   tokenizer = resolve_tokenizer(config.tokenizer)
   found = _sources_of(config)
   eval_batch_size = config.eval_batch_size or config.batch_size

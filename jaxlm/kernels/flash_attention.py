@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from jaxlm.errors import UserError
 from jaxlm.kernels import flash_attention_gpu, flash_attention_tpu
+from jaxlm.validation import check_field_types, check_range
 
 LOWERINGS = {"gpu": flash_attention_gpu, "tpu": flash_attention_tpu}
 
@@ -55,6 +56,12 @@ class FlashBlockSizes:
   block_k: int | None = None
   block_q_bwd: int | None = None
   block_k_bwd: int | None = None
+
+  def __post_init__(self):
+    check_field_types(self)
+    for field in dataclasses.fields(self):
+      check_range(f"FlashBlockSizes.{field.name}", getattr(self, field.name), low=1,
+                  integer=True, optional=True)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,7 @@ import gin
 import jax.numpy as jnp
 
 from jaxlm.errors import UserError
+from jaxlm.validation import check_field_types, check_range
 
 REMAT_POLICIES = ("none", "full", "dots")
 
@@ -36,10 +37,13 @@ class ModelConfig:
   attention_impl: str = "auto"  # See jaxlm.model.attention / jaxlm.kernels.attention_impls.
 
   def __post_init__(self):
+    check_field_types(self)
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim",
                  "max_seq_len"):
-      if getattr(self, name) < 1:
-        raise UserError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+      check_range(f"ModelConfig.{name}", getattr(self, name), low=1, integer=True)
+    check_range("ModelConfig.head_dim", self.head_dim, low=1, integer=True, optional=True)
+    for name in ("rope_theta", "norm_eps", "init_std"):
+      check_range(f"ModelConfig.{name}", getattr(self, name), low=0, low_open=True)
     if self.num_heads % self.num_kv_heads:
       raise UserError(
           f"ModelConfig.num_heads={self.num_heads} is not a multiple of num_kv_heads="

@@ -4,6 +4,8 @@ import gin
 import jax
 import optax
 
+from jaxlm.validation import check_range
+
 
 def decay_matrices_only(params):
   """Weight decay on matrices (ndim >= 2) only: norms' gains and biases stay undecayed."""
@@ -14,6 +16,11 @@ def decay_matrices_only(params):
 def adamw(schedule: optax.Schedule, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
           weight_decay: float = 0.1, grad_clip_norm: float | None = 1.0):
   """AdamW (Loshchilov & Hutter, 1711.05101) after global-norm gradient clipping."""
+  for name, value in (("b1", b1), ("b2", b2)):
+    check_range(f"adamw.{name}", value, low=0, high=1, high_open=True)
+  check_range("adamw.eps", eps, low=0, low_open=True)
+  check_range("adamw.weight_decay", weight_decay, low=0)
+  check_range("adamw.grad_clip_norm", grad_clip_norm, low=0, low_open=True, optional=True)
   clip = optax.clip_by_global_norm(grad_clip_norm) if grad_clip_norm else optax.identity()
   return optax.chain(
       clip,

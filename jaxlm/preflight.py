@@ -1,0 +1,173 @@
+"""Pre-flight: everything a run can be refused for, checked before anything in MODEL_DIR is
+written, moved or truncated (issue 11). It reads and never writes:
+
+  1. every stage: its optimizer and schedule are built (the factories check their values), its
+     sequence length, tokenizer, batch split and attention implementation are checked, its model
+     is traced once, and its `restore_from` source is read and matched against the model;
+  2. MODEL_DIR: a directory that can be written, with room for one more checkpoint;
+  3. the checkpoints already in MODEL_DIR: the newest that reads must fit this run (its stage
+     and step, and every tensor's shape); one that does not fit is a configuration error, never
+     corruption. Only checkpoints that cannot be read are left for the restore to set aside;
+  4. the data of the stage that trains first is built (a missing or empty corpus fails here).
+
+Configurable values themselves are checked where they are built (jaxlm/validation.py), which
+gin does before `run` starts. Only then does `trainer.run` write config.gin, open the
+checkpointer and the metrics, and restore.
+"""
+
+import dataclasses
+import logging
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm import parallel
+from jaxlm.checkpoint import Checkpointer
+from jaxlm.data.pipeline import Datasets, build_datasets
+from jaxlm.data.tokenizers import resolve_tokenizer
+from jaxlm.errors import UserError
+from jaxlm.model import forward
+from jaxlm.restore import check_restore_source
+from jaxlm.stages import Stage, stage_starts
+from jaxlm.train_step import abstract_state, state_shardings
+from jaxlm.tree_names import flatten_names
+
+log = logging.getLogger("jaxlm")
+
+FIX_MISMATCH = ("use a new MODEL_DIR, restore the config it was trained with (its config.gin), "
+                "or start from it with Stage.restore_from")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumePoint:
+  step: int
+  stage_index: int
+  meta: dict
+
+
+@dataclasses.dataclass
+class Plan:
+  """What the checks found: where to resume, which stage trains first, and its data."""
+  resume: ResumePoint | None
+  unreadable_steps: list[int]  # Newer than `resume`: set aside as corrupt when restoring.
+  first_stage: int | None  # None: every stage is already done.
+  datasets: Datasets | None  # Built for `first_stage`.
+
+
+def preflight(model_dir: str, stages: list[Stage], microbatches: int, mesh, rules) -> Plan:
+  """Run inside the run's mesh and logical-axis rules (the model is traced)."""
+  for stage in stages:
+    check_stage(stage, microbatches, mesh, rules)
+  check_model_dir(model_dir, max(_tree_bytes(abstract_state(s)) for s in stages))
+  resume, unreadable = find_resume_point(model_dir, stages)
+  starts = stage_starts(stages)
+  first = 0 if resume is None else resume.stage_index
+  if resume is not None and resume.step >= starts[first] + stages[first].num_steps:
+    first += 1  # The checkpoint ends its stage; the next one starts from it.
+  if first >= len(stages):
+    return Plan(resume, unreadable, None, None)
+  datasets = build_datasets(stages[first].data, shard_index=jax.process_index(),
+                            shard_count=jax.process_count())
+  check_vocab(stages[first], datasets.tokenizer)
+  return Plan(resume, unreadable, first, datasets)
+
+
+def check_stage(stage: Stage, microbatches: int, mesh, rules) -> None:
+  """Everything about one stage that needs neither its data nor MODEL_DIR."""
+  tx = stage.make_optimizer()  # adamw(...) and warmup_cosine(...) check their values.
+  cfg, data = stage.model, stage.data
+  cfg.check_seq_len(data.seq_len)
+  batch_devices = int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
+  if data.batch_size % (microbatches * batch_devices):
+    raise UserError(f"stage {stage.name!r}: DataConfig.batch_size={data.batch_size} must "
+                    f"divide into TrainerConfig.microbatches={microbatches} x {batch_devices} "
+                    "data-parallel devices")
+  check_vocab(stage, resolve_tokenizer(data.tokenizer))
+  state_shardings(stage, mesh, rules)  # Every sharded dimension divides its mesh axes.
+  # Tracing the forward pass checks the attention implementation and every shape, compiling
+  # nothing.
+  state = abstract_state(stage)
+  tokens = jax.ShapeDtypeStruct((1, data.seq_len), jnp.int32)
+  jax.eval_shape(lambda p, t: forward(p, cfg, t), state.params, tokens)
+  if stage.restore_from is not None:
+    check_restore_source(stage.restore_from, state, tx)
+
+
+def check_vocab(stage: Stage, tokenizer) -> None:
+  if tokenizer.vocab_size > stage.model.vocab_size:
+    raise UserError(f"stage {stage.name!r}: the tokenizer has {tokenizer.vocab_size} ids but "
+                    f"ModelConfig.vocab_size={stage.model.vocab_size}; raise vocab_size")
+
+
+def _tree_bytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def _nearest_existing(path: str) -> str:
+  path = os.path.abspath(path)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  return path
+
+
+def check_model_dir(model_dir: str, checkpoint_bytes: int) -> None:
+  """MODEL_DIR (or the folder it will be made in) is a writable directory with room for one
+  more checkpoint. Creates nothing."""
+  existing = _nearest_existing(model_dir)
+  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    problem = "is not a directory" if not os.path.isdir(existing) else "is not writable"
+    raise UserError(f"MODEL_DIR {model_dir!r} is not writable ({existing!r} {problem}); choose "
+                    "another --gin.MODEL_DIR")
+  free = shutil.disk_usage(existing).free
+  if free < checkpoint_bytes:
+    raise UserError(f"MODEL_DIR {model_dir!r} has {free / 2**20:,.1f} MiB free but one "
+                    f"checkpoint needs about {checkpoint_bytes / 2**20:,.1f} MiB; free space or "
+                    "choose another --gin.MODEL_DIR")
+
+
+def find_resume_point(model_dir: str, stages: list[Stage]) -> tuple[ResumePoint | None, list[int]]:
+  """The newest checkpoint whose record and tensor metadata read back, checked against the
+  stages; and the newer ones that did not read."""
+  if not os.path.isdir(os.path.join(model_dir, "checkpoints")):
+    return None, []
+  checkpointer = Checkpointer(model_dir, read_only=True)
+  unreadable = []
+  try:
+    for step in reversed(checkpointer.all_steps()):
+      try:
+        meta = checkpointer.restore_meta(step)
+        saved = checkpointer.saved_shapes(step)
+        index = int(meta["stage_index"])
+      except Exception:  # pylint: disable=broad-except  (orbax raises many types)
+        unreadable.append(step)  # Reported once, when the restore sets it aside.
+        continue
+      check_fit(step, index, saved, stages, checkpointer.directory)
+      return ResumePoint(step, index, meta), unreadable
+  finally:
+    checkpointer.close()
+  return None, unreadable
+
+
+def check_fit(step: int, index: int, saved: dict, stages: list[Stage], where: str) -> None:
+  """The checkpoint at `step` (written in stage `index`) can resume this run: its step lies in
+  that stage and every tensor this run's stage needs is there, with the same shape."""
+  starts = stage_starts(stages)
+  if index >= len(stages) or not starts[index] <= step <= starts[index] + stages[index].num_steps:
+    bounds = ", ".join(f"{s.name!r} {a}..{a + s.num_steps}" for s, a in zip(stages, starts))
+    raise UserError(f"the checkpoint at step {step} in {where} (stage {index}) does not fit this "
+                    f"run's stages ({bounds}); {FIX_MISMATCH}")
+  wanted = {k: tuple(v.shape) for k, v in flatten_names(abstract_state(stages[index])).items()}
+  for name, shape in wanted.items():
+    if name not in saved:
+      raise UserError(f"the checkpoint at step {step} in {where} has no tensor {name!r} "
+                      f"{shape} that this config needs; {FIX_MISMATCH}")
+    if saved[name] != shape:
+      raise UserError(f"the checkpoint at step {step} in {where} does not fit this config: "
+                      f"{name!r} is {saved[name]} there but {shape} here; {FIX_MISMATCH}")
+  extra = sorted(set(saved) - set(wanted), key=lambda k: (not k.startswith("params/"), k))
+  if extra:
+    raise UserError(f"the checkpoint at step {step} in {where} has tensor {extra[0]!r} "
+                    f"{saved[extra[0]]} that this config does not; {FIX_MISMATCH}")
