@@ -33,8 +33,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--gin_search_paths", action="append", default=[],
                       help="extra folder to resolve gin files and includes in (repeatable)")
   parser.add_argument("--host_malloc", choices=("keep", "system"), default="keep",
-                      help="keep: glibc malloc keeps freed memory for the next step (faster on "
-                           "CPU, see jaxlm/host_memory.py); system: glibc's defaults")
+                      help="keep: glibc malloc keeps freed memory and CPU steps run one at a "
+                           "time (faster on CPU, resident memory stays at about one step's "
+                           "worth; see jaxlm/host_memory.py); system: glibc's defaults")
   args, rest = parser.parse_known_args(argv)
   for arg in rest:  # --gin.NAME=VALUE is the T5X shorthand for a binding.
     if not (arg.startswith("--gin.") and "=" in arg):

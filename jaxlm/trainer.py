@@ -14,6 +14,7 @@ import flax.linen as nn
 import gin
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxlm import evaluate, flops, parallel, preflight
 from jaxlm.checkpoint import Checkpointer
@@ -343,9 +344,13 @@ def run(model_dir: str = gin.REQUIRED, stages: Sequence[Stage] = gin.REQUIRED, s
   ctx = _Run(model_dir, stages, seed, trainer or TrainerConfig(), mesh or parallel.MeshConfig())
   # The mesh and rules are active while steps trace, so the model's logical constraints apply.
   with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ctx.rules), PreemptionGuard() as guard:
-    # Every check runs before the first write to MODEL_DIR.
-    ctx.open(preflight.preflight(model_dir, ctx.stages, ctx.trainer.microbatches, ctx.mesh,
-                                 ctx.rules))
+    # Every check runs before the first write to MODEL_DIR, on every process: none writes (and
+    # so changes what another one is still reading) before all have passed.
+    plan = preflight.preflight(model_dir, ctx.stages, ctx.trainer.microbatches, ctx.mesh,
+                               ctx.rules)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("jaxlm_preflight_done")
+    ctx.open(plan)
     try:
       state, index = ctx.restore_or_init()
       for i in range(index, len(ctx.stages)):

@@ -85,6 +85,10 @@ def test_harness_runs_end_to_end_on_bench_tiny(tmp_path):
       bench.CONFIGS["bench-tiny"].model_config("float32"), 256)
   assert 0 < row["mfu"] == pytest.approx(row["achieved_flops"] / result["peaks"]["float32"]["xla"])
   assert row["peak_mem_mib"] > 0 and row["xla_plan_bytes"] > 0
+  assert len(row["step_cpu_s"]) == 2
+  # The default, --allocator=keep, is what the trainer sets up: mallopt and CPU steps run one at
+  # a time (jaxlm/host_memory.py), not just the mallopt.
+  assert result["allocator"] == "keep" and row["cpu_async_dispatch"] is False
   assert math.isfinite(row["last_loss"])
 
 

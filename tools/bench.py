@@ -135,8 +135,10 @@ class PeakMemory:
     return peak - (self.baseline or 0)
 
 
-def _timed_steps(step, steps: int, warmup: int, memory: PeakMemory | None = None) -> list[float]:
-  """Seconds per step; `step()` must return only once the step's work is done."""
+def _timed_steps(step, steps: int, warmup: int, memory: PeakMemory | None = None,
+                 cpu_times: list[float] | None = None) -> list[float]:
+  """Seconds per step; `step()` must return only once the step's work is done. `cpu_times`, if
+  given, gets each step's CPU seconds (all threads): steadier than wall time on a busy machine."""
   if memory:
     memory.release_free()
   for _ in range(warmup):
@@ -145,9 +147,11 @@ def _timed_steps(step, steps: int, warmup: int, memory: PeakMemory | None = None
     memory.reset()
   times = []
   for _ in range(steps):
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     step()
     times.append(time.perf_counter() - start)
+    if cpu_times is not None:
+      cpu_times.append(time.process_time() - cpu_start)
   return times
 
 
@@ -185,14 +189,17 @@ def run_jaxlm(bench: BenchConfig, dtype: str, steps: int, warmup: int, **model_o
       return metrics
 
     first_loss = float(step()["train/loss"])
-    times = _timed_steps(step, steps, max(warmup - 1, 0), memory)
+    cpu_times = []
+    times = _timed_steps(step, steps, max(warmup - 1, 0), memory, cpu_times)
     peak_bytes = memory.peak_bytes()
     last_loss = float(step()["train/loss"])
   plan = train_step.memory_analysis()
   plan = None if plan is None else plan.argument_size_in_bytes + plan.temp_size_in_bytes
-  return {"step_times_s": times, "compile_s": compile_s, "first_loss": first_loss,
+  return {"step_times_s": times, "step_cpu_s": cpu_times, "compile_s": compile_s,
+          "first_loss": first_loss,
           "last_loss": last_loss, "peak_mem_bytes": peak_bytes, "peak_mem_method": memory.method,
-          "xla_plan_bytes": plan}
+          "xla_plan_bytes": plan,
+          "cpu_async_dispatch": jax.config.read("jax_cpu_enable_async_dispatch")}
 
 
 def run_torch(bench: BenchConfig, dtype: str, steps: int, warmup: int) -> dict:
@@ -269,10 +276,13 @@ WORKERS = {"jaxlm": run_jaxlm, "torch": run_torch}
 # XLA:CPU allocates its temporaries afresh every step; glibc's defaults hand buffers this large
 # back to the kernel on free, so each step page-faults (and zero-fills) gigabytes again: 1.6M
 # minor faults and ~3 s of system time per bench-small step. 'keep' is what `python -m
-# jaxlm.train` sets up by itself (glibc mallopt, jaxlm/host_memory.py); 'jemalloc' preloads
-# jemalloc with decay off. Each is applied to both sides alike (PyTorch's CPU allocator is malloc
-# too); 'system' is glibc untouched.
-ALLOCATORS = {"keep": None, "system": None, "jemalloc": "libjemalloc.so.2"}
+# jaxlm.train` sets up by itself (jaxlm/host_memory.py: glibc mallopt that keeps freed memory,
+# and CPU steps run one at a time so what is kept stays one step's worth); 'keep-async' is the
+# same mallopt with JAX's asynchronous CPU dispatch left on (the trainer's setting before issue
+# 11: consecutive steps' temporaries overlap and the heap grows); 'jemalloc' preloads jemalloc
+# with decay off. Each is applied to both sides alike (PyTorch's CPU allocator is malloc too);
+# 'system' is glibc untouched.
+ALLOCATORS = {"keep": None, "keep-async": None, "system": None, "jemalloc": "libjemalloc.so.2"}
 ALLOCATOR_ENV = {"jemalloc": {"MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}}
 LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64",
                 "/usr/lib", "/usr/local/lib")
@@ -280,8 +290,8 @@ LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr
 
 def allocator_env(name: str) -> dict:
   """Environment that makes a worker process use allocator `name`."""
-  if name == "keep":
-    return {"JAXLM_BENCH_KEEP_FREED_MEMORY": "1"}  # Read by the worker: mallopt, in-process.
+  if name in ("keep", "keep-async"):
+    return {"JAXLM_BENCH_KEEP_FREED_MEMORY": name}  # Read by the worker: set up in-process.
   library = ALLOCATORS[name]
   if library is None:
     return {}
@@ -305,8 +315,10 @@ def _run_worker(kind: str, env: dict | None = None, **spec) -> dict:
 
 
 def _worker_main(kind: str, spec: dict) -> None:
-  if os.environ.get("JAXLM_BENCH_KEEP_FREED_MEMORY") and not host_memory.keep_freed_memory():
-    raise SystemExit("bench: error: --allocator=keep needs glibc malloc; use --allocator=system")
+  keep = os.environ.get("JAXLM_BENCH_KEEP_FREED_MEMORY")
+  if keep and not host_memory.keep_freed_memory(one_step_at_a_time=keep == "keep"):
+    raise SystemExit(f"bench: error: --allocator={keep} needs glibc malloc; use "
+                     "--allocator=system")
   if kind == "peak":
     result = measure_peaks(spec["dtype"], spec["sizes"])
   else:
