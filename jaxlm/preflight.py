@@ -26,12 +26,12 @@ import numpy as np
 
 from jaxlm import parallel
 from jaxlm.checkpoint import Checkpointer
-from jaxlm.data.pipeline import Datasets, build_datasets
+from jaxlm.data.pipeline import Datasets, build_datasets, check_sources
 from jaxlm.data.tokenizers import resolve_tokenizer
 from jaxlm.errors import UserError
 from jaxlm.model import forward
 from jaxlm.restore import check_restore_source
-from jaxlm.stages import Stage, stage_starts
+from jaxlm.stages import TRANSITIONS, Stage, stage_starts
 from jaxlm.train_step import abstract_state, state_shardings
 from jaxlm.tree_names import flatten_names
 
@@ -59,8 +59,10 @@ class Plan:
 
 def preflight(model_dir: str, stages: list[Stage], microbatches: int, mesh, rules) -> Plan:
   """Run inside the run's mesh and logical-axis rules (the model is traced)."""
+  check_stage_names(stages)
   for stage in stages:
     check_stage(stage, microbatches, mesh, rules)
+  check_transitions(stages)
   check_model_dir(model_dir, max(_tree_bytes(abstract_state(s)) for s in stages))
   resume, unreadable = find_resume_point(model_dir, stages)
   starts = stage_starts(stages)
@@ -86,6 +88,7 @@ def check_stage(stage: Stage, microbatches: int, mesh, rules) -> None:
                     f"divide into TrainerConfig.microbatches={microbatches} x {batch_devices} "
                     "data-parallel devices")
   check_vocab(stage, resolve_tokenizer(data.tokenizer))
+  check_sources(data)  # Sources resolve and the mixture names only them; no text is read.
   state_shardings(stage, mesh, rules)  # Every sharded dimension divides its mesh axes.
   # Tracing the forward pass checks the attention implementation and every shape, compiling
   # nothing.
@@ -159,15 +162,56 @@ def check_fit(step: int, index: int, saved: dict, stages: list[Stage], where: st
     bounds = ", ".join(f"{s.name!r} {a}..{a + s.num_steps}" for s, a in zip(stages, starts))
     raise UserError(f"the checkpoint at step {step} in {where} (stage {index}) does not fit this "
                     f"run's stages ({bounds}); {FIX_MISMATCH}")
-  wanted = {k: tuple(v.shape) for k, v in flatten_names(abstract_state(stages[index])).items()}
-  for name, shape in wanted.items():
-    if name not in saved:
-      raise UserError(f"the checkpoint at step {step} in {where} has no tensor {name!r} "
-                      f"{shape} that this config needs; {FIX_MISMATCH}")
-    if saved[name] != shape:
-      raise UserError(f"the checkpoint at step {step} in {where} does not fit this config: "
-                      f"{name!r} is {saved[name]} there but {shape} here; {FIX_MISMATCH}")
-  extra = sorted(set(saved) - set(wanted), key=lambda k: (not k.startswith("params/"), k))
-  if extra:
-    raise UserError(f"the checkpoint at step {step} in {where} has tensor {extra[0]!r} "
-                    f"{saved[extra[0]]} that this config does not; {FIX_MISMATCH}")
+  wanted = shapes_of(abstract_state(stages[index]))
+  difference = first_difference(saved, wanted, "there", "here")
+  if difference:
+    raise UserError(f"the checkpoint at step {step} in {where} does not fit this config: "
+                    f"{difference}; {FIX_MISMATCH}")
+
+
+def shapes_of(tree) -> dict[str, tuple[int, ...]]:
+  return {name: tuple(leaf.shape) for name, leaf in flatten_names(tree).items()}
+
+
+def first_difference(have: dict, want: dict, have_label: str, want_label: str) -> str | None:
+  """The first tensor (params before optimizer state) missing, extra or of another shape in
+  `have` against `want` ({name: shape}), in words; None if they agree."""
+  for name in sorted(set(have) | set(want), key=lambda k: (not k.startswith("params/"), k)):
+    if name not in have:
+      return f"{name!r} {want[name]} is missing {have_label} but needed {want_label}"
+    if name not in want:
+      return f"{name!r} {have[name]} is {have_label} but not {want_label}"
+    if have[name] != want[name]:
+      return f"{name!r} is {have[name]} {have_label} but {want[name]} {want_label}"
+  return None
+
+
+def check_transitions(stages: list[Stage]) -> None:
+  """Each transition, run on abstract shapes, gives exactly what the next stage's model takes
+  (and kept optimizer state fits it), so a later stage's mistake fails at start-up."""
+  for previous, stage in zip(stages, stages[1:]):
+    before, after = abstract_state(previous), abstract_state(stage)
+    transition = TRANSITIONS[stage.transition]
+    params = jax.eval_shape(lambda p, a=previous, b=stage, t=transition: t(p, a, b),
+                            before.params)
+    difference = first_difference(shapes_of(params), shapes_of(after.params),
+                                  f"after the {stage.transition!r} transition",
+                                  f"by stage {stage.name!r}")
+    if difference:
+      raise UserError(f"stage {stage.name!r}: {difference}; choose a transition that produces "
+                      "this model, or change the model")
+    if stage.keep_optimizer_state:
+      difference = first_difference(shapes_of({"opt_state": before.opt_state}),
+                                    shapes_of({"opt_state": after.opt_state}),
+                                    f"in stage {previous.name!r}", f"in stage {stage.name!r}")
+      if difference:
+        raise UserError(f"stage {stage.name!r}: keep_optimizer_state needs the same optimizer "
+                        f"state in both stages, but {difference}")
+
+
+def check_stage_names(stages: list[Stage]) -> None:
+  names = [stage.name for stage in stages]
+  repeated = sorted({n for n in names if names.count(n) > 1})
+  if repeated:
+    raise UserError(f"several stages are named {repeated[0]!r} ({names}); give each its own gin "
+                    "scope (run.stages = [@warm/Stage(), @anneal/Stage()]) or Stage.name")

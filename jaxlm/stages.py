@@ -25,7 +25,7 @@ from jaxlm.optim.schedules import warmup_cosine
 class Stage:
   """One phase of training. `None` fields take gin's unscoped defaults when the stage starts."""
   num_steps: int = 1000
-  name: str = "pretrain"
+  name: str | None = None  # None: the stage's gin scope ("warm" for @warm/Stage()), else "pretrain".
   model: ModelConfig | None = None
   data: DataConfig | None = None
   schedule: Callable = warmup_cosine
@@ -35,6 +35,8 @@ class Stage:
   restore_from: Any = None  # A restore.RestoreConfig: start this stage from another run.
 
   def __post_init__(self):
+    if self.name is None:
+      object.__setattr__(self, "name", gin.current_scope_str() or "pretrain")
     check_field_types(self)
     check_range(f"Stage.num_steps (stage {self.name!r})", self.num_steps, low=1, integer=True)
     for name in ("schedule", "optimizer"):

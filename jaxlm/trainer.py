@@ -189,10 +189,7 @@ class _Run:
       log.info("stage transition %r -> %r via %r", previous.name, stage.name, stage.transition)
       params = jax.device_put(TRANSITIONS[stage.transition](state.params, previous, stage),
                               shardings.params)
-      if stage.keep_optimizer_state:
-        if jax.tree.structure(shardings.opt_state) != jax.tree.structure(state.opt_state):
-          raise UserError(f"stage {stage.name!r}: keep_optimizer_state needs the same "
-                          "optimizer and parameter shapes as the previous stage")
+      if stage.keep_optimizer_state:  # Pre-flight checked that its shapes fit this stage.
         opt_state = state.opt_state
       else:
         opt_state = jax.jit(stage.make_optimizer().init, out_shardings=shardings.opt_state)(params)

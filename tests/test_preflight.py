@@ -1,16 +1,19 @@
 """Pre-flight (issue 11): a second command that is wrong in any way, run over a MODEL_DIR that
 holds a finished run, exits 2 with one line and leaves every file in MODEL_DIR byte-identical."""
 
+import dataclasses
 import os
 import shutil
 import subprocess
 import sys
 
+import optax
 import pytest
 
 from conftest import REPO_ROOT, quick_run_args
-from jaxlm import train
-from jaxlm.checkpoint import CORRUPT_DIR
+from jaxlm import preflight, train
+from jaxlm.checkpoint import CORRUPT_DIR, Checkpointer
+from jaxlm.errors import UserError
 
 
 def snapshot(directory) -> dict:
@@ -60,8 +63,8 @@ def _error_lines(stderr: str) -> list[str]:
     # The checkpoints do not fit this config: a configuration error, not corruption.
     (["--gin.ModelConfig.d_model=64"],
      "'params/embed/embedding' is (384, 128) there but (384, 64) here"),
-    (["--gin.ModelConfig.num_layers=3"], "has tensor 'params/layer_3/"),
-    (["--gin.ModelConfig.num_layers=5"], "has no tensor 'params/layer_4/"),
+    (["--gin.ModelConfig.num_layers=3"], "'params/layer_3/attention/key' (128, 2, 32) is there but not here"),
+    (["--gin.ModelConfig.num_layers=5"], "'params/layer_4/attention/key' (128, 2, 32) is missing there but needed here"),
     (["--gin.ModelConfig.vocab_size=100"], "the tokenizer has 259 ids but ModelConfig.vocab_size=100"),
     (["--gin.ModelConfig.vocab_size=512"], "is (384, 128) there but (512, 128) here"),
     (["--gin.Stage.num_steps=2"], "does not fit this run's stages ('pretrain' 0..2)"),
@@ -186,3 +189,43 @@ def test_restore_from_another_run_is_checked_before_the_new_run_starts(finished_
   # One that fits trains, and reports what it loaded.
   assert train.main(_args(tmp_path / "good", corpus, *restore)) == 0
   assert (tmp_path / "good" / "restore_report.json").exists()
+
+
+TWO_STAGES = ["--gin.run.stages=[@warm/Stage(), @anneal/Stage()]", "--gin.warm/Stage.num_steps=3",
+              "--gin.anneal/Stage.num_steps=3"]
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--gin.anneal/DataConfig.mixture={'wiki': 1.0}"],
+     "DataConfig.mixture names 'wiki', which is not a source"),
+    (["--gin.anneal/ModelConfig.d_model=64"],
+     "stage 'anneal' changes the model, which the 'identity' transition cannot do"),
+    (["--gin.anneal/DataConfig.source=@anneal/text_files()",
+      "--gin.anneal/text_files.paths='/nonexistent/anneal.txt'"], "/nonexistent/anneal.txt"),
+    (["--gin.run.stages=[@Stage(), @Stage()]"], "several stages are named 'pretrain'"),
+])
+def test_a_later_stage_that_is_wrong_fails_before_the_first_trains(tmp_path, finished_run,
+                                                                   capsys, extra, expected):
+  code = train.main(_args(tmp_path / "run", finished_run[1], *TWO_STAGES, *extra))
+  errors = _error_lines(capsys.readouterr().err)
+  assert code == 2
+  assert len(errors) == 1 and expected in errors[0], errors
+  assert not (tmp_path / "run").exists()  # Nothing trained, nothing written.
+
+
+def test_stages_are_named_after_their_gin_scope(tmp_path, finished_run):
+  assert train.main(_args(tmp_path / "run", finished_run[1], *TWO_STAGES)) == 0
+  names = {Checkpointer(str(tmp_path / "run"), read_only=True).restore_meta(s)["stage_name"]
+           for s in (3, 6)}
+  assert names == {"warm", "anneal"}
+
+
+def test_kept_optimizer_state_must_fit_the_next_stage(small_text_file):
+  from test_trainer import _stage  # pylint: disable=import-outside-toplevel
+  first = _stage(small_text_file, 4, name="adam")
+  second = _stage(small_text_file, 4, name="sgd", keep_optimizer_state=True,
+                  optimizer=lambda schedule: optax.sgd(schedule, momentum=0.9))
+  with pytest.raises(UserError, match="keep_optimizer_state needs the same optimizer state in "
+                                      "both stages, but 'opt_state/"):
+    preflight.check_transitions([first, second])
+  preflight.check_transitions([first, dataclasses.replace(second, optimizer=first.optimizer)])

@@ -112,6 +112,7 @@ def test_two_stages_hand_over_with_the_identity_transition(tmp_path, small_text_
 
 def test_identity_transition_refuses_a_changed_model(tmp_path, small_text_file):
   wider = ModelConfig(**{**TINY.__dict__, "d_model": 128})
-  stages = [_stage(small_text_file, 2), _stage(small_text_file, 2, model=wider)]
+  stages = [_stage(small_text_file, 2, name="small"),
+            _stage(small_text_file, 2, name="wide", model=wider)]
   with pytest.raises(UserError, match="identity"):
     trainer.run(str(tmp_path / "run"), stages, trainer=QUIET)

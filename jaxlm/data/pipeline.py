@@ -29,8 +29,8 @@ from jaxlm.validation import check_field_types, check_range
 
 logger = logging.getLogger("jaxlm")
 
-__all__ = ["Batch", "DataConfig", "Datasets", "TrainBatches", "build_datasets", "eval_batches",
-           "make_examples", "seqio_source"]
+__all__ = ["Batch", "DataConfig", "Datasets", "TrainBatches", "build_datasets", "check_sources",
+           "eval_batches", "make_examples", "seqio_source"]
 
 PROPORTION_LOG_STEPS = 1000  # build_datasets logs the realised mixture over this many steps.
 
@@ -102,6 +102,14 @@ def _sources_of(config: DataConfig) -> list:
     raise UserError("DataConfig.valid_source is for a single source; with several, give each "
                     "its own (text_files.valid_paths, tokenized_store.valid_path, ...)")
   return found
+
+
+def check_sources(config: DataConfig) -> None:
+  """The sources resolve (paths exist, names are unique) and the mixture names only them,
+  without reading or tokenizing any text: what a run checks for every stage at start-up."""
+  found = _sources_of(config)
+  if config.mixture is not None:
+    normalize_weights(config.mixture, [s.name for s in found])
 
 
 def _weights(config: DataConfig, found: list, train_rows: dict[str, PackedRows]):
