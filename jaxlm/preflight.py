@@ -79,7 +79,8 @@ def preflight(model_dir: str, stages: list[Stage], microbatches: int, mesh, rule
 
 def check_stage(stage: Stage, microbatches: int, mesh, rules) -> None:
   """Everything about one stage that needs neither its data nor MODEL_DIR."""
-  tx = stage.make_optimizer()  # adamw(...) and warmup_cosine(...) check their values.
+  stage.make_schedule()  # warmup_cosine(...) checks its values; adamw(...) when traced below.
+  tx = stage.make_optimizer()
   cfg, data = stage.model, stage.data
   cfg.check_seq_len(data.seq_len)
   batch_devices = int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))

@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 import gin
 import jax
+import jax.numpy as jnp
+import optax
 
 from jaxlm.data.pipeline import DataConfig
 from jaxlm.errors import UserError
@@ -51,8 +53,30 @@ class Stage:
     object.__setattr__(self, "model", self.model or ModelConfig())
     object.__setattr__(self, "data", self.data or DataConfig())
 
+  def make_schedule(self):
+    """learning rate = f(step within this stage), sized to the stage's length."""
+    return self.schedule(self.num_steps)
+
   def make_optimizer(self):
-    return self.optimizer(self.schedule(self.num_steps))
+    """The stage's optimizer with its learning rate injected as state: the train step sets it
+    from the trainer's own step (`set_learning_rate`), never from optax's update count, so
+    moments kept over a stage boundary re-warm with the new schedule and skipped (non-finite)
+    steps cannot shift it."""
+    # Only the learning rate is injected; gin still supplies the factory's other arguments.
+    optimizer = self.optimizer
+    return optax.inject_hyperparams(lambda learning_rate: optimizer(learning_rate))(
+        learning_rate=0.0)
+
+
+def set_learning_rate(opt_state, learning_rate):
+  """`opt_state` of `Stage.make_optimizer()` with the learning rate for the coming update."""
+  current = opt_state.hyperparams["learning_rate"]
+  return opt_state._replace(hyperparams={
+      **opt_state.hyperparams, "learning_rate": jnp.asarray(learning_rate, current.dtype)})
+
+
+def learning_rate_of(opt_state):
+  return opt_state.hyperparams["learning_rate"]
 
 
 def stage_starts(stages) -> list[int]:

@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxlm import parallel
 from jaxlm.evaluate import token_losses
 from jaxlm.model import init_params, logical_axes
-from jaxlm.stages import Stage
+from jaxlm.stages import Stage, learning_rate_of, set_learning_rate
 
 
 @flax.struct.dataclass
@@ -57,12 +57,13 @@ def _split_microbatches(batch, num_microbatches: int):
 
 
 def make_train_step(stage: Stage, shardings: TrainState, batch_sharding,
-                    num_microbatches: int = 1):
+                    num_microbatches: int = 1, stage_start: int = 0):
   """jit(state, batch) -> (state, metrics), donating the old state. With k micro-batches the
   summed gradient is divided by the total loss weight once, so the update equals the one for
   the whole batch (up to float summation order). The step counter advances even when the
-  update is skipped, so data order and schedules stay tied to the step."""
-  cfg, tx = stage.model, stage.make_optimizer()
+  update is skipped, so data order and schedules stay tied to the step. The learning rate is
+  the stage's schedule at (state.step - stage_start), set into the optimizer state each step."""
+  cfg, tx, schedule = stage.model, stage.make_optimizer(), stage.make_schedule()
 
   def weighted_loss_sum(params, batch):
     ce_BL = token_losses(params, cfg, batch)
@@ -90,7 +91,8 @@ def make_train_step(stage: Stage, shardings: TrainState, batch_sharding,
     loss_sum, weight_sum, grads = summed_grads(state.params, batch)
     weight_sum = jnp.maximum(weight_sum, 1.0)
     grads = jax.tree.map(lambda g: g / weight_sum, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    opt_state = set_learning_rate(state.opt_state, schedule(state.step - stage_start))
+    updates, opt_state = tx.update(grads, opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     loss, grad_norm = loss_sum / weight_sum, optax.tree.norm(grads)
     # A non-finite loss, gradient or update leaves params and optimizer state as they were: the
@@ -98,6 +100,7 @@ def make_train_step(stage: Stage, shardings: TrainState, batch_sharding,
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
+               "train/learning_rate": learning_rate_of(opt_state),  # As applied.
                "train/nonfinite": 1.0 - finite.astype(jnp.float32)}
     return TrainState(state.step + 1, keep(params, state.params),
                       keep(opt_state, state.opt_state)), metrics

@@ -251,9 +251,9 @@ class _Run:
     proportions = datasets.train.realised_proportions(stage.num_steps)
     self.writer.write(int(state.step), {f"data/proportion/{k}": v for k, v in proportions.items()})
     shardings = state_shardings(stage, self.mesh, self.rules)
-    train_step = make_train_step(stage, shardings, self.batch_sharding, trainer.microbatches)
+    train_step = make_train_step(stage, shardings, self.batch_sharding, trainer.microbatches,
+                                 stage_start=start)
     eval_step = make_eval_step(stage, shardings.params, self.batch_sharding)
-    schedule = stage.schedule(stage.num_steps)
     tokens_per_step = data_cfg.batch_size * data_cfg.seq_len
     flops_per_step = flops.flops_per_token(cfg, data_cfg.seq_len) * tokens_per_step
     if self.peak_flops is None:
@@ -282,8 +282,8 @@ class _Run:
         self.track_nonfinite(previous, step)
       if step % trainer.log_every == 0 or step == end:
         host = jax.device_get(pending)
-        scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-        scalars["train/learning_rate"] = float(schedule(step - start - 1))
+        scalars = {k: float(np.mean([float(m[k]) for m in host])) for k in host[0]}  # float64
+        scalars["train/learning_rate"] = float(host[-1]["train/learning_rate"])  # The last step's.
         scalars["train/skipped_steps"] = self.skipped_steps
         if step > clock_step:
           step_time = (time.perf_counter() - clock) / (step - clock_step)

@@ -12,16 +12,21 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from conftest import quick_run_args
 from jaxlm import parallel, preflight, trainer
 from jaxlm.checkpoint import CORRUPT_DIR, Checkpointer
+from jaxlm.data.pipeline import build_datasets
 from jaxlm.errors import TrainingDiverged, UserError
+from jaxlm.evaluate import token_losses
 from jaxlm.model import ModelConfig
+from jaxlm.optim.schedules import warmup_cosine
 from jaxlm.preemption import EXIT_FORCED, EXIT_PREEMPTED
 from jaxlm.restore import RestoreConfig, restore_into
 from jaxlm.train_step import make_train_step, sharded_init, state_shardings
+from jaxlm.tree_names import flatten_names
 from test_trainer import QUIET, TINY, _stage
 
 STEPS = 60
@@ -62,11 +67,21 @@ def _start_and_wait_for(args, model_dir, step):
   return process
 
 
-def _raw_params(model_dir, step):
+def _raw_state(model_dir, step):
+  """The saved train state as nested dicts and lists (restored without a target)."""
   checkpointer = Checkpointer(str(model_dir), read_only=True)
-  params = checkpointer.restore_state(step)["params"]
+  state = checkpointer.restore_state(step)
   checkpointer.close()
-  return params
+  return state
+
+
+def _raw_params(model_dir, step):
+  return _raw_state(model_dir, step)["params"]
+
+
+def _mean_loss(params, stage, batch):
+  ce_BL = token_losses(params, stage.model, batch)
+  return jnp.sum(ce_BL * batch["weights"]) / jnp.sum(batch["weights"])
 
 
 @pytest.fixture(scope="module")
@@ -306,3 +321,53 @@ def test_keep_policy_keeps_the_last_n_plus_every_kth(tmp_path, small_text_file):
                               "keep_checkpoint_every": 4})
   trainer.run(str(tmp_path / "run"), [_stage(small_text_file, 12)], trainer=config)
   assert Checkpointer(str(tmp_path / "run")).all_steps() == [4, 8, 10, 12]
+
+
+def test_the_applied_learning_rate_follows_each_stage_schedule_on_the_trainer_step(
+    tmp_path, small_text_file, monkeypatch):
+  """Issue 12, bug 1: the learning rate set into the optimizer state (and logged) is the stage's
+  schedule at the trainer's stage step, also when stage 2 keeps stage 1's moments (and so
+  optax's own update count) and after skipped (non-finite) steps."""
+  schedules = {"first": lambda n: warmup_cosine(n, peak_lr=3e-3, warmup_steps=2),
+               "second": lambda n: warmup_cosine(n, peak_lr=1e-3, warmup_steps=3)}
+  stages = [_stage(small_text_file, 5, name="first", schedule=schedules["first"]),
+            _stage(small_text_file, 5, name="second", schedule=schedules["second"],
+                   keep_optimizer_state=True)]
+  _inject_nan(monkeypatch, {2})  # Stage step 2 of each stage: global steps 2 and 7 skip.
+  config = dataclasses.replace(QUIET, log_every=1, checkpoint_every=None)
+  result = trainer.run(str(tmp_path / "run"), stages, trainer=config)
+  assert result["train/skipped_steps"] == 2
+  applied = {r["step"]: r["train/learning_rate"] for r in _records(tmp_path / "run")
+             if "train/learning_rate" in r}
+  assert sorted(applied) == list(range(1, 11))
+  for logged_step, lr in applied.items():
+    step = logged_step - 1  # The step the update was made at.
+    name, start = ("first", 0) if step < 5 else ("second", 5)
+    expected = float(schedules[name](5)(step - start))
+    # Both are the same float32 schedule, evaluated inside and outside the jitted step.
+    assert lr == pytest.approx(expected, rel=1e-6, abs=1e-12), (logged_step, lr, expected)
+  assert applied[6] == 0.0  # Stage 2 re-warms from 0 although its kept optax count is 5.
+  final = _raw_state(tmp_path / "run", 10)
+  assert float(final["opt_state"]["hyperparams"]["learning_rate"]) == pytest.approx(
+      float(schedules["second"](5)(4)), rel=1e-6)
+
+
+def test_the_update_is_made_with_the_injected_learning_rate(small_text_file):
+  """With plain SGD the update is exactly -lr * gradient: the injected rate is the one applied."""
+  stage = _stage(small_text_file, 10, optimizer=optax.sgd,
+                 schedule=lambda n: optax.linear_schedule(0.5, 0.0, n))
+  mesh_config = parallel.MeshConfig()
+  mesh, rules = parallel.make_mesh(mesh_config), mesh_config.resolved_rules()
+  shardings = state_shardings(stage, mesh, rules)
+  batch_sharding = parallel.batch_sharding(mesh, rules)
+  step = make_train_step(stage, shardings, batch_sharding, stage_start=4)
+  state = sharded_init(stage, shardings, jax.random.key(0)).replace(step=jnp.asarray(7))
+  batch = build_datasets(stage.data).train.batch_at(0)
+  grads = jax.grad(lambda p: _mean_loss(p, stage, batch))(state.params)
+  before = jax.tree.map(np.asarray, state.params)
+  state, metrics = step(state, parallel.global_batch(batch, batch_sharding))
+  lr = 0.5 * (1 - 3 / 10)  # The schedule at stage step 7 - 4 = 3.
+  assert float(metrics["train/learning_rate"]) == pytest.approx(lr, rel=1e-6)
+  for name, new in flatten_names(state.params).items():
+    np.testing.assert_allclose(new, flatten_names(before)[name] - lr * flatten_names(grads)[name],
+                               rtol=1e-5, atol=1e-7)

@@ -124,7 +124,8 @@ def test_param_and_optimizer_state_shardings_follow_the_rule_set(rules):
   stage = Stage(num_steps=200, model=ModelConfig(d_model=64, num_layers=1, mlp_dim=128))
   shardings = state_shardings(stage, mesh, config.resolved_rules())
   state = sharded_init(stage, shardings, jax.random.key(0))
-  adam = state.opt_state[1][0]  # chain(clip, adamw): adamw's first part is scale_by_adam.
+  # inject_hyperparams(chain(clip, adamw)): adamw's first part is scale_by_adam.
+  adam = state.opt_state.inner_state[1][0]
   for path, spec in SHARDING_TABLE[rules].items():
     assert _get(state.params, path).sharding.spec == spec, path
     assert _get(adam.mu, path).sharding.spec == spec, path
