@@ -1,4 +1,4 @@
-"""Device meshes, logical-axis rules and multi-host start-up (DESIGN.md §6).
+"""Device meshes, logical-axis rules and multi-host start-up.
 
 The model names *logical* axes (`batch`, `embed`, `mlp`, `heads`, ...). A rule set, chosen in
 gin, maps them onto the mesh axes `data`, `fsdp` and `tensor`; nothing outside this module names

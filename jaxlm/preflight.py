@@ -31,7 +31,7 @@ from jaxlm.data.tokenizers import resolve_tokenizer
 from jaxlm.errors import UserError
 from jaxlm.model import forward
 from jaxlm.restore import check_restore_source
-from jaxlm.stages import TRANSITIONS, Stage, stage_starts
+from jaxlm.stages import TRANSITIONS, Stage, continue_rows, stage_starts
 from jaxlm.train_step import abstract_state, state_shardings
 from jaxlm.tree_names import flatten_names
 
@@ -55,6 +55,7 @@ class Plan:
   unreadable_steps: list[int]  # Newer than `resume`: set aside as corrupt when restoring.
   first_stage: int | None  # None: every stage is already done.
   datasets: Datasets | None  # Built for `first_stage`.
+  rows_before: dict[str, int] | None = None  # Rows of each source drawn before `first_stage`.
 
 
 def preflight(model_dir: str, stages: list[Stage], microbatches: int, mesh, rules) -> Plan:
@@ -71,10 +72,23 @@ def preflight(model_dir: str, stages: list[Stage], microbatches: int, mesh, rule
     first += 1  # The checkpoint ends its stage; the next one starts from it.
   if first >= len(stages):
     return Plan(resume, unreadable, None, None)
-  datasets = build_datasets(stages[first].data, shard_index=jax.process_index(),
-                            shard_count=jax.process_count())
-  check_vocab(stages[first], datasets.tokenizer)
-  return Plan(resume, unreadable, first, datasets)
+  rows_before = {}  # The data position of every source, as the checkpoint record kept it.
+  if resume is not None:
+    data = resume.meta.get("data", {})
+    rows_before = data.get("rows_before_stage" if first == resume.stage_index else
+                           "rows_after_stage", {})
+  return Plan(resume, unreadable, first, build_stage_data(stages[first], rows_before),
+              rows_before)
+
+
+def build_stage_data(stage: Stage, rows_before: dict[str, int]) -> Datasets:
+  """This host's data for `stage`, each source continuing after `rows_before` unless the stage
+  restarts it."""
+  datasets = build_datasets(stage.data, shard_index=jax.process_index(),
+                            shard_count=jax.process_count(),
+                            start_rows=continue_rows(rows_before, stage))
+  check_vocab(stage, datasets.tokenizer)
+  return datasets
 
 
 def check_stage(stage: Stage, microbatches: int, mesh, rules) -> None:

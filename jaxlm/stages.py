@@ -1,4 +1,4 @@
-"""A run is a list of stages (DESIGN.md §2).
+"""A run is a list of stages.
 
 A stage is (model config, data, optimizer + schedule, number of steps, transition). The transition
 maps the previous stage's final params (and optimizer state) to this stage's initial ones; growth,
@@ -35,10 +35,18 @@ class Stage:
   transition: str = "identity"
   keep_optimizer_state: bool = False  # Carry Adam moments over the transition (same shapes only).
   restore_from: Any = None  # A restore.RestoreConfig: start this stage from another run.
+  # Sources this stage reads from their first row again ("*": all of them); every other source
+  # continues where the earlier stages left it.
+  restart_sources: tuple[str, ...] = ()
 
   def __post_init__(self):
     if self.name is None:
       object.__setattr__(self, "name", gin.current_scope_str() or "pretrain")
+    if isinstance(self.restart_sources, str) or not all(
+        isinstance(s, str) for s in self.restart_sources):
+      raise UserError(f"Stage.restart_sources (stage {self.name!r}) must be a list of source "
+                      f"names (or ['*']), got {self.restart_sources!r}")
+    object.__setattr__(self, "restart_sources", tuple(self.restart_sources))
     check_field_types(self)
     check_range(f"Stage.num_steps (stage {self.name!r})", self.num_steps, low=1, integer=True)
     for name in ("schedule", "optimizer"):
@@ -77,6 +85,14 @@ def set_learning_rate(opt_state, learning_rate):
 
 def learning_rate_of(opt_state):
   return opt_state.hyperparams["learning_rate"]
+
+
+def continue_rows(rows_before: dict[str, int], stage: Stage) -> dict[str, int]:
+  """Where each source starts in `stage` (rows already drawn, DataConfig's start_rows): where
+  the earlier stages left it (`rows_before`), except the ones the stage restarts."""
+  if "*" in stage.restart_sources:
+    return {}
+  return {name: rows for name, rows in rows_before.items() if name not in stage.restart_sources}
 
 
 def stage_starts(stages) -> list[int]:

@@ -18,7 +18,6 @@ from jax.experimental import multihost_utils
 
 from jaxlm import evaluate, flops, parallel, preflight
 from jaxlm.checkpoint import Checkpointer
-from jaxlm.data.pipeline import build_datasets
 from jaxlm.errors import TrainingDiverged, UserError
 from jaxlm.metrics import PROGRESS_MODES, MetricsWriter, Progress
 from jaxlm.model import count_params
@@ -125,6 +124,9 @@ class _Run:
     self.skipped_steps, self.nonfinite_streak, self.preempted = 0, 0, False
     self.nonfinite_causes: set[str] = set()
     self.last_saved_step = None
+    # Rows of each source drawn before / by the end of the current stage (checkpoint record).
+    self.rows_before: dict[str, int] = {}
+    self.rows_after: dict[str, int] = {}
     self.rules_label = mesh_config.rules if isinstance(mesh_config.rules, str) else self.rules
 
   def to_device(self, host_batch: dict) -> dict:
@@ -207,7 +209,9 @@ class _Run:
                              f"checkpoint ({self._last_checkpoint()})")
     self.checkpointer.save(step, state, force=force, meta={
         "step": step, "stage_index": index, "stage_name": self.stages[index].name,
-        "seed": self.seed, "data": {"stage_step": step - self.starts[index]},
+        "seed": self.seed, "data": {"stage_step": step - self.starts[index],
+                                    "rows_before_stage": self.rows_before,
+                                    "rows_after_stage": self.rows_after},
         "skipped_steps": self.skipped_steps, "gin_config": gin.operative_config_str()})
     self.last_saved_step = step
 
@@ -242,10 +246,11 @@ class _Run:
     cfg, data_cfg = stage.model, stage.data
     if self.plan.first_stage == index:  # Built by the pre-flight checks.
       datasets, self.plan.datasets = self.plan.datasets, None
-    else:
-      datasets = build_datasets(data_cfg, shard_index=jax.process_index(),
-                                shard_count=jax.process_count())
-      preflight.check_vocab(stage, datasets.tokenizer)
+      self.rows_before = self.plan.rows_before
+    else:  # Each source continues where the stages before left it.
+      self.rows_before = self.rows_after
+      datasets = preflight.build_stage_data(stage, self.rows_before)
+    self.rows_after = {**self.rows_before, **datasets.train.rows_drawn(stage.num_steps)}
     self.tokenizer = datasets.tokenizer
     byte_lengths = self.tokenizer.byte_lengths()
     proportions = datasets.train.realised_proportions(stage.num_steps)

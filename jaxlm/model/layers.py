@@ -1,7 +1,7 @@
 """Transformer building blocks: embedding, RMSNorm, rotary embedding, SwiGLU MLP.
 
-Every parameter carries logical axis names (DESIGN.md §6) through `nn.with_logical_partitioning`;
-a rule set in a later layer maps them onto mesh axes. Nothing here names a mesh axis.
+Every parameter carries logical axis names through `nn.with_logical_partitioning`; a rule set
+(jaxlm/parallel.py) maps them onto mesh axes. Nothing here names a mesh axis.
 """
 
 import functools
