@@ -68,6 +68,12 @@ def _is_abandoned_read(error) -> bool:
           or "tensorstore_spec" in text)
 
 
+def _first_line(error: Exception) -> str:
+  """The first line of an orbax/tensorstore error, short enough for one log line."""
+  text = str(error).splitlines()[0][:200] if str(error) else ""
+  return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 class Checkpointer:
   """Saves on a step and/or wall-clock cadence; keeps the last `keep_last` plus every
   `keep_every`-th step; restores the newest checkpoint that reads back intact."""
@@ -123,12 +129,6 @@ class Checkpointer:
     tree = self._manager.item_metadata(step)["state"]
     return {name: tuple(leaf.shape) for name, leaf in flatten_names(tree).items()}
 
-  @staticmethod
-  def describe(error: Exception) -> str:
-    """The first line of an orbax/tensorstore error, short enough for one log line."""
-    text = str(error).splitlines()[0][:200] if str(error) else ""
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
   def restore_state(self, step: int, target=None):
     """Restore into `target`'s structure, shapes and shardings (ShapeDtypeStructs), or, with no
     target, as saved (nested dicts and lists of arrays)."""
@@ -154,7 +154,7 @@ class Checkpointer:
         self._quarantine(step)
         older = [s for s in self.all_steps() if s < step]
         log.warning("checkpoint %d is unreadable (%s); moved it to %s/; %s", step,
-                    self.describe(e), CORRUPT_DIR,
+                    _first_line(e), CORRUPT_DIR,
                     f"falling back to checkpoint {older[-1]}" if older else
                     "no older checkpoint: starting from step 0")
     return None

@@ -50,9 +50,8 @@ class ResumePoint:
 
 @dataclasses.dataclass
 class Plan:
-  """What the checks found: where to resume, which stage trains first, and its data."""
-  resume: ResumePoint | None
-  unreadable_steps: list[int]  # Newer than `resume`: set aside as corrupt when restoring.
+  """What the checks found: which stage trains first, and its data. (The restore finds the
+  checkpoint again, and sets aside any newer one that does not read.)"""
   first_stage: int | None  # None: every stage is already done.
   datasets: Datasets | None  # Built for `first_stage`.
   rows_before: dict[str, int] | None = None  # Rows of each source drawn before `first_stage`.
@@ -61,24 +60,24 @@ class Plan:
 def preflight(model_dir: str, stages: list[Stage], microbatches: int, mesh, rules) -> Plan:
   """Run inside the run's mesh and logical-axis rules (the model is traced)."""
   check_stage_names(stages)
-  for stage in stages:
-    check_stage(stage, microbatches, mesh, rules)
-  check_transitions(stages)
-  check_model_dir(model_dir, max(_tree_bytes(abstract_state(s)) for s in stages))
-  resume, unreadable = find_resume_point(model_dir, stages)
+  states = [abstract_state(stage) for stage in stages]  # Traced once, used by every check.
+  for stage, state in zip(stages, states):
+    check_stage(stage, state, microbatches, mesh, rules)
+  check_transitions(stages, states)
+  check_model_dir(model_dir, max(_tree_bytes(state) for state in states))
+  resume = find_resume_point(model_dir, stages)
   starts = stage_starts(stages)
   first = 0 if resume is None else resume.stage_index
   if resume is not None and resume.step >= starts[first] + stages[first].num_steps:
     first += 1  # The checkpoint ends its stage; the next one starts from it.
   if first >= len(stages):
-    return Plan(resume, unreadable, None, None)
+    return Plan(None, None)
   rows_before = {}  # The data position of every source, as the checkpoint record kept it.
   if resume is not None:
     data = resume.meta.get("data", {})
     rows_before = data.get("rows_before_stage" if first == resume.stage_index else
                            "rows_after_stage", {})
-  return Plan(resume, unreadable, first, build_stage_data(stages[first], rows_before),
-              rows_before)
+  return Plan(first, build_stage_data(stages[first], rows_before), rows_before)
 
 
 def build_stage_data(stage: Stage, rows_before: dict[str, int]) -> Datasets:
@@ -91,10 +90,10 @@ def build_stage_data(stage: Stage, rows_before: dict[str, int]) -> Datasets:
   return datasets
 
 
-def check_stage(stage: Stage, microbatches: int, mesh, rules) -> None:
-  """Everything about one stage that needs neither its data nor MODEL_DIR."""
-  stage.make_schedule()  # warmup_cosine(...) checks its values; adamw(...) when traced below.
-  tx = stage.make_optimizer()
+def check_stage(stage: Stage, state, microbatches: int, mesh, rules) -> None:
+  """Everything about one stage that needs neither its data nor MODEL_DIR; `state` is its
+  abstract train state (whose tracing ran the optimizer factory's own checks)."""
+  stage.make_schedule()  # warmup_cosine(...) checks its values.
   cfg, data = stage.model, stage.data
   cfg.check_seq_len(data.seq_len)
   batch_devices = int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
@@ -107,11 +106,10 @@ def check_stage(stage: Stage, microbatches: int, mesh, rules) -> None:
   state_shardings(stage, mesh, rules)  # Every sharded dimension divides its mesh axes.
   # Tracing the forward pass checks the attention implementation and every shape, compiling
   # nothing.
-  state = abstract_state(stage)
   tokens = jax.ShapeDtypeStruct((1, data.seq_len), jnp.int32)
   jax.eval_shape(lambda p, t: forward(p, cfg, t), state.params, tokens)
   if stage.restore_from is not None:
-    check_restore_source(stage.restore_from, state, tx)
+    check_restore_source(stage.restore_from, state, stage.make_optimizer())
 
 
 def check_vocab(stage: Stage, tokenizer) -> None:
@@ -146,13 +144,12 @@ def check_model_dir(model_dir: str, checkpoint_bytes: int) -> None:
                     "choose another --gin.MODEL_DIR")
 
 
-def find_resume_point(model_dir: str, stages: list[Stage]) -> tuple[ResumePoint | None, list[int]]:
+def find_resume_point(model_dir: str, stages: list[Stage]) -> ResumePoint | None:
   """The newest checkpoint whose record and tensor metadata read back, checked against the
-  stages; and the newer ones that did not read."""
+  stages. Newer ones that do not read are skipped here; the restore sets them aside."""
   if not os.path.isdir(os.path.join(model_dir, "checkpoints")):
-    return None, []
+    return None
   checkpointer = Checkpointer(model_dir, read_only=True)
-  unreadable = []
   try:
     for step in reversed(checkpointer.all_steps()):
       try:
@@ -160,13 +157,12 @@ def find_resume_point(model_dir: str, stages: list[Stage]) -> tuple[ResumePoint 
         saved = checkpointer.saved_shapes(step)
         index = int(meta["stage_index"])
       except Exception:  # pylint: disable=broad-except  (orbax raises many types)
-        unreadable.append(step)  # Reported once, when the restore sets it aside.
-        continue
+        continue  # Reported once, when the restore sets it aside.
       check_fit(step, index, saved, stages, checkpointer.directory)
-      return ResumePoint(step, index, meta), unreadable
+      return ResumePoint(step, index, meta)
   finally:
     checkpointer.close()
-  return None, unreadable
+  return None
 
 
 def check_fit(step: int, index: int, saved: dict, stages: list[Stage], where: str) -> None:
@@ -201,11 +197,12 @@ def first_difference(have: dict, want: dict, have_label: str, want_label: str) -
   return None
 
 
-def check_transitions(stages: list[Stage]) -> None:
+def check_transitions(stages: list[Stage], states: list | None = None) -> None:
   """Each transition, run on abstract shapes, gives exactly what the next stage's model takes
-  (and kept optimizer state fits it), so a later stage's mistake fails at start-up."""
-  for previous, stage in zip(stages, stages[1:]):
-    before, after = abstract_state(previous), abstract_state(stage)
+  (and kept optimizer state fits it), so a later stage's mistake fails at start-up. `states`:
+  the stages' abstract train states, if already traced."""
+  states = states or [abstract_state(stage) for stage in stages]
+  for previous, stage, before, after in zip(stages, stages[1:], states, states[1:]):
     transition = TRANSITIONS[stage.transition]
     params = jax.eval_shape(lambda p, a=previous, b=stage, t=transition: t(p, a, b),
                             before.params)
