@@ -1,5 +1,6 @@
 """Held-out evaluation (loss and bits per byte) and sampling from a trained model."""
 
+import dataclasses
 import math
 
 import jax
@@ -7,40 +8,43 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.model import ModelConfig, forward
-from jaxlm.model.cross_entropy import head_cross_entropy
-from jaxlm.model.transformer import features
 
 
-def token_losses(params, cfg: ModelConfig, batch):
-  """Per-target cross-entropy in nats [B, L] (unweighted). The output head is fused with the
-  loss (model/cross_entropy.py): no [B, L, V] logits are kept, and the gradient is cheapest for
-  a loss of the form sum(ce * batch["weights"]), as training takes it."""
-  x_BLD, w_DV = features(params, cfg, batch["inputs"], batch["positions"], batch["segment_ids"])
-  b, l, d = x_BLD.shape
-  weights_N = batch["weights"].reshape(-1) if "weights" in batch else jnp.ones((b * l,))
-  ce_N = head_cross_entropy(x_BLD.reshape(b * l, d), w_DV, batch["targets"].reshape(-1),
-                            weights_N, cfg.compute_dtype)
-  return ce_N.reshape(b, l)
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+  """One domain's validation batches, placed on the devices once (they stay there between
+  evaluations), and the number of UTF-8 bytes their targets stand for."""
+  batches: list
+  num_bytes: float
 
 
-def evaluate(eval_step, params, batches, byte_lengths: np.ndarray,
-             to_device=lambda batch: batch) -> dict[str, float]:
-  """Mean loss per target token, and bits per byte of the target text.
+def place_eval_sets(host_sets: dict, byte_lengths: np.ndarray, to_device) -> dict[str, EvalSet]:
+  """{domain: host batches} -> {domain: EvalSet}. `byte_lengths[token_id]` is the number of
+  UTF-8 bytes the token stands for (0 for specials), so bits per byte compares tokenizers."""
+  return {domain: EvalSet([to_device(b) for b in batches],
+                          sum(float(np.sum(byte_lengths[b["targets"]] * b["weights"]))
+                              for b in batches))
+          for domain, batches in host_sets.items()}
 
-  `eval_step(params, batch) -> (summed nats, number of targets)`; `to_device` places a host
-  batch on the mesh. `byte_lengths[token_id]` is the number of UTF-8 bytes that token stands for
-  (0 for specials), so bits per byte compares models with different tokenizers.
-  """
-  sums = [eval_step(params, to_device(batch)) for batch in batches]  # Dispatch all, sync once.
-  total_nats = sum(float(s) for s, _ in sums)
-  total_targets = sum(float(n) for _, n in sums)
-  total_bytes = sum(float(np.sum(byte_lengths[b["targets"]] * b["weights"])) for b in batches)
-  return {
-      "eval/loss": total_nats / max(total_targets, 1.0),
-      "eval/bits_per_byte": total_nats / math.log(2) / max(total_bytes, 1.0),
-      "eval/targets": total_targets,
-      "eval/bytes": total_bytes,
-  }
+
+def evaluate(eval_step, params, eval_sets: dict[str, EvalSet]) -> dict[str, float]:
+  """Mean loss per target token and bits per byte of the target text on each domain, and over
+  all of them (eval/loss, eval/bits_per_byte). `eval_step(params, batch) -> (summed nats,
+  number of targets)`."""
+  sums = {domain: [eval_step(params, batch) for batch in s.batches]  # Dispatch all, sync once.
+          for domain, s in eval_sets.items()}
+  results, nats, targets, num_bytes = {}, 0.0, 0.0, 0.0
+  for domain, domain_sums in sums.items():
+    domain_nats = sum(float(n) for n, _ in domain_sums)
+    domain_targets = sum(float(t) for _, t in domain_sums)
+    domain_bytes = eval_sets[domain].num_bytes
+    results[f"eval/{domain}/loss"] = domain_nats / max(domain_targets, 1.0)
+    results[f"eval/{domain}/bits_per_byte"] = domain_nats / math.log(2) / max(domain_bytes, 1.0)
+    nats, targets, num_bytes = nats + domain_nats, targets + domain_targets, num_bytes + domain_bytes
+  results.update({"eval/loss": nats / max(targets, 1.0),
+                  "eval/bits_per_byte": nats / math.log(2) / max(num_bytes, 1.0),
+                  "eval/targets": targets})
+  return results
 
 
 def generate(params, cfg: ModelConfig, prompt_ids, num_tokens: int, rng, temperature: float = 0.8):

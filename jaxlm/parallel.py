@@ -112,14 +112,94 @@ def logical_shardings(abstract_tree, logical_tree, mesh, rules):
   return jax.tree_util.tree_map_with_path(check, abstract_tree, specs)
 
 
+def _axes_size(axes, mesh) -> int:
+  """Devices that one dimension is split over (a spec entry: None, an axis, or a tuple)."""
+  axes = axes if isinstance(axes, tuple) else (axes,)
+  return int(np.prod([mesh.shape[a] for a in axes if a is not None]))
+
+
 def optimizer_state_shardings(tx: optax.GradientTransformation, abstract_opt_state,
-                              param_shardings, mesh):
-  """Moments and other param-shaped state follow their parameter; scalars are replicated."""
-  replicated = NamedSharding(mesh, PartitionSpec())
-  return optax.tree_map_params(
-      tx, lambda _, sharding: sharding, abstract_opt_state, param_shardings,
-      transform_non_params=lambda _: replicated,
-      is_leaf=lambda x: isinstance(x, NamedSharding))
+                              param_shardings, mesh, abstract_params=None):
+  """Where each optimizer-state leaf lives, from its parameter's sharding and shape.
+
+  A leaf is tied to a parameter by `optax.tree_map_params`, or, when optax cannot trace the
+  optimizer's init (e.g. a state kept as a tuple per parameter), to the parameter whose tree
+  path occurs in the leaf's path. Then:
+  - a leaf with exactly its parameter's shape (Adam's moments) takes the parameter's sharding;
+  - otherwise (factored moments, low-rank projectors and moments) each leaf dimension is
+    aligned with the first parameter dimension of its size after the previously aligned one
+    (dropped or shrunk dimensions are skipped; ties between equal sizes go to the earlier
+    dimension), and keeps that dimension's mesh axes if its size divides over them;
+  - every other dimension, scalars and leaves tied to no parameter are replicated.
+  Without `abstract_params` the parameter shapes are unknown: a tied leaf of the spec's rank
+  keeps, dimension by dimension, the axes its size divides over; any other is replicated.
+  """
+  shardings, treedef = jax.tree.flatten(param_shardings,
+                                        is_leaf=lambda x: isinstance(x, NamedSharding))
+  shapes = ([None] * len(shardings) if abstract_params is None else
+            [tuple(p.shape) for p in treedef.flatten_up_to(abstract_params)])
+  leaves, state_treedef = jax.tree.flatten(abstract_opt_state)
+
+  def place(leaf, index):
+    if index < 0:
+      return NamedSharding(mesh, PartitionSpec(*[None] * leaf.ndim))
+    return _leaf_sharding(tuple(leaf.shape), shapes[index], shardings[index], mesh)
+
+  tied = _tied_params(tx, abstract_opt_state, treedef)
+  return state_treedef.unflatten([place(leaf, index) for leaf, index in zip(leaves, tied)])
+
+
+def _tied_params(tx, abstract_opt_state, param_treedef) -> list[int]:
+  """For each optimizer-state leaf (flattened), the index of its parameter, or -1."""
+  indices = param_treedef.unflatten(range(param_treedef.num_leaves))
+  try:
+    tied = optax.tree_map_params(
+        tx, lambda _, index: index, abstract_opt_state, indices,
+        transform_non_params=lambda subtree: jax.tree.map(lambda _: -1, subtree))
+    return jax.tree.structure(abstract_opt_state).flatten_up_to(tied)
+  except Exception:  # pylint: disable=broad-except
+    # Optax runs init on a leafless placeholder for the params; a state it cannot rebuild so
+    # raises one of many types (a tuple per param: ValueError; params.items(): AttributeError).
+    by_path = {tuple(path): i for path, i in jax.tree_util.tree_flatten_with_path(indices)[0]
+               if path}
+    return [_path_match(tuple(path), by_path)
+            for path, _ in jax.tree_util.tree_flatten_with_path(abstract_opt_state)[0]]
+
+
+def _path_match(path, by_path) -> int:
+  """The parameter whose path is the longest run of `path` ending latest (state leaves sit
+  below or beside their parameter's path: `.mu['mlp']['up']`, `['mlp']['up'].projector`)."""
+  for end in range(len(path), 0, -1):
+    for start in range(end):
+      if path[start:end] in by_path:
+        return by_path[path[start:end]]
+  return -1
+
+
+def _leaf_sharding(shape, param_shape, sharding, mesh) -> NamedSharding:
+  if shape == param_shape:
+    return sharding
+  spec = tuple(sharding.spec)
+  if param_shape is None:  # Unknown: a leaf of the spec's rank may be param-shaped.
+    dims = range(len(shape)) if len(shape) == len(spec) else [None] * len(shape)
+  else:
+    spec += (None,) * (len(param_shape) - len(spec))
+    dims = _align(shape, param_shape)
+  spec_of_leaf = PartitionSpec(*[
+      spec[d] if d is not None and size % _axes_size(spec[d], mesh) == 0 else None
+      for size, d in zip(shape, dims)])
+  return sharding if spec_of_leaf == sharding.spec else NamedSharding(mesh, spec_of_leaf)
+
+
+def _align(shape, param_shape) -> list[int | None]:
+  """For each leaf dimension, the parameter dimension it matches in an in-order alignment by
+  size, or None: a factored moment drops dimensions, a low-rank one shrinks them."""
+  dims, next_dim = [], 0
+  for size in shape:
+    match = next((d for d in range(next_dim, len(param_shape)) if param_shape[d] == size), None)
+    dims.append(match)
+    next_dim = next_dim if match is None else match + 1
+  return dims
 
 
 def batch_sharding(mesh, rules) -> NamedSharding:

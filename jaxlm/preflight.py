@@ -31,9 +31,10 @@ from jaxlm.data.tokenizers import resolve_tokenizer
 from jaxlm.errors import UserError
 from jaxlm.model import forward
 from jaxlm.restore import check_restore_source
-from jaxlm.stages import TRANSITIONS, Stage, continue_rows, stage_starts
+from jaxlm.stages import (Stage, check_transition_result, continue_rows, hand_over, stage_starts,
+                          transition_context)
 from jaxlm.train_step import abstract_state, state_shardings
-from jaxlm.tree_names import flatten_names
+from jaxlm.tree_names import first_difference, shapes_of
 
 log = logging.getLogger("jaxlm")
 
@@ -57,12 +58,14 @@ class Plan:
   rows_before: dict[str, int] | None = None  # Rows of each source drawn before `first_stage`.
 
 
-def preflight(model_dir: str, stages: list[Stage], microbatches: int, mesh, rules) -> Plan:
-  """Run inside the run's mesh and logical-axis rules (the model is traced)."""
+def preflight(model_dir: str, stages: list[Stage], microbatches: int, mesh, rules,
+              eval_domains=()) -> Plan:
+  """Run inside the run's mesh and logical-axis rules (the model is traced). `eval_domains`:
+  EvalConfig.domains, evaluated in every stage."""
   check_stage_names(stages)
   states = [abstract_state(stage) for stage in stages]  # Traced once, used by every check.
   for stage, state in zip(stages, states):
-    check_stage(stage, state, microbatches, mesh, rules)
+    check_stage(stage, state, microbatches, mesh, rules, eval_domains)
   check_transitions(stages, states)
   check_model_dir(model_dir, max(_tree_bytes(state) for state in states))
   resume = find_resume_point(model_dir, stages)
@@ -77,20 +80,20 @@ def preflight(model_dir: str, stages: list[Stage], microbatches: int, mesh, rule
     data = resume.meta.get("data", {})
     rows_before = data.get("rows_before_stage" if first == resume.stage_index else
                            "rows_after_stage", {})
-  return Plan(first, build_stage_data(stages[first], rows_before), rows_before)
+  return Plan(first, build_stage_data(stages[first], rows_before, eval_domains), rows_before)
 
 
-def build_stage_data(stage: Stage, rows_before: dict[str, int]) -> Datasets:
+def build_stage_data(stage: Stage, rows_before: dict[str, int], eval_domains=()) -> Datasets:
   """This host's data for `stage`, each source continuing after `rows_before` unless the stage
-  restarts it."""
+  restarts it, and the eval sets of its sources and of `eval_domains`."""
   datasets = build_datasets(stage.data, shard_index=jax.process_index(),
                             shard_count=jax.process_count(),
-                            start_rows=continue_rows(rows_before, stage))
+                            start_rows=continue_rows(rows_before, stage), eval_domains=eval_domains)
   check_vocab(stage, datasets.tokenizer)
   return datasets
 
 
-def check_stage(stage: Stage, state, microbatches: int, mesh, rules) -> None:
+def check_stage(stage: Stage, state, microbatches: int, mesh, rules, eval_domains=()) -> None:
   """Everything about one stage that needs neither its data nor MODEL_DIR; `state` is its
   abstract train state (whose tracing ran the optimizer factory's own checks)."""
   stage.make_schedule()  # warmup_cosine(...) checks its values.
@@ -102,7 +105,7 @@ def check_stage(stage: Stage, state, microbatches: int, mesh, rules) -> None:
                     f"divide into TrainerConfig.microbatches={microbatches} x {batch_devices} "
                     "data-parallel devices")
   check_vocab(stage, resolve_tokenizer(data.tokenizer))
-  check_sources(data)  # Sources resolve and the mixture names only them; no text is read.
+  check_sources(data, eval_domains)  # Sources resolve and the mixture names only them; no text is read.
   state_shardings(stage, mesh, rules)  # Every sharded dimension divides its mesh axes.
   # Tracing the forward pass checks the attention implementation and every shape, compiling
   # nothing.
@@ -180,45 +183,15 @@ def check_fit(step: int, index: int, saved: dict, stages: list[Stage], where: st
                     f"{difference}; {FIX_MISMATCH}")
 
 
-def shapes_of(tree) -> dict[str, tuple[int, ...]]:
-  return {name: tuple(leaf.shape) for name, leaf in flatten_names(tree).items()}
-
-
-def first_difference(have: dict, want: dict, have_label: str, want_label: str) -> str | None:
-  """The first tensor (params before optimizer state) missing, extra or of another shape in
-  `have` against `want` ({name: shape}), in words; None if they agree."""
-  for name in sorted(set(have) | set(want), key=lambda k: (not k.startswith("params/"), k)):
-    if name not in have:
-      return f"{name!r} {want[name]} is missing {have_label} but needed {want_label}"
-    if name not in want:
-      return f"{name!r} {have[name]} is {have_label} but not {want_label}"
-    if have[name] != want[name]:
-      return f"{name!r} is {have[name]} {have_label} but {want[name]} {want_label}"
-  return None
-
-
 def check_transitions(stages: list[Stage], states: list | None = None) -> None:
-  """Each transition, run on abstract shapes, gives exactly what the next stage's model takes
-  (and kept optimizer state fits it), so a later stage's mistake fails at start-up. `states`:
-  the stages' abstract train states, if already traced."""
+  """Each stage's hand-over (its transitions, then optimizer and method state), run on abstract
+  shapes, gives exactly the stage's train state, so a later stage's mistake fails at start-up.
+  `states`: the stages' abstract train states, if already traced."""
   states = states or [abstract_state(stage) for stage in stages]
   for previous, stage, before, after in zip(stages, stages[1:], states, states[1:]):
-    transition = TRANSITIONS[stage.transition]
-    params = jax.eval_shape(lambda p, a=previous, b=stage, t=transition: t(p, a, b),
-                            before.params)
-    difference = first_difference(shapes_of(params), shapes_of(after.params),
-                                  f"after the {stage.transition!r} transition",
-                                  f"by stage {stage.name!r}")
-    if difference:
-      raise UserError(f"stage {stage.name!r}: {difference}; choose a transition that produces "
-                      "this model, or change the model")
-    if stage.keep_optimizer_state:
-      difference = first_difference(shapes_of({"opt_state": before.opt_state}),
-                                    shapes_of({"opt_state": after.opt_state}),
-                                    f"in stage {previous.name!r}", f"in stage {stage.name!r}")
-      if difference:
-        raise UserError(f"stage {stage.name!r}: keep_optimizer_state needs the same optimizer "
-                        f"state in both stages, but {difference}")
+    ctx = transition_context(previous, stage, jax.random.key(0))  # Only shapes matter here.
+    result = jax.eval_shape(lambda state, ctx=ctx: hand_over(state, ctx), before)
+    check_transition_result(result, after, ctx)
 
 
 def check_stage_names(stages: list[Stage]) -> None:

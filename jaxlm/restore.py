@@ -7,7 +7,9 @@ new model, the first rule whose pattern fully matches its name decides its sourc
 replacement string (regex groups allowed, e.g. ("layer_(\\d+)/(.*)", "layer_\\1/\\2")) or None
 (keep the fresh initialisation). A name no rule matches loads the same name from the source if
 it exists, and is freshly initialised otherwise. The report lists what was loaded, created and
-skipped, and is written to MODEL_DIR/restore_report.json.
+skipped, and is written to MODEL_DIR/restore_report.json. A method's state (masks, growth
+operators) loads from the same name when the source saved it with the same shape, and is
+freshly initialised otherwise.
 """
 
 import dataclasses
@@ -72,7 +74,8 @@ def _param_names_in(state, tx):
   names = jax.tree_util.tree_map_with_path(lambda p, _: path_name(p), state.params)
   opt_names = optax.tree_map_params(tx, lambda _, name: name, state.opt_state, names,
                                     transform_non_params=lambda _: "")
-  return state.replace(step="", params=names, opt_state=opt_names)
+  return state.replace(step="", params=names, opt_state=opt_names,
+                       method_state=jax.tree.map(lambda _: "", state.method_state))
 
 
 def _source_step(config: RestoreConfig) -> tuple[Checkpointer, int]:
@@ -97,6 +100,11 @@ def assign_sources(config: RestoreConfig, state, tx, source_shapes: dict, step: 
   def assign(path, leaf, param_name):
     path = path_name(path)
     in_params = path.startswith("params/")
+    if path.startswith("method_state/"):  # A method's own state: the same tensor, if saved.
+      if path in source_shapes and tuple(source_shapes[path]) == tuple(leaf.shape):
+        return path
+      report.created.append(path)
+      return None
     if not in_params and not config.include_optimizer:
       return None
     if not param_name:  # A counter (the step, Adam's count): copied as saved, if at all.

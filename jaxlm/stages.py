@@ -1,23 +1,36 @@
 """A run is a list of stages.
 
-A stage is (model config, data, optimizer + schedule, number of steps, transition). The transition
-maps the previous stage's final params (and optimizer state) to this stage's initial ones; growth,
-sparsity, vocabulary expansion and continual pretraining register their own transitions here. A
-plain pretraining run is one stage whose transition is never called.
+A stage is (model config, data, optimizer + schedule, number of steps, transitions, methods).
+Its transitions map the previous stage's final train state to this stage's first one; growth,
+sparsity, vocabulary expansion and continual pretraining register their own here:
+
+    @register_transition("grow_mlp")
+    def grow_mlp(state, ctx: TransitionContext):    # -> the state the next stage starts from
+      return state.replace(params=...)
+
+A transition is a pure function of the whole TrainState (step, params, opt_state, method_state)
+and runs inside one `jax.jit` whose out_shardings are the next stage's. Several compose in list
+order (`Stage.transition = ["grow_depth", "sparsify"]`). After them, unless the stage keeps the
+optimizer state, it is initialised afresh for the new params; each of the stage's methods that
+has no state yet is initialised; states of methods the stage does not list are dropped. The
+result must have exactly the next stage's shapes (`check_transition_result` names the leaf that
+does not). A plain pretraining run is one stage whose transitions are never called.
 """
 
 import dataclasses
 from typing import Any, Callable
 
 import gin
-import jax
 import jax.numpy as jnp
 import optax
 
 from jaxlm.data.pipeline import DataConfig
+from jaxlm.data.tokenizers import resolve_tokenizer
 from jaxlm.errors import UserError
-from jaxlm.validation import check_field_types, check_range
+from jaxlm.methods.hooks import Method, init_method_state
 from jaxlm.model import ModelConfig
+from jaxlm.tree_names import first_difference, shapes_of
+from jaxlm.validation import check_field_types, check_range
 from jaxlm.optim.optimizers import adamw
 from jaxlm.optim.schedules import warmup_cosine
 
@@ -32,7 +45,8 @@ class Stage:
   data: DataConfig | None = None
   schedule: Callable = warmup_cosine
   optimizer: Callable = adamw
-  transition: str = "identity"
+  transition: str | tuple[str, ...] = "identity"  # A registered name, or a list applied in order.
+  methods: tuple[Method, ...] = ()  # Step hooks (methods/hooks.py), applied in order.
   keep_optimizer_state: bool = False  # Carry Adam moments over the transition (same shapes only).
   restore_from: Any = None  # A restore.RestoreConfig: start this stage from another run.
   # Sources this stage reads from their first row again ("*": all of them); every other source
@@ -54,9 +68,21 @@ class Stage:
         raise UserError(f"Stage.{name} (stage {self.name!r}) must be a factory such as "
                         f"@{'warmup_cosine' if name == 'schedule' else 'adamw'} (unevaluated), "
                         f"got {getattr(self, name)!r}")
-    if self.transition not in TRANSITIONS:
-      raise UserError(f"stage {self.name!r}: unknown transition {self.transition!r}; "
-                      f"registered: {sorted(TRANSITIONS)}")
+    transitions = (self.transition,) if isinstance(self.transition, str) else self.transition
+    if not transitions or not all(isinstance(t, str) for t in transitions):
+      raise UserError(f"Stage.transition (stage {self.name!r}) must be a transition name or a "
+                      f"list of them, got {self.transition!r}")
+    for name in transitions:
+      if name not in TRANSITIONS:
+        raise UserError(f"stage {self.name!r}: unknown transition {name!r}; "
+                        f"registered: {sorted(TRANSITIONS)}")
+    object.__setattr__(self, "transition", tuple(transitions))
+    methods = tuple(self.methods)
+    names = [m.name for m in methods if isinstance(m, Method)]
+    if len(names) != len(methods) or len(set(names)) != len(names):
+      raise UserError(f"Stage.methods (stage {self.name!r}) must be Methods with distinct names "
+                      f"(e.g. [@nm_sparsity()]), got {self.methods!r}")
+    object.__setattr__(self, "methods", methods)
     # Resolve defaults now so every stage object fully describes itself.
     object.__setattr__(self, "model", self.model or ModelConfig())
     object.__setattr__(self, "data", self.data or DataConfig())
@@ -104,8 +130,21 @@ def stage_starts(stages) -> list[int]:
   return starts
 
 
-# A transition: (params, previous stage, next stage) -> params for the next stage.
-Transition = Callable[[Any, Stage, Stage], Any]
+@dataclasses.dataclass(frozen=True)
+class TransitionContext:
+  """What a transition may use besides the state: both stages, an rng derived from the run seed
+  and the next stage's index, both stages' tokenizers (vocabulary expansion), and the next
+  stage's TrainState of NamedShardings (for sharding constraints inside the transition)."""
+  previous: Stage
+  following: Stage
+  rng: Any
+  previous_tokenizer: Any = None
+  following_tokenizer: Any = None
+  shardings: Any = None
+
+
+# A transition: (train state, TransitionContext) -> train state for the next stage.
+Transition = Callable[[Any, TransitionContext], Any]
 TRANSITIONS: dict[str, Transition] = {}
 
 
@@ -117,12 +156,42 @@ def register_transition(name: str):
 
 
 @register_transition("identity")
-def identity(params, previous: Stage, following: Stage):
-  """Carry the params over unchanged; the model must not change shape."""
-  from jaxlm.model import init_params  # Local: only shapes are needed, via eval_shape.
-  want = jax.eval_shape(lambda: init_params(following.model, jax.random.key(0)))
-  have = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  if jax.tree.structure(want) != jax.tree.structure(have) or jax.tree.leaves(want) != jax.tree.leaves(have):
+def identity(state, ctx: TransitionContext):
+  """Carry the state over unchanged; the model must not change shape."""
+  del ctx
+  return state
+
+
+def transition_context(previous: Stage, following: Stage, rng, shardings=None):
+  return TransitionContext(previous, following, rng, resolve_tokenizer(previous.data.tokenizer),
+                           resolve_tokenizer(following.data.tokenizer), shardings)
+
+
+def hand_over(state, ctx: TransitionContext):
+  """The previous stage's final state -> the next stage's first (run under jit): its transitions
+  in order, a fresh optimizer state unless kept, method states initialised or dropped."""
+  following = ctx.following
+  for name in following.transition:
+    state = TRANSITIONS[name](state, ctx)
+  if not following.keep_optimizer_state:
+    state = state.replace(opt_state=following.make_optimizer().init(state.params))
+  return state.replace(method_state=init_method_state(
+      following.methods, state.params, ctx.rng, existing=state.method_state))
+
+
+def check_transition_result(result, expected, ctx: TransitionContext) -> None:
+  """`result` (hand_over's, abstract) has exactly the next stage's shapes, else one line naming
+  the first leaf that differs."""
+  following, names = ctx.following, " then ".join(ctx.following.transition)
+  difference = first_difference(shapes_of(result), shapes_of(expected),
+                                f"after the {names!r} transition", f"by stage {following.name!r}")
+  if difference is None:
+    return
+  if following.keep_optimizer_state and not difference.startswith("'params/"):
+    raise UserError(f"stage {following.name!r}: keep_optimizer_state needs the optimizer state "
+                    f"the transition gives to fit the stage, but {difference}")
+  if following.transition == ("identity",):
     raise UserError(f"stage {following.name!r} changes the model, which the 'identity' "
-                    "transition cannot do; choose a growth transition")
-  return params
+                    f"transition cannot do: {difference}; choose a growth transition")
+  raise UserError(f"stage {following.name!r}: {difference}; choose a transition that produces "
+                  "this model, or change the model")

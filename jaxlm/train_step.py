@@ -1,5 +1,6 @@
-"""The train state and the jitted, sharded steps: init, train (with gradient accumulation) and
-eval. Shardings come from the model's logical axes and the run's rule set (parallel.py)."""
+"""The train state and the jitted, sharded steps: init, train (with gradient accumulation and
+the stage's method hooks, methods/hooks.py) and eval. Shardings come from the model's logical
+axes and the run's rule set (parallel.py)."""
 
 from typing import Any
 
@@ -11,8 +12,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlm import parallel
-from jaxlm.evaluate import token_losses
-from jaxlm.model import init_params, logical_axes
+from jaxlm.methods.hooks import MethodHooks, init_method_state
+from jaxlm.model import init_params, logical_axes, token_losses
 from jaxlm.stages import Stage, learning_rate_of, set_learning_rate
 
 
@@ -21,11 +22,14 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  method_state: Any  # {method name: what it keeps between steps}; {} without methods.
 
 
 def init_state(stage: Stage, rng) -> TrainState:
-  params = init_params(stage.model, rng)
-  return TrainState(jnp.zeros((), jnp.int32), params, stage.make_optimizer().init(params))
+  params_rng, methods_rng = jax.random.split(rng)
+  params = init_params(stage.model, params_rng)
+  return TrainState(jnp.zeros((), jnp.int32), params, stage.make_optimizer().init(params),
+                    init_method_state(stage.methods, params, methods_rng))
 
 
 def abstract_state(stage: Stage) -> TrainState:
@@ -33,13 +37,25 @@ def abstract_state(stage: Stage) -> TrainState:
 
 
 def state_shardings(stage: Stage, mesh, rules) -> TrainState:
-  """Where every leaf of the train state lives: params by their logical axes, optimizer moments
-  like their params, counters replicated."""
+  """Where every leaf of the train state lives: params by their logical axes, optimizer state
+  like its params, method state by the axes its method declares, counters replicated."""
   abstract = abstract_state(stage)
-  params = parallel.logical_shardings(abstract.params, logical_axes(stage.model), mesh, rules)
+  param_axes = logical_axes(stage.model)
+  params = parallel.logical_shardings(abstract.params, param_axes, mesh, rules)
   opt_state = parallel.optimizer_state_shardings(stage.make_optimizer(), abstract.opt_state,
-                                                 params, mesh)
-  return TrainState(NamedSharding(mesh, PartitionSpec()), params, opt_state)
+                                                 params, mesh, abstract_params=abstract.params)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  method_state = {}
+  for method in stage.methods:
+    if method.name not in abstract.method_state:
+      continue
+    leaves = abstract.method_state[method.name]
+    if method.state_axes is None:
+      method_state[method.name] = jax.tree.map(lambda _: replicated, leaves)
+    else:
+      method_state[method.name] = parallel.logical_shardings(
+          leaves, method.state_axes(param_axes), mesh, rules)
+  return TrainState(replicated, params, opt_state, method_state)
 
 
 def sharded_init(stage: Stage, shardings: TrainState, rng) -> TrainState:
@@ -62,52 +78,85 @@ def make_train_step(stage: Stage, shardings: TrainState, batch_sharding,
   summed gradient is divided by the total loss weight once, so the update equals the one for
   the whole batch (up to float summation order). The step counter advances even when the
   update is skipped, so data order and schedules stay tied to the step. The learning rate is
-  the stage's schedule at (state.step - stage_start), set into the optimizer state each step."""
+  the stage's schedule at (state.step - stage_start), set into the optimizer state each step.
+
+  The stage's methods (methods/hooks.py) transform the params the loss sees, add auxiliary
+  losses (each micro-batch's, averaged over micro-batches), and transform the state after the
+  update; with no methods none of that is traced."""
   cfg, tx, schedule = stage.model, stage.make_optimizer(), stage.make_schedule()
+  hooks = MethodHooks(stage.methods)
 
-  def weighted_loss_sum(params, batch):
-    ce_BL = token_losses(params, cfg, batch)
-    return jnp.sum(ce_BL * batch["weights"]), jnp.sum(batch["weights"])
+  def objective(params, method_state, step, batch, total_weight):
+    """Summed weighted cross-entropy (+ total_weight x aux / k, so that dividing the summed
+    gradient by total_weight gives the mean cross-entropy + the mean auxiliary loss)."""
+    params = hooks.params_for_loss(params, method_state, step)
+    if not hooks.wants_intermediates:
+      loss_sum = jnp.sum(token_losses(params, cfg, batch) * batch["weights"])
+      return loss_sum, (loss_sum, {})
+    ce_BL, intermediates = token_losses(params, cfg, batch, with_intermediates=True)
+    loss_sum = jnp.sum(ce_BL * batch["weights"])
+    aux = hooks.aux_losses(params, method_state, intermediates)
+    scale = total_weight / num_microbatches
+    return loss_sum + scale * sum(aux.values()), (loss_sum, aux)
 
-  grad_fn = jax.value_and_grad(weighted_loss_sum, has_aux=True)
+  grad_fn = jax.grad(objective, has_aux=True)
 
-  def summed_grads(params, batch):
+  def summed_grads(params, method_state, step, batch, total_weight):
     if num_microbatches == 1:
-      (loss_sum, weight_sum), grads = grad_fn(params, batch)
-      return loss_sum, weight_sum, grads
+      grads, (loss_sum, aux) = grad_fn(params, method_state, step, batch, total_weight)
+      return loss_sum, aux, grads
 
     def accumulate(carry, microbatch):
-      (loss_sum, weight_sum), grads = grad_fn(params, microbatch)
-      total_loss, total_weight, total_grads = carry
-      return (total_loss + loss_sum, total_weight + weight_sum,
-              jax.tree.map(jnp.add, total_grads, grads)), None
+      grads, (loss_sum, aux) = grad_fn(params, method_state, step, microbatch, total_weight)
+      return jax.tree.map(jnp.add, carry, (loss_sum, aux, grads)), None
 
-    zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
-             jax.tree.map(jnp.zeros_like, params))
-    carry, _ = jax.lax.scan(accumulate, zeros, _split_microbatches(batch, num_microbatches))
-    return carry
+    aux_shapes = jax.eval_shape(lambda: grad_fn(params, method_state, step, batch, total_weight))
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                         (aux_shapes[1][0], aux_shapes[1][1], aux_shapes[0]))
+    (loss_sum, aux, grads), _ = jax.lax.scan(accumulate, zeros,
+                                             _split_microbatches(batch, num_microbatches))
+    return loss_sum, jax.tree.map(lambda a: a / num_microbatches, aux), grads
 
   def train_step(state: TrainState, batch):
-    loss_sum, weight_sum, grads = summed_grads(state.params, batch)
-    weight_sum = jnp.maximum(weight_sum, 1.0)
-    grads = jax.tree.map(lambda g: g / weight_sum, grads)
-    opt_state = set_learning_rate(state.opt_state, schedule(state.step - stage_start))
+    stage_step = state.step - stage_start
+    total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+    loss_sum, aux, grads = summed_grads(state.params, state.method_state, stage_step, batch,
+                                        total_weight)
+    grads = jax.tree.map(lambda g: g / total_weight, grads)
+    opt_state = set_learning_rate(state.opt_state, schedule(stage_step))
     updates, opt_state = tx.update(grads, opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    loss, grad_norm = loss_sum / weight_sum, optax.tree.norm(grads)
-    # A non-finite loss, gradient or update leaves params and optimizer state as they were: the
-    # step is skipped (and counted by the trainer), never applied.
+    new = hooks.after_update(state.replace(step=state.step + 1, params=params,
+                                           opt_state=opt_state), grads, stage_step)
+    loss, grad_norm = loss_sum / total_weight, optax.tree.norm(grads)
+    # A non-finite loss, gradient or update leaves params, optimizer and method state as they
+    # were: the step is skipped (and counted by the trainer), never applied.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+    for value in aux.values():
+      finite &= jnp.isfinite(value)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
                "train/learning_rate": learning_rate_of(opt_state),  # As applied.
-               "train/nonfinite": 1.0 - finite.astype(jnp.float32)}
-    return TrainState(state.step + 1, keep(params, state.params),
-                      keep(opt_state, state.opt_state)), metrics
+               "train/nonfinite": 1.0 - finite.astype(jnp.float32),
+               **{f"train/aux/{name}": value for name, value in aux.items()}}
+    new = new.replace(params=keep(new.params, state.params),
+                      opt_state=keep(new.opt_state, state.opt_state),
+                      method_state=keep(new.method_state, state.method_state))
+    return new, {**metrics, **hooks.metrics(new)}
 
   replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
   return jax.jit(train_step, in_shardings=(shardings, batch_sharding),
                  out_shardings=(shardings, replicated), donate_argnums=0)
+
+
+def make_params_for_eval(stage: Stage, stage_start: int = 0):
+  """state -> the params the model is evaluated (and sampled) with: the stage's params_for_loss
+  hooks applied, or the params themselves when it has none."""
+  hooks = MethodHooks(stage.methods)
+  if not any(m.params_for_loss for m in stage.methods):
+    return lambda state: state.params
+  return jax.jit(lambda state: hooks.params_for_loss(state.params, state.method_state,
+                                                     state.step - stage_start))
 
 
 def make_eval_step(stage: Stage, param_shardings, batch_sharding):

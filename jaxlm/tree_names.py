@@ -23,3 +23,20 @@ def flatten_names(tree) -> dict:
   """{"params/layer_0/mlp/up": leaf, ...} for a state, a restored checkpoint or their shapes."""
   return {path_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(tree)
           if leaf is not None}
+
+
+def shapes_of(tree) -> dict[str, tuple[int, ...]]:
+  return {name: tuple(leaf.shape) for name, leaf in flatten_names(tree).items()}
+
+
+def first_difference(have: dict, want: dict, have_label: str, want_label: str) -> str | None:
+  """The first tensor (params before optimizer state) missing, extra or of another shape in
+  `have` against `want` ({name: shape}), in words; None if they agree."""
+  for name in sorted(set(have) | set(want), key=lambda k: (not k.startswith("params/"), k)):
+    if name not in have:
+      return f"{name!r} {want[name]} is missing {have_label} but needed {want_label}"
+    if name not in want:
+      return f"{name!r} {have[name]} is {have_label} but not {want_label}"
+    if have[name] != want[name]:
+      return f"{name!r} is {have[name]} {have_label} but {want[name]} {want_label}"
+  return None

@@ -37,7 +37,7 @@ def quick_run_args(model_dir, text_file, *extra):
       "--gin.DataConfig.max_eval_batches=2",
       "--gin.warmup_cosine.warmup_steps=2",
       "--gin.TrainerConfig.log_every=2",
-      "--gin.TrainerConfig.eval_every=3",
+      "--gin.EvalConfig.every=3",
       "--gin.TrainerConfig.checkpoint_every=3",
       "--gin.TrainerConfig.sample_tokens=16",
       "--gin.TrainerConfig.peak_flops_per_device=1e12",

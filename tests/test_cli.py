@@ -32,7 +32,8 @@ def test_end_to_end_cli_run_in_a_subprocess(tmp_path, small_text_file):
   assert train_steps == [2, 4, 6]
   assert all(r["perf/tokens_per_sec"] > 0 and 0 < r["perf/mfu"] for r in records
              if "perf/mfu" in r)
-  assert [r["step"] for r in records if "eval/loss" in r] == [3, 6]
+  # The baseline before the first update, then every 3 steps.
+  assert [r["step"] for r in records if "eval/loss" in r] == [0, 3, 6]
   assert sorted(os.listdir(model_dir / "checkpoints")) == ["3", "6"]
   assert os.listdir(model_dir / "tensorboard")
   assert "Stage.num_steps = 6" in (model_dir / "config.gin").read_text()

@@ -21,7 +21,7 @@ from jaxlm import parallel, preflight, trainer
 from jaxlm.checkpoint import CORRUPT_DIR, Checkpointer
 from jaxlm.data.pipeline import build_datasets
 from jaxlm.errors import TrainingDiverged, UserError
-from jaxlm.evaluate import token_losses
+from jaxlm.model import token_losses
 from jaxlm.model import ModelConfig
 from jaxlm.optim.schedules import warmup_cosine
 from jaxlm.preemption import EXIT_FORCED, EXIT_PREEMPTED
@@ -36,7 +36,7 @@ STEPS = 60
 def _cli_args(model_dir, corpus):
   return [sys.executable, "-m", "jaxlm.train", *quick_run_args(
       model_dir, corpus, f"--gin.Stage.num_steps={STEPS}", "--gin.TrainerConfig.log_every=1",
-      "--gin.TrainerConfig.checkpoint_every=5", "--gin.TrainerConfig.eval_every=1000",
+      "--gin.TrainerConfig.checkpoint_every=5", "--gin.EvalConfig.every=1000",
       "--gin.TrainerConfig.sample_tokens=0", "--gin.TrainerConfig.progress='log'")]
 
 

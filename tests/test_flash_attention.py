@@ -6,6 +6,7 @@ interpret=True, which executes the same kernel bodies, index maps and block sche
 """
 
 import functools
+import subprocess
 import sys
 
 import jax
@@ -15,9 +16,12 @@ import optax
 import pytest
 
 from jaxlm.errors import UserError
+from jaxlm import kernels
 from jaxlm.kernels import flash_tiles as tiles
-from jaxlm.kernels.attention_impls import choose_attention_impl, splash_attention
+from jaxlm.kernels.attention_impls import (choose_attention_impl, pallas_attention,
+                                           splash_attention)
 from jaxlm.kernels.flash_attention import FlashBlockSizes, flash_attention, make_plan
+from jaxlm.masking import MASK_VALUE
 from jaxlm.model import ModelConfig, forward, init_params
 from jaxlm.model import attention
 from jaxlm.model.attention import dot_product_attention, xla_attention
@@ -112,8 +116,8 @@ def test_a_fully_masked_key_block_is_wiped_by_the_online_softmax():
   hidden = jnp.zeros((4, 8), bool)
   visible = jnp.ones((4, 8), bool).at[3].set(False)  # Row 3 sees nothing in either block.
   stats = tiles.initial_stats(4, 1, 16)
-  stats = tiles.online_softmax_step(jnp.where(hidden, s1, attention.MASK_VALUE), v1, *stats)
-  stats = tiles.online_softmax_step(jnp.where(visible, s2, attention.MASK_VALUE), v2, *stats)
+  stats = tiles.online_softmax_step(jnp.where(hidden, s1, MASK_VALUE), v1, *stats)
+  stats = tiles.online_softmax_step(jnp.where(visible, s2, MASK_VALUE), v2, *stats)
   out, lse = tiles.finish_softmax(*stats)
   want = jax.nn.softmax(s2[:3], axis=-1) @ v2
   np.testing.assert_allclose(out[:3], want, atol=1e-6, rtol=1e-6)
@@ -207,13 +211,38 @@ def test_a_training_step_with_pallas_equals_one_with_xla():
 
 
 def test_pallas_in_a_model_config_needs_no_extra_import(monkeypatch):
-  # Start as a fresh process would: only 'xla' registered, the kernels module not imported.
-  monkeypatch.setattr(attention, "ATTENTION_IMPLS", {"xla": xla_attention})
+  # Start as a fresh process would: the kernels module not imported (and put back afterwards).
   monkeypatch.delitem(sys.modules, "jaxlm.kernels.attention_impls")
+  monkeypatch.delattr(kernels, "attention_impls")
   q, k, v, segments, _ = _inputs(4, 1, 32, 2, 1, 16, jnp.float32)
   out = dot_product_attention(q, k, v, segments, impl="pallas")
   np.testing.assert_allclose(out, xla_attention(q, k, v, segments), atol=2e-5, rtol=1e-5)
-  assert {"pallas", "cudnn", "splash", "auto"} <= set(attention.ATTENTION_IMPLS)
+  assert "jaxlm.kernels.attention_impls" in sys.modules
+  assert set(attention.ATTENTION_IMPLS) == {"xla", "xla_blocked", "pallas", "cudnn", "splash",
+                                            "auto"}
+
+
+# Each in a fresh interpreter: what one import loads, with nothing imported before it.
+@pytest.mark.parametrize("module, never_loaded", [
+    ("jaxlm.kernels.attention_impls", "jaxlm.model"),  # Kernels never import the model.
+    ("jaxlm.model", "jaxlm.kernels"),  # A model that only runs XLA never imports Pallas.
+])
+def test_imports_do_not_run_in_a_circle(module, never_loaded):
+  script = (f"import sys, {module}\n"
+            f"print([m for m in sys.modules if m.startswith({never_loaded!r})])")
+  loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True).stdout.strip()
+  assert loaded == "[]"
+
+
+def test_the_table_hands_out_functions_by_name():
+  """Callers outside the model (tools/bench_attention.py) index the table directly."""
+  impls = attention.ATTENTION_IMPLS
+  assert impls["pallas"] is pallas_attention and impls["xla"] is xla_attention
+  assert "flash" not in impls
+  q, k, v, segments, _ = _inputs(8, 1, 16, 2, 1, 16, jnp.float32)
+  np.testing.assert_array_equal(impls["auto"](q, k, v, segments),
+                                attention.xla_blocked_attention(q, k, v, segments))
 
 
 @pytest.mark.parametrize("impl, match", [("splash", "needs a TPU"),

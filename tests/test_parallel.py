@@ -3,19 +3,24 @@ accumulation equals the full batch, and two processes equal one (jax.distributed
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
 from conftest import REPO_ROOT
 from jaxlm import parallel
 from jaxlm.errors import UserError
-from jaxlm.model import ModelConfig
+from jaxlm.model import ModelConfig, init_params, logical_axes
+from jaxlm.optim.optimizers import adamw
 from jaxlm.stages import Stage
 from jaxlm.train_step import sharded_init, state_shardings
 
@@ -161,3 +166,176 @@ def test_bad_mesh_on_the_command_line_exits_2(tmp_path, small_text_file, capsys)
   assert train.main(quick_run_args(tmp_path / "run", small_text_file,
                                    "--gin.MeshConfig.data=3")) == 2
   assert "needs 3 devices but there are 1" in capsys.readouterr().err
+
+
+# Optimizer-state shardings on a real mesh of 8 CPU devices. jax fixes its device count when it
+# starts, so these tests run in one child pytest with 8 forced host devices; here each checks
+# the child's outcome for itself.
+EIGHT_DEVICES_ENV = "JAXLM_TEST_EIGHT_CPU_DEVICES"
+MESH_8 = parallel.MeshConfig(data=1, fsdp=4, tensor=2)
+EIGHT_DEVICE_TESTS = []
+
+
+@pytest.fixture(scope="module")
+def eight_device_outcomes():
+  env = {**os.environ, EIGHT_DEVICES_ENV: "1",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  tests = [f"tests/test_parallel.py::{name}" for name in EIGHT_DEVICE_TESTS]
+  done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider",
+                         *tests], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
+  outcomes = {name: outcome for outcome, name in re.findall(
+      r"^([A-Z]+) tests/test_parallel.py::(\w+)", done.stdout, re.M)}
+  return outcomes, done.stdout + done.stderr
+
+
+def on_eight_devices(test):
+  """`test(mesh)` runs in the child, on a data=1, fsdp=4, tensor=2 mesh of CPU devices."""
+  EIGHT_DEVICE_TESTS.append(test.__name__)
+
+  def run(request):
+    if os.environ.get(EIGHT_DEVICES_ENV):
+      return test(parallel.make_mesh(MESH_8, jax.devices("cpu")[:8]))
+    outcomes, output = request.getfixturevalue("eight_device_outcomes")
+    assert outcomes.get(test.__name__) == "PASSED", output[-8000:]
+
+  run.__name__ = test.__name__
+  return run
+
+
+# d_model 64, 4 heads of 16, mlp 192, vocab 384: no parameter has two dimensions of one size.
+MODEL_8 = ModelConfig(d_model=64, num_layers=1, mlp_dim=192)
+
+
+def _setup(mesh, optimizer):
+  """The trainer's optimizer (inject_hyperparams around `optimizer`), abstract params, their
+  logical shardings, and the abstract optimizer state."""
+  tx = Stage(num_steps=10, model=MODEL_8, optimizer=optimizer).make_optimizer()
+  abstract_params = jax.eval_shape(lambda: init_params(MODEL_8, jax.random.key(0)))
+  param_shardings = parallel.logical_shardings(abstract_params, logical_axes(MODEL_8), mesh,
+                                               MESH_8.resolved_rules())
+  return tx, abstract_params, param_shardings, jax.eval_shape(tx.init, abstract_params)
+
+
+def _assert_valid(abstract_tree, shardings, mesh):
+  """Every spec has its leaf's rank and splits only dimensions that divide over its axes."""
+  for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(abstract_tree)[0],
+                                    jax.tree.leaves(shardings)):
+    assert len(sharding.spec) == leaf.ndim, (jax.tree_util.keystr(path), sharding.spec)
+    for size, axes in zip(leaf.shape, sharding.spec):
+      axes = axes if isinstance(axes, tuple) else (axes,)
+      devices = int(np.prod([mesh.shape[a] for a in axes if a is not None]))
+      assert size % devices == 0, (jax.tree_util.keystr(path), leaf.shape, sharding.spec)
+
+
+def _init_into(tx, shardings):
+  """Runs the optimizer's init straight into `shardings`; returns the state's shardings."""
+  params = init_params(MODEL_8, jax.random.key(0))
+  return jax.tree.map(lambda x: x.sharding, jax.jit(tx.init, out_shardings=shardings)(params))
+
+
+def _spec_without(spec, dim):
+  return P(*(axes for d, axes in enumerate(spec) if d != dim))
+
+
+@on_eight_devices
+def test_adafactor_factored_moments_keep_their_params_axes_on_the_dims_they_keep(mesh):
+  tx, abstract_params, params, abstract_state = _setup(
+      mesh, lambda learning_rate: optax.adafactor(learning_rate, min_dim_size_to_factor=8))
+  shardings = parallel.optimizer_state_shardings(tx, abstract_state, params, mesh,
+                                                 abstract_params)
+  _assert_valid(abstract_state, shardings, mesh)
+  factored = shardings.inner_state[0]  # inject_hyperparams(adafactor) = chain(factored, ...)
+  checked = 0
+  for (path, param), sharding in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+                                     jax.tree.leaves(params)):
+    if param.ndim < 2:
+      continue
+    keys = [k.key for k in path]
+    # optax: v_row drops the largest dimension, v_col the second largest.
+    second, largest = np.argsort(param.shape)[-2:]
+    assert _get(factored.v_row, keys).spec == _spec_without(sharding.spec, largest), keys
+    assert _get(factored.v_col, keys).spec == _spec_without(sharding.spec, second), keys
+    checked += 1
+  assert checked == 9
+  assert _init_into(tx, shardings) == shardings
+
+
+class LowRank(NamedTuple):
+  projector: Any  # (m, r)
+  moment: Any  # (r, n)
+
+
+def galore_like(rank: int, per_param: bool) -> optax.GradientTransformation:
+  """GaLore's state (Zhao et al. 2403.03507) for every 2-D parameter: a projector and a
+  low-rank moment; other parameters keep a full moment. `per_param` keeps a LowRank per
+  parameter (which optax.tree_map_params cannot trace), else a tree of each. The update is
+  the identity: only the state's layout matters here."""
+  def projector(p):
+    return jnp.zeros((p.shape[0], rank)) if p.ndim == 2 else jnp.zeros((1,))
+
+  def moment(p):
+    return jnp.zeros((rank, p.shape[1])) if p.ndim == 2 else jnp.zeros_like(p)
+
+  def init(params):
+    if per_param:
+      return jax.tree.map(lambda p: LowRank(projector(p), moment(p)), params)
+    return LowRank(jax.tree.map(projector, params), jax.tree.map(moment, params))
+
+  return optax.GradientTransformation(init, lambda updates, state, params=None: (updates, state))
+
+
+def _low_rank(state, keys, per_param) -> LowRank:
+  if per_param:
+    leaf = _get(state, keys)
+    return leaf if isinstance(leaf, LowRank) else LowRank(None, leaf)
+  return LowRank(_get(state.projector, keys), _get(state.moment, keys))
+
+
+@on_eight_devices
+def test_galore_projectors_split_m_like_their_param_and_replicate_the_rank(mesh):
+  for per_param in (False, True):
+    # Rank 3 divides no mesh axis: giving the projector its param's spec cannot work.
+    tx, abstract_params, params, abstract_state = _setup(
+        mesh, lambda learning_rate, per_param=per_param: optax.chain(
+            galore_like(3, per_param), optax.scale(learning_rate)))
+    shardings = parallel.optimizer_state_shardings(tx, abstract_state, params, mesh,
+                                                   abstract_params)
+    _assert_valid(abstract_state, shardings, mesh)
+    checked = 0
+    for (path, param), sharding in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+                                       jax.tree.leaves(params)):
+      keys = [k.key for k in path]
+      projector, moment = _low_rank(shardings.inner_state[0], keys, per_param)
+      if param.ndim == 2:
+        assert projector.spec == P(sharding.spec[0], None), (per_param, keys)
+        assert moment.spec == P(None, sharding.spec[1]), (per_param, keys)
+        checked += 1
+      else:
+        assert moment == sharding, (per_param, keys)
+    assert checked == 5
+    assert _init_into(tx, shardings) == shardings
+
+
+@on_eight_devices
+def test_adamw_moments_take_exactly_their_params_shardings(mesh):
+  tx, abstract_params, params, abstract_state = _setup(mesh, adamw)
+  replicated = NamedSharding(mesh, P())
+  before = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_state, params,
+                                 transform_non_params=lambda _: replicated,
+                                 is_leaf=lambda x: isinstance(x, NamedSharding))
+  for shapes in (abstract_params, None):  # None: shapes unknown, as train_step calls it.
+    assert parallel.optimizer_state_shardings(tx, abstract_state, params, mesh, shapes) == before
+  adam = before.inner_state[1][0]  # chain(clip, adamw): adamw's first part is scale_by_adam.
+  assert adam.mu == params and adam.nu == params and adam.count == replicated
+
+
+@on_eight_devices
+def test_the_trainer_initialises_factored_and_low_rank_state_into_valid_shardings(mesh):
+  for optimizer in (lambda learning_rate: optax.adafactor(learning_rate, min_dim_size_to_factor=8),
+                    lambda learning_rate: optax.chain(galore_like(3, True),
+                                                      optax.scale(learning_rate))):
+    stage = Stage(num_steps=10, model=MODEL_8, optimizer=optimizer)
+    shardings = state_shardings(stage, mesh, MESH_8.resolved_rules())
+    state = sharded_init(stage, shardings, jax.random.key(0))
+    _assert_valid(state.opt_state, shardings.opt_state, mesh)

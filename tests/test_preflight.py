@@ -74,7 +74,7 @@ def _error_lines(stderr: str) -> list[str]:
     (["--gin.TrainerConfig.keep_checkpoint_every=0"], "TrainerConfig.keep_checkpoint_every must be"),
     (["--gin.TrainerConfig.checkpoint_every=0"], "TrainerConfig.checkpoint_every must be"),
     (["--gin.TrainerConfig.log_every=0"], "TrainerConfig.log_every must be an integer in [1, inf)"),
-    (["--gin.TrainerConfig.eval_every=0"], "TrainerConfig.eval_every must be"),
+    (["--gin.EvalConfig.every=0"], "EvalConfig.every must be"),
     (["--gin.TrainerConfig.progress='fancy'"], "TrainerConfig.progress must be one of ['auto', 'bar', 'log']"),
     # A string where a number belongs; non-finite and out-of-range hyper-parameters.
     (["--gin.DataConfig.batch_size='4'"], "DataConfig.batch_size must be an integer, got '4' (str)"),
@@ -225,7 +225,7 @@ def test_kept_optimizer_state_must_fit_the_next_stage(small_text_file):
   first = _stage(small_text_file, 4, name="adam")
   second = _stage(small_text_file, 4, name="sgd", keep_optimizer_state=True,
                   optimizer=lambda schedule: optax.sgd(schedule, momentum=0.9))
-  with pytest.raises(UserError, match="keep_optimizer_state needs the same optimizer state in "
-                                      "both stages, but 'opt_state/"):
+  with pytest.raises(UserError, match="keep_optimizer_state needs the optimizer state the "
+                                      "transition gives to fit the stage, but 'opt_state/"):
     preflight.check_transitions([first, second])
   preflight.check_transitions([first, dataclasses.replace(second, optimizer=first.optimizer)])

@@ -23,7 +23,7 @@ from jaxlm.train_step import init_state, make_train_step, sharded_init, state_sh
 
 TINY = ModelConfig(vocab_size=384, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
                    mlp_dim=192, max_seq_len=128)
-QUIET = trainer.TrainerConfig(log_every=2, eval_every=4, checkpoint_every=4, progress="log",
+QUIET = trainer.TrainerConfig(log_every=2, checkpoint_every=4, progress="log",
                               tensorboard=False, peak_flops_per_device=1e12, sample_tokens=0)
 
 

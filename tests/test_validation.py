@@ -15,7 +15,8 @@ from jaxlm.optim.schedules import warmup_constant, warmup_cosine
 from jaxlm.parallel import DistributedConfig, MeshConfig
 from jaxlm.restore import RestoreConfig
 from jaxlm.stages import Stage
-from jaxlm.trainer import TrainerConfig, nonfinite_cause
+from jaxlm.cadence import nonfinite_cause
+from jaxlm.trainer import TrainerConfig
 from jaxlm.validation import check_range
 
 

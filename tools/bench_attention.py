@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.errors import UserError
-from jaxlm.kernels import attention_impls  # Registers pallas, cudnn, splash, auto.
+from jaxlm.kernels import attention_impls  # choose_attention_impl.
 from jaxlm.model.attention import ATTENTION_IMPLS
 
 

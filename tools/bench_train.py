@@ -33,7 +33,7 @@ def main() -> int:
         *(f"--gin_bindings={b}" for b in args.gin_bindings),
         f"--gin.MODEL_DIR='{model_dir}'", f"--gin.Stage.num_steps={args.steps}",
         f"--gin.TrainerConfig.log_every={args.log_every}",
-        f"--gin.TrainerConfig.eval_every={never}", f"--gin.TrainerConfig.checkpoint_every={never}",
+        f"--gin.EvalConfig.every={never}", f"--gin.TrainerConfig.checkpoint_every={never}",
         "--gin.TrainerConfig.sample_tokens=0", "--gin.TrainerConfig.progress='log'",
         "--gin.TrainerConfig.tensorboard=False",
     ])

@@ -104,10 +104,16 @@ def _sources_of(config: DataConfig) -> list:
   return found
 
 
-def check_sources(config: DataConfig) -> None:
-  """The sources resolve (paths exist, names are unique) and the mixture names only them,
-  without reading or tokenizing any text: what a run checks for every stage at start-up."""
+def _eval_domain_sources(eval_domains: Sequence[Any]) -> list:
+  return source_lib.as_sources(list(eval_domains), "EvalConfig.domains") if eval_domains else []
+
+
+def check_sources(config: DataConfig, eval_domains: Sequence[Any] = ()) -> None:
+  """The sources (and evaluation-only domains) resolve (paths exist, names are unique) and the
+  mixture names only them, without reading or tokenizing any text: what a run checks for every
+  stage at start-up."""
   found = _sources_of(config)
+  _eval_domain_sources(eval_domains)
   if config.mixture is not None:
     normalize_weights(config.mixture, [s.name for s in found])
 
@@ -129,27 +135,41 @@ def _valid_documents(config: DataConfig, tokenizer):
   return valid[0].load(tokenizer).train
 
 
+def _train_and_valid(source, config: DataConfig, tokenizer):
+  """A source's train and validation documents: its own validation set, else
+  DataConfig.valid_source, else a seeded split."""
+  loaded = source.load(tokenizer)
+  valid = loaded.valid
+  if valid is None and config.valid_source is not None:
+    valid = _valid_documents(config, tokenizer)
+  if valid is not None:
+    return loaded.train, valid
+  return split_train_valid(loaded.train, config.valid_fraction, config.seed,
+                           name=f"source {source.name!r}")
+
+
+def _eval_batches(valid, name: str, config: DataConfig, tokenizer) -> list[Batch]:
+  rows = PackedRows(valid, config.seq_len, tokenizer.bos_id, tokenizer.eos_id,
+                    getattr(tokenizer, "pad_id", 0), name=f"the valid split of source {name!r}")
+  return eval_batches(rows, config.eval_batch_size or config.batch_size, config.max_eval_batches)
+
+
 def build_datasets(config: DataConfig, shard_index: int = 0, shard_count: int = 1, *,
-                   start_rows: Mapping[str, int] | None = None) -> Datasets:
+                   start_rows: Mapping[str, int] | None = None,
+                   eval_domains: Sequence[Any] = ()) -> Datasets:
   """Reads, tokenizes and splits every source; returns this host's train batches, the eval
   batches of every domain (not sharded: each host evaluates all of them) and the tokenizer.
 
   `start_rows` ({source: rows}) skips rows already drawn, e.g. an earlier stage's
   `train.rows_drawn(its num_steps)`, so a later stage continues each source instead of
-  restarting it.
+  restarting it. `eval_domains` (EvalConfig.domains) are more sources evaluated, not trained.
   """
   tokenizer = resolve_tokenizer(config.tokenizer)
   found = _sources_of(config)
-  eval_batch_size = config.eval_batch_size or config.batch_size
   pad_id = getattr(tokenizer, "pad_id", 0)
   train_rows, evaluation = {}, {}
   for source in found:
-    loaded = source.load(tokenizer)
-    valid = loaded.valid
-    if valid is None and config.valid_source is not None:
-      valid = _valid_documents(config, tokenizer)
-    train, valid = ((loaded.train, valid) if valid is not None else split_train_valid(
-        loaded.train, config.valid_fraction, config.seed, name=f"source {source.name!r}"))
+    train, valid = _train_and_valid(source, config, tokenizer)
     # A seeded document order, so that documents stored side by side (one file's worth, one
     # domain's worth) do not share rows in every epoch's first batches.
     order = np.random.default_rng(derived_seed(config.seed, "documents", source.name, bits=63)
@@ -157,13 +177,15 @@ def build_datasets(config: DataConfig, shard_index: int = 0, shard_count: int = 
     train_rows[source.name] = PackedRows(
         train, config.seq_len, tokenizer.bos_id, tokenizer.eos_id, pad_id, order,
         name=f"the train split of source {source.name!r}")
-    valid_rows = PackedRows(valid, config.seq_len, tokenizer.bos_id, tokenizer.eos_id, pad_id,
-                            name=f"the valid split of source {source.name!r}")
-    evaluation[source.name] = eval_batches(valid_rows, eval_batch_size, config.max_eval_batches)
+    evaluation[source.name] = _eval_batches(valid, source.name, config, tokenizer)
     logger.info("source %r: train %d documents, %d tokens, %d rows of %d; valid %d documents, "
                 "%d tokens, %d eval batches", source.name, train.num_documents, train.num_tokens,
                 train_rows[source.name].num_rows, config.seq_len, valid.num_documents,
                 valid.num_tokens, len(evaluation[source.name]))
+  for source in _eval_domain_sources(eval_domains):
+    if source.name not in evaluation:  # A domain the stage also trains on is evaluated once.
+      evaluation[source.name] = _eval_batches(_train_and_valid(source, config, tokenizer)[1],
+                                              source.name, config, tokenizer)
   weights = _weights(config, found, train_rows)
   batches = TrainBatches(train_rows, weights, config.batch_size, config.seed, shard_index,
                          shard_count, start_rows)

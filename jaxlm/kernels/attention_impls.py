@@ -1,14 +1,15 @@
-"""The attention implementations beyond the XLA reference, registered in ATTENTION_IMPLS.
+"""The attention implementations beyond the XLA reference, and the choice behind 'auto'.
 
   pallas  our flash-attention kernel (`flash_attention`); runs in interpret mode on CPU
   cudnn   cuDNN's fused flash attention through `jax.nn.dot_product_attention` (NVIDIA GPUs)
   splash  JAX's TPU splash attention, which skips fully masked tiles (TPUs)
-  auto    the best available: TPU -> splash, GPU -> cudnn when it fits else pallas,
-          CPU -> xla_blocked (causal blocks in plain XLA, `jaxlm.model.attention`)
 
 All take `fn(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, *, causal)`, so `ModelConfig.attention_impl`
-switches between them with no change to the model. `jaxlm.model.attention` imports this module
-the first time an implementation other than 'xla' is asked for.
+switches between them with no change to the model. `choose_attention_impl` names what 'auto'
+runs: TPU -> splash, GPU -> cudnn when it fits else pallas, CPU -> xla_blocked (causal blocks in
+plain XLA, in the model). The model's dispatch table (`ATTENTION_IMPLS` in model/attention.py)
+names these functions and imports this module the first time one is asked for; this module never
+imports the model (the shared mask is in `jaxlm.masking`).
 """
 
 import functools
@@ -20,7 +21,7 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 from jaxlm.errors import UserError
 from jaxlm.kernels.flash_attention import FlashBlockSizes, flash_attention
-from jaxlm.model.attention import ATTENTION_IMPLS
+from jaxlm.masking import attention_mask
 
 # cuDNN takes document masks only as a dense [B, 1, L, S] bias (and JAX also returns its
 # gradient), so its memory grows as L². 'auto' prefers our kernel beyond this length. A guess
@@ -57,7 +58,7 @@ def cudnn_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, *, causal: bool = Tr
   _require_backend("cudnn", "gpu", "an NVIDIA GPU")
   if problem := cudnn_limitation(q_BLHK):
     raise UserError(f"attention_impl='cudnn' cannot take {problem}; use 'pallas' or 'auto'")
-  same_doc_B1LS = (segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :])[:, None]
+  same_doc_B1LS = attention_mask(segment_ids_BL, segment_ids_BL, causal=False)[:, None]
   return jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, mask=same_doc_B1LS,
                                       is_causal=causal, implementation="cudnn")
 
@@ -94,7 +95,7 @@ def splash_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, *, causal: bool = T
 
 
 def choose_attention_impl(q_BLHK) -> str:
-  """What 'auto' runs for these inputs on this backend."""
+  """What 'auto' runs for these inputs on this backend: a name in the model's dispatch table."""
   backend = jax.default_backend()
   if backend == "tpu":
     return "splash" if q_BLHK.shape[1] % 128 == 0 else "pallas"
@@ -102,12 +103,3 @@ def choose_attention_impl(q_BLHK) -> str:
     usable = cudnn_limitation(q_BLHK) is None and q_BLHK.shape[1] <= CUDNN_AUTO_MAX_LENGTH
     return "cudnn" if usable else "pallas"
   return "xla_blocked"  # Interpret-mode kernels on CPU are for testing, far slower than XLA.
-
-
-def auto_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, *, causal: bool = True):
-  impl = ATTENTION_IMPLS[choose_attention_impl(q_BLHK)]
-  return impl(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, causal=causal)
-
-
-ATTENTION_IMPLS.update(pallas=pallas_attention, cudnn=cudnn_attention, splash=splash_attention,
-                       auto=auto_attention)

@@ -10,16 +10,17 @@ Forward: the online softmax of Milakov & Gimelshein (1805.02867) as arranged by 
 unnormalised output `acc`; rescale them when the max grows. Backward (same paper, algorithm 2):
 recompute P = exp(S - logsumexp) tile by tile from the saved logsumexp instead of storing it.
 
-Masking: masked logits are replaced by MASK_VALUE, a large *finite* negative number (as in the
-XLA reference). A key block that is fully masked for a row then contributes exp(MASK - m) = 0
-once the row has seen any visible key, and the running max of a row that has seen none stays at
-MASK_VALUE, so no step ever computes inf - inf: outputs and gradients are always finite.
+Masking: masked logits are replaced by MASK_VALUE (`jaxlm.masking`, shared with the XLA
+reference), a large *finite* negative number. A key block that is fully masked for a row then
+contributes exp(MASK - m) = 0 once the row has seen any visible key, and the running max of a row
+that has seen none stays at MASK_VALUE, so no step ever computes inf - inf: outputs and gradients
+are always finite.
 """
 
 import jax.numpy as jnp
 from jax import lax
 
-from jaxlm.model.attention import MASK_VALUE
+from jaxlm.masking import MASK_VALUE
 
 _CONTRACT_LAST = (((1,), (1,)), ((), ()))   # a @ b.T
 _CONTRACT_FIRST = (((0,), (0,)), ((), ()))  # a.T @ b

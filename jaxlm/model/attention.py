@@ -1,34 +1,24 @@
 """Grouped-query self-attention and the one dispatch point for attention implementations.
 
-`dot_product_attention` is the only place the model computes softmax(QKᵀ)V. Kernels (Pallas,
-cuDNN, splash) register themselves in `ATTENTION_IMPLS` with the same signature, and the model
-code never changes between them (MaxText dispatches the same way).
+`dot_product_attention` is the only place the model computes softmax(QKᵀ)V. The model owns the
+table of implementations, `ATTENTION_IMPLS`: the XLA ones live here, and the kernels (Pallas,
+cuDNN, splash) are looked up by name in `jaxlm.kernels.attention_impls`, imported on first use.
+All share one signature, so the model code never changes between them (MaxText dispatches the
+same way). The kernels never import the model; both take the mask from `jaxlm.masking`.
 """
 
 import functools
 import math
-from typing import Callable
+from collections.abc import Callable, Iterator, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jaxlm.errors import UserError
+from jaxlm.masking import MASK_VALUE, attention_mask
 from jaxlm.model.config import ModelConfig
 from jaxlm.model.layers import apply_rope, param_with_axes
-
-# Large but finite: a fully masked row (padding) then gives a uniform softmax instead of NaN.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
-
-def attention_mask(q_segments_BL, k_segments_BS, causal: bool, q_offset: int = 0):
-  """[B, L, S] boolean mask: same document (segment id) and, if causal, not in the future.
-  Queries are rows q_offset.. of the sequence and keys its first S rows (a query block)."""
-  mask_BLS = q_segments_BL[:, :, None] == k_segments_BS[:, None, :]
-  if causal:
-    q_positions = q_offset + jnp.arange(q_segments_BL.shape[1])
-    mask_BLS &= (q_positions[:, None] >= jnp.arange(k_segments_BS.shape[1])[None, :])[None]
-  return mask_BLS
 
 
 def xla_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, *, causal: bool = True):
@@ -83,25 +73,52 @@ def xla_blocked_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, *, causal: boo
   return out_BGRLK.transpose(0, 3, 1, 2, 4).reshape(b, l, h, k)
 
 
-ATTENTION_IMPLS: dict[str, Callable] = {"xla": xla_attention, "xla_blocked": xla_blocked_attention}
+def _kernel_impls():
+  # Imported on first use, not at the top: a model that only runs XLA never imports Pallas.
+  import jaxlm.kernels.attention_impls as attention_impls  # pylint: disable=import-outside-toplevel
+  return attention_impls
+
+
+class _ImplTable(Mapping):
+  """Implementation name -> attention function. A value that is a string names a function in
+  `jaxlm.kernels.attention_impls`, fetched when it is looked up."""
+
+  def __init__(self, **impls: Callable | str):
+    self._impls = impls
+
+  def __getitem__(self, name: str) -> Callable:
+    impl = self._impls[name]
+    return getattr(_kernel_impls(), impl) if isinstance(impl, str) else impl
+
+  def __contains__(self, name) -> bool:  # Mapping's would look the value up: an import.
+    return name in self._impls
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._impls)
+
+  def __len__(self) -> int:
+    return len(self._impls)
+
+
+def auto_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, *, causal: bool = True):
+  """The best implementation available for these inputs on this backend (see
+  `choose_attention_impl`)."""
+  impl = ATTENTION_IMPLS[_kernel_impls().choose_attention_impl(q_BLHK)]
+  return impl(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, causal=causal)
+
+
+ATTENTION_IMPLS = _ImplTable(xla=xla_attention, xla_blocked=xla_blocked_attention,
+                             pallas="pallas_attention", cudnn="cudnn_attention",
+                             splash="splash_attention", auto=auto_attention)
 # Implementations made of XLA ops: XLA partitions them itself (no shard_map needed).
 XLA_IMPLS = ("xla", "xla_blocked")
-
-
-def _register_kernel_impls() -> None:
-  # Imported on first use, not at the top: jaxlm.kernels imports this module to register into
-  # ATTENTION_IMPLS, and a model that only uses 'xla' never pays for importing Pallas.
-  import jaxlm.kernels.attention_impls  # noqa: F401  pylint: disable=import-outside-toplevel
 
 
 def dot_product_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, *, causal: bool = True,
                           impl: str = "xla"):
   """softmax(QKᵀ/√d + mask)V with document masking; `impl` picks the implementation."""
-  if impl not in ATTENTION_IMPLS:
-    _register_kernel_impls()
   if impl == "auto":  # Resolved here, so that an XLA choice is not wrapped like a kernel below.
-    from jaxlm.kernels.attention_impls import choose_attention_impl  # pylint: disable=import-outside-toplevel
-    impl = choose_attention_impl(q_BLHK)
+    impl = _kernel_impls().choose_attention_impl(q_BLHK)
   if impl not in ATTENTION_IMPLS:
     raise UserError(f"attention_impl={impl!r} is not available; choose one of "
                     f"{sorted(ATTENTION_IMPLS)}")

@@ -86,10 +86,17 @@ def forward(params, config: ModelConfig, tokens_BL, positions_BL=None, segment_i
   return Decoder(config).apply({"params": params}, tokens_BL, positions_BL, segment_ids_BL)
 
 
-def features(params, config: ModelConfig, tokens_BL, positions_BL=None, segment_ids_BL=None):
-  """(final hidden states x_BLD, output head w_DV): `forward` without its last matmul."""
-  return Decoder(config).apply({"params": params}, tokens_BL, positions_BL, segment_ids_BL,
-                               features_only=True)
+def features(params, config: ModelConfig, tokens_BL, positions_BL=None, segment_ids_BL=None,
+             with_intermediates: bool = False):
+  """(final hidden states x_BLD, output head w_DV): `forward` without its last matmul. With
+  `with_intermediates`: ((x_BLD, w_DV), the values modules sowed into "intermediates")."""
+  decoder = Decoder(config)
+  if not with_intermediates:
+    return decoder.apply({"params": params}, tokens_BL, positions_BL, segment_ids_BL,
+                         features_only=True)
+  out, collections = decoder.apply({"params": params}, tokens_BL, positions_BL, segment_ids_BL,
+                                   features_only=True, mutable=["intermediates"])
+  return out, collections.get("intermediates", {})
 
 
 def count_params(params) -> int:
