@@ -135,6 +135,19 @@ class Checkpointer:
     args = ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore()
     return self._manager.restore(step, args=ocp.args.Composite(state=args))["state"]
 
+  def restore_part(self, step: int, target: dict):
+    """Only the top-level parts of the saved state that `target` names ({"params": abstract
+    tree, ...}, ShapeDtypeStructs with shardings): evaluation and sampling read the params and
+    never the optimizer state."""
+    restore_args = jax.tree.map(
+        lambda leaf: ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape,
+                                          dtype=leaf.dtype), target)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      return checkpointer.restore(
+          os.path.join(self.directory, str(step), "state"),
+          args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                      partial_restore=True))
+
   def restore_latest(self, make_target) -> tuple[int, dict, object] | None:
     """(step, meta, state) of the newest checkpoint that reads back, or None if there is none.
 

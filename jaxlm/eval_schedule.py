@@ -51,8 +51,9 @@ def forgetting(results: dict[str, float], baseline: dict[str, float]) -> dict[st
   have (and forgetting/all over all domains)."""
   out = {}
   for key, value in results.items():
-    if key.startswith("eval/") and key.endswith("/loss") and key in baseline:
-      out[f"forgetting/{key[len('eval/'):-len('/loss')]}"] = value - baseline[key]
+    parts = key.split("/")
+    if len(parts) == 3 and parts[0] == "eval" and parts[2] == "loss" and key in baseline:
+      out[f"forgetting/{parts[1]}"] = value - baseline[key]
   if "eval/loss" in results and "eval/loss" in baseline:
     out["forgetting/all"] = results["eval/loss"] - baseline["eval/loss"]
   return out

@@ -1,13 +1,9 @@
-"""Held-out evaluation (loss and bits per byte) and sampling from a trained model."""
+"""Held-out evaluation: loss and bits per byte (sampling is jaxlm.generate)."""
 
 import dataclasses
 import math
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-
-from jaxlm.model import ModelConfig, forward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,24 +41,3 @@ def evaluate(eval_step, params, eval_sets: dict[str, EvalSet]) -> dict[str, floa
                   "eval/bits_per_byte": nats / math.log(2) / max(num_bytes, 1.0),
                   "eval/targets": targets})
   return results
-
-
-def generate(params, cfg: ModelConfig, prompt_ids, num_tokens: int, rng, temperature: float = 0.8):
-  """Sample `num_tokens` after `prompt_ids`. Re-runs the model on a fixed-size window each step
-  (no KV cache): simple, jit-friendly, and fast enough for the small models of a sample print."""
-  prompt = np.asarray(prompt_ids, np.int32)
-  window = min(cfg.max_seq_len, len(prompt) + num_tokens)
-  prompt = prompt[-(window - 1):] if len(prompt) >= window else prompt
-  buffer = jnp.zeros((1, window), jnp.int32).at[0, :len(prompt)].set(prompt)
-
-  @jax.jit
-  def sample(params, buffer, rng):  # params as an argument: never baked in as constants.
-    def step(i, carry):
-      buffer, rng = carry
-      rng, key = jax.random.split(rng)
-      logits = forward(params, cfg, buffer)[0, i - 1]
-      token = jax.random.categorical(key, logits / max(temperature, 1e-6))
-      return buffer.at[0, i].set(token), rng
-    return jax.lax.fori_loop(len(prompt), window, step, (buffer, rng))[0]
-
-  return np.asarray(sample(params, buffer, rng))[0, len(prompt):]

@@ -37,8 +37,10 @@ def resolve_gin_file(name: str, paths: list[str]) -> str:
                   "or add its folder with --gin_search_paths")
 
 
-def parse(gin_files: list[str], bindings: list[str], extra_search_paths: list[str] = ()) -> None:
-  """Parse gin files then bindings (later ones win), turning gin's errors into UserError."""
+def parse(gin_files: list[str], bindings: list[str], extra_search_paths: list[str] = (),
+          base_config: str = "") -> None:
+  """Parse `base_config` (a saved run's config text), then gin files, then bindings (later ones
+  win), turning gin's errors into UserError."""
   import jaxlm.trainer  # noqa: F401  Registers every configurable before parsing.
   import jaxlm.kernels.flash_attention  # noqa: F401  FlashBlockSizes, for attention kernels.
 
@@ -50,6 +52,8 @@ def parse(gin_files: list[str], bindings: list[str], extra_search_paths: list[st
   # gin logs an ERROR for every search path an include is not in; the real failures raise.
   logging.disable(logging.ERROR)
   try:
+    if base_config:
+      gin.parse_config(base_config)
     gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
   except Exception as e:  # gin raises many types (incl. tokenize.TokenError) for bad text.  # pylint: disable=broad-except
     raise UserError(explain_gin_error(e)) from None

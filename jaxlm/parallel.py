@@ -214,6 +214,13 @@ def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
           for name, array in local_batch.items()}
 
 
+def host_rows(batch: dict) -> dict:
+  """This process's contiguous block of a batch every host holds whole (eval batches)."""
+  count, index = jax.process_count(), jax.process_index()
+  rows = next(iter(batch.values())).shape[0] // count
+  return {k: v[index * rows:(index + 1) * rows] for k, v in batch.items()}
+
+
 def per_device_bytes(tree) -> int:
   """Bytes of `tree` held by one device (the first addressable one)."""
   device = jax.local_devices()[0]

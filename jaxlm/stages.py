@@ -121,6 +121,11 @@ def continue_rows(rows_before: dict[str, int], stage: Stage) -> dict[str, int]:
   return {name: rows for name, rows in rows_before.items() if name not in stage.restart_sources}
 
 
+def configured_stages() -> list[Stage]:
+  """The stages the parsed gin config binds to run.stages, built as `run` would get them."""
+  return [ref.scoped_configurable_fn() for ref in gin.query_parameter("run.stages")]
+
+
 def stage_starts(stages) -> list[int]:
   """Global step at which each stage begins; the run ends at the sum of num_steps."""
   starts, total = [], 0

@@ -14,11 +14,11 @@ import sys
 
 import jax
 
-from jaxlm import gin_config, host_memory
-from jaxlm.errors import TrainingDiverged, UserError
+from jaxlm import cli, gin_config, host_memory
+from jaxlm.errors import TrainingDiverged
 from jaxlm.preemption import EXIT_FORCED, EXIT_PREEMPTED
 
-EXIT_USER_ERROR = 2
+EXIT_USER_ERROR = cli.EXIT_USER_ERROR
 EXIT_DIVERGED = 3
 
 
@@ -27,21 +27,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
       prog="python -m jaxlm.train", description=__doc__.split("\n\n")[0],
       epilog="Example: python -m jaxlm.train --gin_file=experiments/quickstart.gin "
              "--gin.MODEL_DIR=\"'/tmp/quick'\"")
-  parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
-  parser.add_argument("--gin_bindings", action="append", default=[],
-                      help="a gin binding such as \"Stage.num_steps = 100\" (repeatable)")
-  parser.add_argument("--gin_search_paths", action="append", default=[],
-                      help="extra folder to resolve gin files and includes in (repeatable)")
+  cli.add_gin_arguments(parser)
   parser.add_argument("--host_malloc", choices=("keep", "system"), default="keep",
                       help="keep: glibc malloc keeps freed memory and CPU steps run one at a "
                            "time (faster on CPU, resident memory stays at about one step's "
                            "worth; see jaxlm/host_memory.py); system: glibc's defaults")
-  args, rest = parser.parse_known_args(argv)
-  for arg in rest:  # --gin.NAME=VALUE is the T5X shorthand for a binding.
-    if not (arg.startswith("--gin.") and "=" in arg):
-      parser.error(f"unrecognized argument {arg!r}; bindings look like --gin.NAME=VALUE")
-    name, value = arg[len("--gin."):].split("=", 1)
-    args.gin_bindings.append(f"{name} = {value}")
+  args = cli.parse_with_gin_flags(parser, argv)
   if not args.gin_file:
     parser.error("give at least one --gin_file, e.g. --gin_file=experiments/quickstart.gin")
   return args
@@ -51,38 +42,28 @@ def main(argv: list[str] | None = None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   if args.host_malloc == "keep":
     host_memory.keep_freed_memory()
-  # Our own INFO lines only: gin, absl and orbax log chatty INFO records on the root logger.
-  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
-                      datefmt="%H:%M:%S")
-  logging.getLogger("jaxlm").setLevel(logging.INFO)
-  try:
+  cli.setup_logging()
+
+  def train() -> int:
     gin_config.parse(args.gin_file, args.gin_bindings, args.gin_search_paths)
     from jaxlm import parallel, trainer  # After parsing: import-time work never hides a flag error.
     parallel.initialize_distributed(parallel.DistributedConfig())  # Before any device is used.
     if jax.process_index() != 0:  # One voice per run: other processes only warn.
       logging.getLogger("jaxlm").setLevel(logging.WARNING)
-    results = trainer.run()
-  except TrainingDiverged as e:
-    return _fail(str(e), EXIT_DIVERGED)
-  except UserError as e:
-    return _fail(str(e))
-  except (TypeError, RuntimeError) as e:  # gin reports unset macros and bindings at call time.
-    message = gin_config.explain_unset_macro(e) or gin_config.explain_missing_bindings(e)
-    if message is None:
-      raise
-    return _fail(message)
+    try:
+      results = trainer.run()
+    except TrainingDiverged as e:
+      return cli.fail(str(e), EXIT_DIVERGED)
+    if results.pop("preempted"):
+      return EXIT_PREEMPTED
+    logging.getLogger("jaxlm").info("done: %s", {k: round(v, 4) for k, v in results.items()})
+    return 0
+
+  try:
+    return cli.run_guarded(train)
   except KeyboardInterrupt:  # Only before training starts; during it, signals are handled.
     print("jaxlm: interrupted", file=sys.stderr)
     return EXIT_FORCED
-  if results.pop("preempted"):
-    return EXIT_PREEMPTED
-  logging.getLogger("jaxlm").info("done: %s", {k: round(v, 4) for k, v in results.items()})
-  return 0
-
-
-def _fail(message: str, code: int = EXIT_USER_ERROR) -> int:
-  print(f"jaxlm: error: {message.splitlines()[0]}", file=sys.stderr)
-  return code
 
 
 if __name__ == "__main__":

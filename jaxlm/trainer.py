@@ -18,7 +18,7 @@ import gin
 import jax
 from jax.experimental import multihost_utils
 
-from jaxlm import evaluate, flops, parallel, preflight
+from jaxlm import flops, generate, parallel, preflight
 from jaxlm.cadence import NonfiniteTracker, StepLog
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.errors import TrainingDiverged, UserError
@@ -90,13 +90,6 @@ def write_config(model_dir: str, text: str) -> None:
   os.replace(path + ".tmp", path)
 
 
-def host_rows(batch: dict) -> dict:
-  """This process's contiguous block of a batch every host holds whole (eval batches)."""
-  count, index = jax.process_count(), jax.process_index()
-  rows = next(iter(batch.values())).shape[0] // count
-  return {k: v[index * rows:(index + 1) * rows] for k, v in batch.items()}
-
-
 class Trainer:
   """The per-run context shared by all stages: mesh, writers, checkpointer, counters that the
   checkpoint record keeps (skipped steps, data position, compute ledger, eval baseline)."""
@@ -127,7 +120,7 @@ class Trainer:
 
   def to_device(self, host_batch: dict) -> dict:
     """A batch every host holds whole -> one global array per field."""
-    return parallel.global_batch(host_rows(host_batch), self.batch_sharding)
+    return parallel.global_batch(parallel.host_rows(host_batch), self.batch_sharding)
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     """Every record carries the compute spent so far (total/flops, total/tokens)."""
@@ -277,12 +270,15 @@ class Trainer:
             f"the last checkpoint, step {latest}, is intact")
 
   def sample(self, state: TrainState) -> str:
-    tokenizer, config = self.setup.tokenizer, self.config
+    tokenizer, config, model = self.setup.tokenizer, self.config, self.setup.stage.model
     prompt = [tokenizer.bos_id, *tokenizer.encode(config.sample_prompt)]
-    ids = evaluate.generate(self.setup.params_for_eval(state), self.setup.stage.model, prompt,
-                            config.sample_tokens, jax.random.key(self.seed + 1),
-                            config.sample_temperature)
-    return config.sample_prompt + tokenizer.decode(ids)
+    prompt = prompt[-(model.max_seq_len - 1):]  # Room for at least one new token.
+    result = generate.generate_tokens(
+        self.setup.params_for_eval(state), model, [prompt],
+        min(config.sample_tokens, model.max_seq_len - len(prompt)), jax.random.key(self.seed + 1),
+        generate.Sampling(temperature=config.sample_temperature), eos_id=tokenizer.eos_id,
+        pad_id=getattr(tokenizer, "pad_id", 0))
+    return config.sample_prompt + tokenizer.decode(result.tokens[0])
 
 
 @gin.configurable

@@ -1,12 +1,23 @@
 """Shared fixtures: gin state is global, so every test starts from an empty config."""
 
+import importlib.util
 import pathlib
+import sys
 import textwrap
 
 import gin
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_tool(name: str):
+  """A script in tools/ as a module (tools/ is not a package)."""
+  spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "tools" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # Dataclasses and pickling look their module up by name.
+  spec.loader.exec_module(module)
+  return module
 
 
 @pytest.fixture(autouse=True)
@@ -43,3 +54,17 @@ def quick_run_args(model_dir, text_file, *extra):
       "--gin.TrainerConfig.peak_flops_per_device=1e12",
       *extra,
   ]
+
+
+@pytest.fixture(scope="session")
+def quick_trained_run(tmp_path_factory):
+  """(MODEL_DIR, corpus) of one quickstart run of 6 steps on a small text, checkpoints at steps
+  3 and 6, a sample printed at the end: shared by the tests of the tools that read a trained run
+  (eval, generate, lm-evaluation-harness), which must not write into it."""
+  root = tmp_path_factory.mktemp("quick_trained_run")
+  corpus = root / "corpus.txt"
+  corpus.write_text(pathlib.Path(textwrap.__file__).read_text(encoding="utf-8"), encoding="utf-8")
+  from jaxlm import train  # pylint: disable=import-outside-toplevel
+  assert train.main(quick_run_args(root / "run", corpus,
+                                   "--gin.TrainerConfig.progress='log'")) == 0
+  return root / "run", corpus

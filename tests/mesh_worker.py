@@ -27,6 +27,7 @@ COMMON = [
     "--gin.warmup_cosine.warmup_steps=5",
     "--gin.TrainerConfig.log_every=1",
     "--gin.EvalConfig.every=1000",
+    "--gin.EvalConfig.baseline=False",
     "--gin.TrainerConfig.checkpoint_every=1000",
     "--gin.TrainerConfig.sample_tokens=0",
     "--gin.TrainerConfig.tensorboard=False",

@@ -36,7 +36,7 @@ def _value_and_grads(fn, q, k, v, do):
 # (length, heads, kv_heads, head_dim, block): block edges on and off the length (last block
 # ragged), a single block, GQA groups of 1, 2 and 4.
 CASES = [(64, 2, 2, 16, 16), (100, 4, 2, 16, 32), (96, 4, 1, 8, None), (40, 2, 1, 16, 64),
-         (128, 8, 2, 32, 24)]
+         pytest.param(128, 8, 2, 32, 24, marks=pytest.mark.slow)]  # The largest: -m slow.
 
 
 @pytest.mark.parametrize("length, heads, kv_heads, head_dim, block", CASES)

@@ -1,7 +1,6 @@
 """tools/bench.py: the FLOP formula against a hand count and against the model's own matmuls,
 and the harness end to end on bench-tiny (a test of the tool, not of speed)."""
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -11,19 +10,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_tool
 from jaxlm import flops
 from jaxlm.model import ModelConfig, count_params, forward, init_params
 
 
-def _load_bench():
-  spec = importlib.util.spec_from_file_location("bench", REPO_ROOT / "tools" / "bench.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-bench = _load_bench()
+bench = load_tool("bench")
 # A model small enough that both frameworks take a step in well under a second.
 MICRO = bench.BenchConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2, mlp_dim=64,
                           seq_len=16, batch_size=2)

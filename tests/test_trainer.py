@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import shutil
 
 import jax
@@ -16,7 +15,6 @@ from jaxlm.data.sources import text_files
 from jaxlm.data.tokenizers import ByteTokenizer
 from jaxlm.errors import UserError
 from jaxlm.model import ModelConfig
-from jaxlm.optim.optimizers import adamw
 from jaxlm.optim.schedules import warmup_constant, warmup_cosine
 from jaxlm.stages import Stage
 from jaxlm.train_step import init_state, make_train_step, sharded_init, state_shardings
@@ -73,6 +71,8 @@ def test_tiny_model_overfits_a_small_text_far_below_unigram_entropy(tmp_path):
   assert final_loss < 0.25 * unigram_entropy_nats, (final_loss, unigram_entropy_nats)
 
 
+# In-process twin of test_fault_tolerance's kill -9 resume (which runs by default).
+@pytest.mark.slow
 def test_resume_from_latest_continues_the_step_count_bitwise(tmp_path, small_text_file):
   full, interrupted = tmp_path / "full", tmp_path / "interrupted"
   result = trainer.run(str(full), [_stage(small_text_file, 8)], trainer=QUIET)

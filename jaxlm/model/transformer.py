@@ -4,13 +4,19 @@
     logits_BLV = forward(params, config, tokens_BL, positions_BL, segment_ids_BL)
     x_BLD, w_DV = features(params, config, tokens_BL)   # for a loss that applies the head
     axes = logical_axes(config)                   # same tree, leaves are logical PartitionSpecs
+
+and for decoding with a KV cache (jaxlm/generate.py samples with it):
+
+    cache = init_cache(config, batch, max_len)    # empty: max_len slots per row
+    logits_BV, cache = prefill(params, config, cache, prompt_BP, positions_BP, segment_ids_BP)
+    logits_BV, cache = decode_step(params, config, cache, tokens_B1, positions_B1)
 """
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm.model.attention import Attention
+from jaxlm.model.attention import Attention, CacheSlots, uninitialized_cache
 from jaxlm.model.config import ModelConfig
 from jaxlm.model.layers import Embed, RMSNorm, SwiGLU, param_with_axes
 
@@ -25,9 +31,10 @@ class Block(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BLD, positions_BL, segment_ids_BL):
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL, cache_slots: CacheSlots | None = None):
     x_BLD = x_BLD + Attention(self.config, name="attention")(
-        RMSNorm(self.config, name="attention_norm")(x_BLD), positions_BL, segment_ids_BL)
+        RMSNorm(self.config, name="attention_norm")(x_BLD), positions_BL, segment_ids_BL,
+        cache_slots)
     x_BLD = x_BLD + SwiGLU(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x_BLD))
     return nn.with_logical_constraint(x_BLD, ("batch", "length", "embed"))
 
@@ -37,22 +44,39 @@ class Decoder(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, features_only=False):
+  def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, features_only=False,
+               decode: str | None = None):
     """With `features_only`, returns (final normed hidden states x_BLD, output head w_DV)
-    instead of the logits, so a fused loss can apply the head itself (cross_entropy.py)."""
+    instead of the logits, so a fused loss can apply the head itself (cross_entropy.py).
+
+    With `decode` ("prefill" into an empty cache, or "step"; apply with mutable=["cache"]), the
+    tokens are the next chunk of the sequences held in the 'cache' collection (`init_cache`):
+    their keys and values, and segment ids, are written at the cache's `index`, which then
+    advances by L. The caller keeps index + L within the cache (an update past its end would be
+    clamped onto the last slots) and gives the chunk's true positions (RoPE)."""
     cfg = self.config
     if positions_BL is None:
       positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
     if segment_ids_BL is None:
       segment_ids_BL = jnp.ones_like(tokens_BL)
     block = Block
-    if cfg.remat != "none":
+    if cfg.remat != "none" and decode is None:  # Decoding never differentiates.
       block = nn.remat(Block, policy=_REMAT_POLICY[cfg.remat], prevent_cse=True)
+    extra = ()
+    if decode is not None:
+      if decode not in ("prefill", "step"):
+        raise ValueError(f"decode={decode!r}; use 'prefill' or 'step'")
+      index = self.variable("cache", "index", uninitialized_cache)
+      segments = self.variable("cache", "segment_ids", uninitialized_cache)
+      segments.value = jax.lax.dynamic_update_slice(
+          segments.value, segment_ids_BL.astype(segments.value.dtype), (0, index.value))
+      extra = (CacheSlots(index.value, segments.value, prefill=decode == "prefill"),)
+      index.value = index.value + tokens_BL.shape[1]
 
     embed = Embed(cfg, name="embed")
     x_BLD = embed(tokens_BL)
     for i in range(cfg.num_layers):
-      x_BLD = block(cfg, name=f"layer_{i}")(x_BLD, positions_BL, segment_ids_BL)
+      x_BLD = block(cfg, name=f"layer_{i}")(x_BLD, positions_BL, segment_ids_BL, *extra)
     x_BLD = RMSNorm(cfg, name="final_norm")(x_BLD)
     if cfg.tie_embeddings:
       w_DV = embed.embedding_VD.T
@@ -97,6 +121,45 @@ def features(params, config: ModelConfig, tokens_BL, positions_BL=None, segment_
   out, collections = decoder.apply({"params": params}, tokens_BL, positions_BL, segment_ids_BL,
                                    features_only=True, mutable=["intermediates"])
   return out, collections.get("intermediates", {})
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int):
+  """An empty KV cache of `max_len` slots per row for `prefill` and `decode_step`: the 'cache'
+  collection of the Decoder, a plain pytree. Keys and values are kept in the compute dtype:
+  2 * num_layers * batch * max_len * num_kv_heads * head_dim numbers."""
+  if max_len > config.max_seq_len:
+    raise ValueError(f"a cache of {max_len} slots exceeds max_seq_len={config.max_seq_len}")
+  shape = (batch, config.num_kv_heads, max_len, config.resolved_head_dim)
+  layer = lambda: {"attention": {"key": jnp.zeros(shape, config.compute_dtype),
+                                 "value": jnp.zeros(shape, config.compute_dtype)}}
+  return {"index": jnp.zeros((), jnp.int32),
+          "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+          **{f"layer_{i}": layer() for i in range(config.num_layers)}}
+
+
+def _decode(params, config, cache, mode, tokens_BL, positions_BL, segment_ids_BL):
+  (x_BLD, w_DV), variables = Decoder(config).apply(
+      {"params": params, "cache": cache}, tokens_BL, positions_BL, segment_ids_BL,
+      features_only=True, decode=mode, mutable=["cache"])
+  logits_BV = jnp.einsum("bd,dv->bv", x_BLD[:, -1], w_DV.astype(x_BLD.dtype))
+  logits_BV = nn.with_logical_constraint(logits_BV, ("batch", "vocab"))
+  return logits_BV.astype(jnp.float32), variables["cache"]
+
+
+def prefill(params, config: ModelConfig, cache, tokens_BL, positions_BL=None, segment_ids_BL=None):
+  """Run a prompt chunk into an empty cache (from `init_cache`), attending within the chunk with
+  the configured attention implementation. Returns (next-token logits after the chunk's last
+  position [B, V] float32, the filled cache). Padding: segment id 0 (left padding keeps every
+  row's last prompt token in the last column)."""
+  return _decode(params, config, cache, "prefill", tokens_BL, positions_BL, segment_ids_BL)
+
+
+def decode_step(params, config: ModelConfig, cache, tokens_BL, positions_BL, segment_ids_BL=None):
+  """Append tokens_BL (usually one per row, [B, 1]) at the cache's next slots, at sequence
+  positions `positions_BL`, attending to every slot written so far. Costs L positions, not the
+  window. Segment ids default to 1 (a prompt of one document, as `jaxlm.generate` lays it out).
+  Returns (logits after the chunk's last token [B, V] float32, the updated cache)."""
+  return _decode(params, config, cache, "step", tokens_BL, positions_BL, segment_ids_BL)
 
 
 def count_params(params) -> int:

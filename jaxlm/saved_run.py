@@ -1,0 +1,107 @@
+"""A trained run, read back for evaluation and sampling: the model of the stage a checkpoint
+was written in, rebuilt from the gin config saved in that checkpoint's record (no model flags
+to repeat), and its params (plus any method state they need), never the optimizer state.
+
+    run = load_saved_run("/tmp/run", step=None)        # the newest checkpoint
+    run.stage.model, run.params, run.tokenizer, run.step
+"""
+
+import dataclasses
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from jaxlm import gin_config, parallel
+from jaxlm.checkpoint import Checkpointer
+from jaxlm.data.tokenizers import resolve_tokenizer
+from jaxlm.errors import UserError
+from jaxlm.eval_schedule import EvalConfig
+from jaxlm.stages import Stage, configured_stages, stage_starts
+from jaxlm.train_step import abstract_state, make_params_for_eval, state_shardings
+
+
+@dataclasses.dataclass
+class SavedRun:
+  model_dir: str
+  step: int
+  stage: Stage  # The stage the checkpoint was written in.
+  params: Any  # What the model is evaluated with (the stage's params_for_loss hooks applied).
+  tokenizer: Any
+  evaluation: EvalConfig  # The run's, with any extra domains bound by the caller's gin.
+  mesh: Any
+  rules: Any
+
+  def scope(self):
+    """The mesh and logical-axis rules under which the model runs (as the trainer's)."""
+    return _Scope(self.mesh, self.rules)
+
+
+class _Scope:
+  def __init__(self, mesh, rules):
+    self.mesh, self.rules, self._contexts = mesh, rules, []
+
+  def __enter__(self):
+    self._contexts = [jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules)]
+    for context in self._contexts:
+      context.__enter__()
+    return self
+
+  def __exit__(self, *exc):
+    for context in reversed(self._contexts):
+      context.__exit__(*exc)
+
+
+def find_step(model_dir: str, step: int | None) -> tuple[Checkpointer, int]:
+  """A read-only Checkpointer on model_dir and the step to read (its newest if None)."""
+  if not os.path.isdir(os.path.join(model_dir, "checkpoints")):
+    raise UserError(f"{model_dir!r} has no checkpoints/ folder; give the MODEL_DIR of a run "
+                    "that has saved a checkpoint")
+  checkpointer = Checkpointer(model_dir, read_only=True)
+  steps = checkpointer.all_steps()
+  chosen = steps[-1] if step is None and steps else step
+  if chosen is None or chosen not in steps:
+    checkpointer.close()
+    raise UserError(f"no checkpoint at step {step} in {model_dir!r}; it has "
+                    f"{steps or 'none yet'}" if step is not None else
+                    f"{model_dir!r} has no checkpoint yet; train it first")
+  return checkpointer, chosen
+
+
+def stages_from_config(config_text: str, gin_files=(), gin_bindings=(), search_paths=()):
+  """The run's stages from its saved gin config, then the caller's files and bindings (e.g. more
+  EvalConfig.domains) on top."""
+  gin_config.parse(list(gin_files), list(gin_bindings), list(search_paths),
+                   base_config=config_text)
+  return configured_stages()
+
+
+def load_saved_run(model_dir: str, step: int | None = None, gin_files=(), gin_bindings=(),
+                   search_paths=()) -> SavedRun:
+  checkpointer, step = find_step(model_dir, step)
+  try:
+    meta = checkpointer.restore_meta(step)
+    stages = stages_from_config(meta["gin_config"], gin_files, gin_bindings, search_paths)
+    index = int(meta["stage_index"])
+    if index >= len(stages):
+      raise UserError(f"the checkpoint at step {step} was written in stage {index}, but the "
+                      f"saved config has {len(stages)} stages")
+    stage = stages[index]
+    mesh_config = parallel.MeshConfig()
+    mesh, rules = parallel.make_mesh(mesh_config), mesh_config.resolved_rules()
+    with _Scope(mesh, rules):
+      shardings = state_shardings(stage, mesh, rules)
+      abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract_state(stage), shardings)
+      target = {"params": abstract.params, "method_state": abstract.method_state}
+      if not abstract.method_state:
+        del target["method_state"]
+      restored = checkpointer.restore_part(step, target)
+      state = abstract.replace(step=step, params=restored["params"],
+                               method_state=restored.get("method_state", {}))
+      params = make_params_for_eval(stage, stage_starts(stages)[index])(state)
+  finally:
+    checkpointer.close()
+  return SavedRun(os.path.abspath(model_dir), step, stage, params,
+                  resolve_tokenizer(stage.data.tokenizer), EvalConfig(), mesh, rules)

@@ -1,0 +1,243 @@
+"""Re-run a method family's reproduction with one command, and regenerate its README table and
+plots.
+
+    python tools/reproduce.py continual                 # every arm, then the table and plots
+    python tools/reproduce.py continual --only replay_5  # one arm (and the table of all done)
+    python tools/reproduce.py continual --quick          # every arm for a few steps (CI smoke)
+
+A family is a folder experiments/FAMILY/ holding one small gin file per arm and manifest.json:
+
+    {"title": "Continual pretraining",
+     "compare_on": "tokens",                 # or "flops": what arms are compared at
+     "bindings": ["DataConfig.seed = 0"],    # applied to every arm (e.g. one shared data order)
+     "quick_bindings": ["Stage.num_steps = 3", ...],   # --quick: a few steps per arm
+     "arms": [{"name": "baseline", "gin": "baseline.gin", "bindings": []}, ...],
+     "tables": [{"title": "Final loss", "metrics": ["eval/loss"],
+                 "paper": "Ibrahim et al. 2024 (2403.08763), Table 1",
+                 "rows": [{"arm": "baseline", "paper": {"eval/loss": 2.41}}, ...]}],
+     "notes": "how to read the table; where our scale differs from the paper's"}
+
+Each arm trains in its own MODEL_DIR under --runs_dir (default $JAXLM_RUNS_DIR or
+~/jaxlm_runs; --quick uses FAMILY-quick there), through `python -m jaxlm.train`, so an arm
+interrupted part-way resumes from its checkpoint, and a finished one (its done.json) is skipped.
+After the runs, the table (ours beside the paper's number, and the compute each arm used) goes
+into experiments/FAMILY/README.md between the markers below, and the plots (tools/plot_runs.py,
+against the manifest's compute axis) into experiments/FAMILY/plots/. With --quick both go to
+the runs folder instead, leaving the README's measured table alone.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import plot_runs  # noqa: E402  pylint: disable=wrong-import-position
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BEGIN, END = "<!-- reproduce:begin -->", "<!-- reproduce:end -->"
+COMPARE_ON = {"tokens": "total/tokens", "flops": "total/flops"}
+
+
+class ReproduceError(ValueError):
+  """Bad input: one line on stderr, exit 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  name: str
+  gin: str
+  bindings: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+  family: str
+  folder: str
+  title: str
+  compare_on: str
+  arms: tuple[Arm, ...]
+  tables: tuple[dict, ...]
+  bindings: tuple[str, ...] = ()
+  quick_bindings: tuple[str, ...] = ()
+  notes: str = ""
+
+
+def families(experiments_dir: str) -> list[str]:
+  return sorted(d for d in os.listdir(experiments_dir)
+                if os.path.isfile(os.path.join(experiments_dir, d, "manifest.json")))
+
+
+def load_manifest(experiments_dir: str, family: str) -> Manifest:
+  folder = os.path.join(experiments_dir, family)
+  path = os.path.join(folder, "manifest.json")
+  if not os.path.isfile(path):
+    known = families(experiments_dir) if os.path.isdir(experiments_dir) else []
+    raise ReproduceError(f"unknown family {family!r}: no {path}; families: {known or 'none yet'}")
+  try:
+    with open(path, encoding="utf-8") as f:
+      raw = json.load(f)
+    arms = tuple(Arm(a["name"], a["gin"], tuple(a.get("bindings", ()))) for a in raw["arms"])
+    manifest = Manifest(family, folder, raw.get("title", family), raw.get("compare_on", "tokens"),
+                        arms, tuple(raw.get("tables", ())), tuple(raw.get("bindings", ())),
+                        tuple(raw.get("quick_bindings", ())), raw.get("notes", ""))
+  except (ValueError, KeyError, TypeError) as e:
+    raise ReproduceError(f"{path} is not a valid manifest ({type(e).__name__}: {e})") from None
+  if manifest.compare_on not in COMPARE_ON:
+    raise ReproduceError(f"{path}: compare_on must be one of {sorted(COMPARE_ON)}, got "
+                         f"{manifest.compare_on!r}")
+  names = [a.name for a in arms]
+  for table in manifest.tables:
+    for row in table.get("rows", ()):
+      if row.get("arm") not in names:
+        raise ReproduceError(f"{path}: table {table.get('title')!r} names arm {row.get('arm')!r}, "
+                             f"which is not among the arms {names}")
+  for arm in arms:
+    if not os.path.isfile(os.path.join(folder, arm.gin)):
+      raise ReproduceError(f"{path}: arm {arm.name!r} names {arm.gin!r}, which is not in {folder}")
+  return manifest
+
+
+def final_metrics(model_dir: str) -> dict[str, float]:
+  """The last logged value of every metric of a run."""
+  metrics = {}
+  path = os.path.join(model_dir, "metrics.jsonl")
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        try:
+          metrics.update(json.loads(line))
+        except ValueError:
+          continue  # A line cut by a kill.
+  return metrics
+
+
+def run_arm(manifest: Manifest, arm: Arm, model_dir: str, quick: bool, index: int,
+            count: int) -> dict[str, float]:
+  """Trains (or resumes) one arm; returns its final metrics. A finished arm is not re-run."""
+  done = os.path.join(model_dir, "done.json")
+  label = f"[{index}/{count}] {manifest.family}/{arm.name}"
+  if os.path.exists(done):
+    print(f"{label}: done already ({model_dir})", flush=True)
+    with open(done, encoding="utf-8") as f:
+      return json.load(f)
+  os.makedirs(model_dir, exist_ok=True)
+  bindings = [*manifest.bindings, *arm.bindings, *(manifest.quick_bindings if quick else ()),
+              f"MODEL_DIR = '{model_dir}'", "TrainerConfig.progress = 'log'"]
+  command = [sys.executable, "-m", "jaxlm.train",
+             f"--gin_file={os.path.join(manifest.folder, arm.gin)}",
+             *[f"--gin_bindings={b}" for b in bindings]]
+  start = time.time()
+  with open(os.path.join(model_dir, "train.log"), "a", encoding="utf-8") as log:
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    while process.poll() is None:
+      time.sleep(2)
+      step = final_metrics(model_dir).get("step", 0)
+      print(f"\r{label}: step {step}, {time.time() - start:.0f} s", end="", flush=True)
+  print(f"\r{label}: exit {process.returncode} after {time.time() - start:.0f} s", flush=True)
+  if process.returncode != 0:
+    raise ReproduceError(f"arm {arm.name!r} failed (exit {process.returncode}); see "
+                         f"{os.path.join(model_dir, 'train.log')}; run the same command to resume")
+  metrics = final_metrics(model_dir)
+  with open(done, "w", encoding="utf-8") as f:
+    json.dump(metrics, f, indent=1)
+  return metrics
+
+
+def _cell(value) -> str:
+  if value is None:
+    return "–"
+  return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def results_markdown(manifest: Manifest, results: dict[str, dict], plots: list[str],
+                     plots_relative_to: str) -> str:
+  """The tables (ours beside the paper's), the compute each arm used, and the plots."""
+  compute = COMPARE_ON[manifest.compare_on]
+  lines = [f"Compared at equal {manifest.compare_on} ({compute}); regenerated by "
+           f"`python tools/reproduce.py {manifest.family}`.", ""]
+  for table in manifest.tables:
+    metrics = table.get("metrics", [])
+    lines += [f"**{table.get('title', 'Results')}** — paper: {table.get('paper', '–')}", ""]
+    header = ["arm", compute] + [f"{m} (ours)" for m in metrics] + [f"{m} (paper)" for m in metrics]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table.get("rows", []):
+      ours = results.get(row["arm"], {})
+      paper = row.get("paper", {})
+      cells = ([row.get("label", row["arm"]), _cell(ours.get(compute))]
+               + [_cell(ours.get(m)) for m in metrics] + [_cell(paper.get(m)) for m in metrics])
+      lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+  if manifest.notes:
+    lines += [manifest.notes, ""]
+  for path in plots:
+    name = os.path.splitext(os.path.basename(path))[0].replace("_", " ")
+    lines.append(f"![{name}]({os.path.relpath(path, plots_relative_to)})")
+  return "\n".join(lines).rstrip() + "\n"
+
+
+def write_between_markers(readme: str, text: str, title: str) -> None:
+  """Replaces what lies between the markers (the rest of the README is the author's)."""
+  if os.path.exists(readme):
+    with open(readme, encoding="utf-8") as f:
+      current = f.read()
+  else:
+    current = f"# {title}\n\n{BEGIN}\n{END}\n"
+  if BEGIN not in current or END not in current:
+    current = current.rstrip() + f"\n\n{BEGIN}\n{END}\n"
+  head, rest = current.split(BEGIN, 1)
+  tail = rest.split(END, 1)[1]
+  with open(readme + ".tmp", "w", encoding="utf-8") as f:
+    f.write(f"{head}{BEGIN}\n{text}{END}{tail}")
+  os.replace(readme + ".tmp", readme)
+
+
+def reproduce(family: str, quick: bool = False, only: str | None = None,
+              runs_dir: str | None = None, experiments_dir: str | None = None) -> str:
+  """Runs the family's arms (all, or `only`), then writes its table and plots; returns the
+  markdown written."""
+  experiments_dir = experiments_dir or os.path.join(REPO, "experiments")
+  manifest = load_manifest(experiments_dir, family)
+  arms = manifest.arms
+  if only is not None:
+    arms = tuple(a for a in arms if a.name == only)
+    if not arms:
+      raise ReproduceError(f"family {family!r} has no arm {only!r}; arms: "
+                           f"{[a.name for a in manifest.arms]}")
+  runs_dir = runs_dir or os.environ.get("JAXLM_RUNS_DIR") or os.path.expanduser("~/jaxlm_runs")
+  family_runs = os.path.join(runs_dir, family + ("-quick" if quick else ""))
+  for i, arm in enumerate(arms, 1):
+    run_arm(manifest, arm, os.path.join(family_runs, arm.name), quick, i, len(arms))
+  finished = {a.name: os.path.join(family_runs, a.name) for a in manifest.arms
+              if os.path.exists(os.path.join(family_runs, a.name, "done.json"))}
+  results = {name: final_metrics(path) for name, path in finished.items()}
+  out = family_runs if quick else manifest.folder
+  plots = plot_runs.plot_runs(list(finished.values()), os.path.join(out, "plots"),
+                              x=manifest.compare_on, names=list(finished)) if finished else []
+  text = results_markdown(manifest, results, plots, out)
+  write_between_markers(os.path.join(out, "README.md"), text, manifest.title)
+  return text
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python tools/reproduce.py",
+                                   description=__doc__.split("\n\n")[0])
+  parser.add_argument("family", help="a folder of experiments/ with a manifest.json")
+  parser.add_argument("--quick", action="store_true", help="a few steps per arm (smoke test)")
+  parser.add_argument("--only", default=None, help="run only this arm")
+  parser.add_argument("--runs_dir", default=None, help="where each arm's MODEL_DIR goes")
+  parser.add_argument("--experiments_dir", default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    print(reproduce(args.family, args.quick, args.only, args.runs_dir, args.experiments_dir))
+  except (ReproduceError, plot_runs.PlotError) as e:
+    print(f"reproduce: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
