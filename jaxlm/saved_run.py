@@ -6,6 +6,7 @@ to repeat), and its params (plus any method state they need), never the optimize
     run.stage.model, run.params, run.tokenizer, run.step
 """
 
+import contextlib
 import dataclasses
 import os
 from typing import Any
@@ -35,22 +36,13 @@ class SavedRun:
 
   def scope(self):
     """The mesh and logical-axis rules under which the model runs (as the trainer's)."""
-    return _Scope(self.mesh, self.rules)
+    return _scope(self.mesh, self.rules)
 
 
-class _Scope:
-  def __init__(self, mesh, rules):
-    self.mesh, self.rules, self._contexts = mesh, rules, []
-
-  def __enter__(self):
-    self._contexts = [jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules)]
-    for context in self._contexts:
-      context.__enter__()
-    return self
-
-  def __exit__(self, *exc):
-    for context in reversed(self._contexts):
-      context.__exit__(*exc)
+@contextlib.contextmanager
+def _scope(mesh, rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
 
 
 def find_step(model_dir: str, step: int | None) -> tuple[Checkpointer, int]:
@@ -90,7 +82,7 @@ def load_saved_run(model_dir: str, step: int | None = None, gin_files=(), gin_bi
     stage = stages[index]
     mesh_config = parallel.MeshConfig()
     mesh, rules = parallel.make_mesh(mesh_config), mesh_config.resolved_rules()
-    with _Scope(mesh, rules):
+    with _scope(mesh, rules):
       shardings = state_shardings(stage, mesh, rules)
       abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               abstract_state(stage), shardings)

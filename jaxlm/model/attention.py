@@ -210,8 +210,17 @@ class Attention(nn.Module):
     q_BLHK = jnp.einsum("bld,dhk->blhk", x_BLD, w_q.astype(dtype))
     k_BLGK = jnp.einsum("bld,dgk->blgk", x_BLD, w_k.astype(dtype))
     v_BLGK = jnp.einsum("bld,dgk->blgk", x_BLD, w_v.astype(dtype))
-    q_BLHK = apply_rope(q_BLHK, positions_BL, cfg.rope_theta, cfg.max_seq_len)
-    k_BLGK = apply_rope(k_BLGK, positions_BL, cfg.rope_theta, cfg.max_seq_len)
+    if cfg.attention_bias:  # Before RoPE and the cache write, as Qwen2 adds them.
+      zeros = nn.initializers.zeros
+      b_q = param_with_axes(self, "query_bias", zeros, (h, k), ("heads", "head_dim"), pd)
+      b_k = param_with_axes(self, "key_bias", zeros, (g, k), ("kv_heads", "head_dim"), pd)
+      b_v = param_with_axes(self, "value_bias", zeros, (g, k), ("kv_heads", "head_dim"), pd)
+      q_BLHK = q_BLHK + b_q.astype(dtype)
+      k_BLGK = k_BLGK + b_k.astype(dtype)
+      v_BLGK = v_BLGK + b_v.astype(dtype)
+    scaling = cfg.rope_scaling_params
+    q_BLHK = apply_rope(q_BLHK, positions_BL, cfg.rope_theta, cfg.max_seq_len, scaling)
+    k_BLGK = apply_rope(k_BLGK, positions_BL, cfg.rope_theta, cfg.max_seq_len, scaling)
     q_BLHK = nn.with_logical_constraint(q_BLHK, ("batch", "length", "heads", "head_dim"))
     k_BLGK = nn.with_logical_constraint(k_BLGK, ("batch", "length", "kv_heads", "head_dim"))
     v_BLGK = nn.with_logical_constraint(v_BLGK, ("batch", "length", "kv_heads", "head_dim"))

@@ -9,6 +9,7 @@ from jaxlm.errors import UserError
 from jaxlm.validation import check_field_types, check_range
 
 REMAT_POLICIES = ("none", "full", "dots")
+ROPE_SCALINGS = (None, "llama3")
 
 
 @gin.configurable
@@ -28,6 +29,14 @@ class ModelConfig:
   mlp_dim: int = 384
   max_seq_len: int = 1024
   rope_theta: float = 10_000.0
+  # Llama 3.1's frequency-dependent stretch of the rotary wavelengths (transformers'
+  # rope_type "llama3"); the four numbers below are its parameters, unused when None.
+  rope_scaling: str | None = None
+  rope_scaling_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  attention_bias: bool = False  # Biases on the q/k/v projections (Qwen2), none on the output.
   tie_embeddings: bool = False
   norm_eps: float = 1e-5
   init_std: float = 0.02
@@ -44,6 +53,16 @@ class ModelConfig:
     check_range("ModelConfig.head_dim", self.head_dim, low=1, integer=True, optional=True)
     for name in ("rope_theta", "norm_eps", "init_std"):
       check_range(f"ModelConfig.{name}", getattr(self, name), low=0, low_open=True)
+    if self.rope_scaling not in ROPE_SCALINGS:
+      raise UserError(f"ModelConfig.rope_scaling={self.rope_scaling!r}; choose one of "
+                      f"{ROPE_SCALINGS}")
+    check_range("ModelConfig.rope_scaling_factor", self.rope_scaling_factor, low=1)
+    check_range("ModelConfig.rope_low_freq_factor", self.rope_low_freq_factor, low=0,
+                low_open=True)
+    check_range("ModelConfig.rope_high_freq_factor", self.rope_high_freq_factor,
+                low=self.rope_low_freq_factor, low_open=True)
+    check_range("ModelConfig.rope_original_max_len", self.rope_original_max_len, low=1,
+                integer=True)
     if self.num_heads % self.num_kv_heads:
       raise UserError(
           f"ModelConfig.num_heads={self.num_heads} is not a multiple of num_kv_heads="
@@ -66,6 +85,14 @@ class ModelConfig:
   @property
   def resolved_head_dim(self) -> int:
     return self.head_dim or self.d_model // self.num_heads
+
+  @property
+  def rope_scaling_params(self) -> tuple | None:
+    """What `jaxlm.model.layers.rope_tables` takes: None, or (kind, factor, low, high, orig)."""
+    if self.rope_scaling is None:
+      return None
+    return (self.rope_scaling, self.rope_scaling_factor, self.rope_low_freq_factor,
+            self.rope_high_freq_factor, self.rope_original_max_len)
 
   @property
   def compute_dtype(self):

@@ -50,25 +50,50 @@ class RMSNorm(nn.Module):
     return (x32 * scale_D).astype(cfg.compute_dtype)
 
 
+def llama3_inv_freq(inv_freq, factor: float, low_freq_factor: float, high_freq_factor: float,
+                    original_max_len: int) -> np.ndarray:
+  """Llama 3.1's rotary scaling, as transformers' `_compute_llama3_parameters` computes it (in
+  float32): wavelengths shorter than original_max_len / high_freq_factor are kept, longer than
+  original_max_len / low_freq_factor divided by `factor`, and those between interpolated."""
+  inv_freq = np.asarray(inv_freq, np.float32)
+  low_freq_wavelen = original_max_len / low_freq_factor
+  high_freq_wavelen = original_max_len / high_freq_factor
+  wavelen = np.float32(2 * np.pi) / inv_freq
+  scaled = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(factor), inv_freq)
+  smooth = ((np.float32(original_max_len) / wavelen - np.float32(low_freq_factor))
+            / np.float32(high_freq_factor - low_freq_factor))
+  smoothed = (1 - smooth) * scaled / np.float32(factor) + smooth * scaled
+  is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+  return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
 @functools.lru_cache(maxsize=16)
-def rope_tables(max_len: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+def rope_tables(max_len: int, head_dim: int, theta: float,
+                scaling: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
   """sin and cos of every position's rotary angles, [max_len, head_dim / 2] float32 constants.
 
   Looked up, not computed in the step: fused into their consumers, jnp.sin/cos were evaluated
   again for every head and every use, forward and backward (~10% of a bench-small step on CPU).
-  The angles are float32 products as Hugging Face Llama forms them."""
+  The angles are float32 products as Hugging Face Llama forms them. `scaling`: None, or
+  ("llama3", factor, low_freq_factor, high_freq_factor, original_max_len)
+  (ModelConfig.rope_scaling_params)."""
   inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+  if scaling is not None:
+    kind, *args = scaling
+    if kind != "llama3":
+      raise ValueError(f"unknown rope scaling {kind!r}")
+    inv_freq = llama3_inv_freq(inv_freq, *args)
   angles = np.arange(max_len, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None]
   return np.sin(angles), np.cos(angles)
 
 
-def apply_rope(x_BLHK, positions_BL, theta: float, max_len: int):
+def apply_rope(x_BLHK, positions_BL, theta: float, max_len: int, scaling: tuple | None = None):
   """Rotary position embedding (Su et al. 2021, 2104.09864), half-split ("rotate_half") layout.
 
   The half-split layout is the one Hugging Face Llama checkpoints use, so weights map 1:1.
   Positions must be below `max_len` (ModelConfig.max_seq_len).
   """
-  sin_table, cos_table = rope_tables(max_len, x_BLHK.shape[-1], theta)
+  sin_table, cos_table = rope_tables(max_len, x_BLHK.shape[-1], theta, scaling)
   sin = jnp.take(sin_table, positions_BL, axis=0, mode="clip")[:, :, None, :]
   cos = jnp.take(cos_table, positions_BL, axis=0, mode="clip")[:, :, None, :]
   x1, x2 = jnp.split(x_BLHK.astype(jnp.float32), 2, axis=-1)

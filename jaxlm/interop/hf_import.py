@@ -1,0 +1,207 @@
+"""Import a local Hugging Face Llama / Mistral / Qwen2 directory as jaxlm params, streaming.
+
+    config, params = import_hf("/models/TinyLlama-1.1B")   # float32 numpy arrays
+
+Tensors are read one at a time from model.safetensors (or the shards that
+model.safetensors.index.json names) and each is converted before the next is read, so the host
+holds the output params plus one tensor, never a second copy of the checkpoint. Pickle
+checkpoints (pytorch_model.bin, *.pt) are refused, never loaded: unpickling runs code.
+
+Mapping (HF tensor [shape] -> jaxlm param [shape]; D model, H heads, G kv heads, K head_dim,
+F mlp, V vocab; HF Linear weights are [out, in], jaxlm's are [in, ...out]):
+  model.embed_tokens.weight [V, D]              -> embed/embedding [V, D]
+  model.layers.i.input_layernorm.weight [D]     -> layer_i/attention_norm/scale [D]
+  model.layers.i.self_attn.q_proj.weight [H*K, D] -> layer_i/attention/query [D, H, K]  (.T)
+  model.layers.i.self_attn.k_proj.weight [G*K, D] -> layer_i/attention/key [D, G, K]    (.T)
+  model.layers.i.self_attn.v_proj.weight [G*K, D] -> layer_i/attention/value [D, G, K]  (.T)
+  model.layers.i.self_attn.{q,k,v}_proj.bias    -> layer_i/attention/{query,key,value}_bias
+                                                   [H or G, K]  (Qwen2)
+  model.layers.i.self_attn.o_proj.weight [D, H*K] -> layer_i/attention/out [H, K, D]    (.T)
+  model.layers.i.post_attention_layernorm.weight -> layer_i/mlp_norm/scale [D]
+  model.layers.i.mlp.gate_proj.weight [F, D]    -> layer_i/mlp/gate [D, F]  (.T)
+  model.layers.i.mlp.up_proj.weight [F, D]      -> layer_i/mlp/up [D, F]    (.T)
+  model.layers.i.mlp.down_proj.weight [D, F]    -> layer_i/mlp/down [F, D]  (.T)
+  model.norm.weight [D]                         -> final_norm/scale [D]
+  lm_head.weight [V, D]                         -> lm_head [D, V]  (.T; absent/ignored if tied)
+
+RoPE: jaxlm rotates the half-split ("rotate_half") layout, pairing dimension j with j + K/2
+(jaxlm.model.layers.apply_rope), which is exactly what transformers' Llama, Mistral and Qwen2
+modeling code does. The q_proj/k_proj rows of HF checkpoints are already in that order (the
+conversion from Meta's interleaved layout permuted them once, in transformers'
+convert_llama_weights_to_hf.py), so they are copied with no q/k permutation: a row-block of
+q_proj is one head, and within a head row j is dimension j.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from jaxlm.errors import UserError
+from jaxlm.interop.hf_config import load_hf_config
+from jaxlm.model.config import ModelConfig
+from jaxlm.model.transformer import init_params
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Buffers some older checkpoints saved; jaxlm recomputes them from the config.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _safetensors():
+  try:
+    import safetensors  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise UserError('importing Hugging Face checkpoints needs safetensors: pip install -e ".[hf]"'
+                    ) from None
+  return safetensors
+
+
+def checkpoint_files(model_dir: str) -> dict[str, str]:
+  """HF tensor name -> the safetensors file holding it, through the index when there is one."""
+  if not os.path.isdir(model_dir):
+    raise UserError(f"{model_dir} is not a directory; give a Hugging Face model directory")
+  index_path = os.path.join(model_dir, INDEX_FILE)
+  if os.path.exists(index_path):
+    with open(index_path) as f:
+      weight_map = json.load(f).get("weight_map") or {}
+    if not weight_map:
+      raise UserError(f"{index_path} has no weight_map")
+    for shard in sorted(set(weight_map.values())):
+      if not os.path.exists(os.path.join(model_dir, shard)):
+        raise UserError(f"{index_path} names the shard {shard}, which is missing from "
+                        f"{model_dir}; download it again")
+    return {name: os.path.join(model_dir, shard) for name, shard in weight_map.items()}
+  single = os.path.join(model_dir, SINGLE_FILE)
+  if os.path.exists(single):
+    with _safetensors().safe_open(single, framework="numpy") as f:
+      return {name: single for name in f.keys()}
+  pickles = sorted(n for n in os.listdir(model_dir) if n.endswith(PICKLE_SUFFIXES))
+  if pickles:
+    raise UserError(f"{model_dir} holds only pickle checkpoints ({', '.join(pickles)}), which "
+                    "jaxlm never loads (unpickling runs code); convert them to safetensors first, "
+                    "e.g. model.save_pretrained(dir, safe_serialization=True) in transformers")
+  raise UserError(f"{model_dir} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+
+
+def _target(config: ModelConfig, name: str):
+  """(path in the jaxlm params, function from the HF tensor to jaxlm's layout) of a tensor, or
+  None for one to skip."""
+  d, h, g = config.d_model, config.num_heads, config.num_kv_heads
+  k = config.resolved_head_dim
+  if name == "model.embed_tokens.weight":
+    return ("embed", "embedding"), lambda w: w
+  if name == "model.norm.weight":
+    return ("final_norm", "scale"), lambda w: w
+  if name == "lm_head.weight":
+    return (None if config.tie_embeddings else (("lm_head",), lambda w: w.T))
+  parts = name.split(".")
+  if len(parts) < 5 or parts[:2] != ["model", "layers"] or not parts[2].isdigit():
+    return "unknown"
+  layer, rest = f"layer_{parts[2]}", ".".join(parts[3:])
+  table = {
+      "input_layernorm.weight": (("attention_norm", "scale"), lambda w: w),
+      "post_attention_layernorm.weight": (("mlp_norm", "scale"), lambda w: w),
+      "self_attn.q_proj.weight": (("attention", "query"), lambda w: w.T.reshape(d, h, k)),
+      "self_attn.k_proj.weight": (("attention", "key"), lambda w: w.T.reshape(d, g, k)),
+      "self_attn.v_proj.weight": (("attention", "value"), lambda w: w.T.reshape(d, g, k)),
+      "self_attn.o_proj.weight": (("attention", "out"), lambda w: w.T.reshape(h, k, d)),
+      "self_attn.q_proj.bias": (("attention", "query_bias"), lambda w: w.reshape(h, k)),
+      "self_attn.k_proj.bias": (("attention", "key_bias"), lambda w: w.reshape(g, k)),
+      "self_attn.v_proj.bias": (("attention", "value_bias"), lambda w: w.reshape(g, k)),
+      "mlp.gate_proj.weight": (("mlp", "gate"), lambda w: w.T),
+      "mlp.up_proj.weight": (("mlp", "up"), lambda w: w.T),
+      "mlp.down_proj.weight": (("mlp", "down"), lambda w: w.T),
+  }
+  if rest in table:
+    path, fn = table[rest]
+    return (layer, *path), fn
+  return "unknown"
+
+
+# The HF shape each jaxlm param comes from, to name both shapes when they disagree.
+def _hf_shape(jaxlm_shape, path) -> tuple:
+  leaf = path[-1]
+  if leaf in ("query", "key", "value"):
+    return (jaxlm_shape[1] * jaxlm_shape[2], jaxlm_shape[0])
+  if leaf == "out":
+    return (jaxlm_shape[2], jaxlm_shape[0] * jaxlm_shape[1])
+  if leaf.endswith("_bias"):
+    return (jaxlm_shape[0] * jaxlm_shape[1],)
+  if leaf in ("gate", "up", "down", "lm_head"):
+    return tuple(reversed(jaxlm_shape))
+  return tuple(jaxlm_shape)
+
+
+def import_hf_params(model_dir: str, config: ModelConfig) -> dict:
+  """The params of `config` (float32 numpy arrays, jaxlm's tree) from the directory's tensors."""
+  files = checkpoint_files(model_dir)
+  shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+  expected = {path: leaf.shape for path, leaf in _flatten(shapes)}
+  params, done = {}, set()
+  by_file: dict[str, list[str]] = {}
+  for name, path in files.items():
+    by_file.setdefault(path, []).append(name)
+  safetensors = _safetensors()
+  for path in sorted(by_file):  # One shard open at a time, one tensor read at a time.
+    with safetensors.safe_open(path, framework="numpy") as handle:
+      for name in sorted(by_file[path]):
+        if name.endswith(IGNORED_SUFFIXES):
+          continue
+        target = _target(config, name)
+        if target is None:
+          continue
+        if target == "unknown":
+          raise UserError(f"{os.path.basename(path)} holds the tensor {name}, which the "
+                          "Llama-family mapping does not know; is config.json's architecture "
+                          "right?")
+        where, fn = target
+        if where not in expected:
+          raise UserError(f"{name} has no place in the model config.json describes (no "
+                          f"{'/'.join(where)}); config.json and the weights disagree")
+        hf_shape = tuple(handle.get_slice(name).get_shape())
+        want = _hf_shape(expected[where], where)
+        if hf_shape != want:
+          raise UserError(f"{name} has shape {list(hf_shape)} in {os.path.basename(path)}, but "
+                          f"config.json implies {list(want)}; config and weights disagree")
+        value = np.ascontiguousarray(fn(_read_float32(handle, path, name)), dtype=np.float32)
+        _set(params, where, value)
+        done.add(where)
+  missing = sorted("/".join(p) for p in expected if p not in done)
+  if missing:
+    raise UserError(f"{model_dir} lacks tensors for {len(missing)} params, e.g. {missing[0]}; "
+                    "the checkpoint is incomplete or config.json does not match it")
+  return params
+
+
+def _read_float32(handle, path: str, name: str) -> np.ndarray:
+  """One tensor as float32. numpy has no bfloat16, which safetensors' numpy reader refuses;
+  those go through torch (the hf extra), still one tensor at a time."""
+  if handle.get_slice(name).get_dtype() == "BF16":
+    import torch  # pylint: disable=import-outside-toplevel
+    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+    with safe_open(path, framework="pt") as f:
+      return f.get_tensor(name).to(torch.float32).numpy()
+  return handle.get_tensor(name).astype(np.float32, copy=False)
+
+
+def _flatten(tree, prefix=()):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flatten(value, prefix + (key,))
+    else:
+      yield prefix + (key,), value
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def import_hf(model_dir: str, **config_overrides) -> tuple[ModelConfig, dict]:
+  """(ModelConfig, float32 params) of a local Hugging Face model directory."""
+  config = load_hf_config(model_dir, **config_overrides)
+  return config, import_hf_params(model_dir, config)

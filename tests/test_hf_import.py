@@ -1,0 +1,205 @@
+"""Hugging Face Llama-family import: random tiny transformers models (no download), saved as
+safetensors, imported, and their logits compared with PyTorch's; plus one clear error per kind
+of bad input."""
+
+import json
+import os
+import shutil
+
+import gin
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+# pylint: disable=wrong-import-position
+from jaxlm.errors import UserError
+from jaxlm.interop import gin_model_text, import_hf, load_hf_config, model_config_from_hf
+from jaxlm.model import ModelConfig
+from jaxlm.model.transformer import decode_step, forward, init_cache, prefill
+
+# initializer_range 0.1: logits of magnitude ~3, so a wrong mapping or rotary angle shows (the
+# llama3 model without its scaling is off by 1.8).
+TINY = dict(hidden_size=64, num_hidden_layers=2, vocab_size=128, max_position_embeddings=128,
+            intermediate_size=96, initializer_range=0.1)
+LLAMA3 = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+              high_freq_factor=4.0, original_max_position_embeddings=32)
+
+
+def _rope(rope_parameters):
+  """transformers 5 takes rope_parameters; 4.x the Hub's rope_theta and rope_scaling."""
+  if int(transformers.__version__.split(".")[0]) >= 5:
+    return {"rope_parameters": rope_parameters}
+  scaling = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
+  return {"rope_theta": rope_parameters["rope_theta"],
+          "rope_scaling": None if scaling["rope_type"] == "default" else scaling}
+
+
+# name: (config class, its arguments, save_pretrained's max_shard_size or None).
+MODELS = {
+    # GQA 1 (as many kv heads as heads), untied, an unusual theta and norm epsilon.
+    "llama_mha": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=4,
+                                      rms_norm_eps=3e-5, **_rope(dict(
+                                          rope_type="default", rope_theta=123456.0))), None),
+    # GQA 4, tied embeddings, sharded (an index and several files).
+    "llama_gqa4_tied": ("LlamaConfig", dict(num_attention_heads=8, num_key_value_heads=2,
+                                            tie_word_embeddings=True), "40KB"),
+    # Llama 3.1 rope scaling (the original context is short so every band is exercised), and a
+    # head_dim that is not hidden_size / heads.
+    "llama3": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                   **_rope(LLAMA3)), None),
+    "mistral": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=2), None),
+    "qwen2": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2), None),
+}
+
+
+def _make(root, name):
+  cls, kwargs, shard = MODELS[name]
+  config = getattr(transformers, cls)(**TINY, **kwargs)
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+  with torch.no_grad():  # HF initializes norms to 1 and biases to 0: make every tensor count.
+    for pname, p in model.named_parameters():
+      if p.ndim == 1:
+        p.copy_((1.0 if pname.endswith("norm.weight") else 0.0) + 0.3 * torch.randn_like(p))
+  path = os.path.join(root, name)
+  extra = {"max_shard_size": shard} if shard else {}
+  model.save_pretrained(path, safe_serialization=True, **extra)
+  return path, model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+  root = tmp_path_factory.mktemp("hf")
+  return {name: _make(str(root), name) for name in MODELS}
+
+
+def _tokens(seed=0, shape=(2, 48)):
+  return np.random.default_rng(seed).integers(0, TINY["vocab_size"], shape).astype(np.int32)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_logits_match_pytorch(models, name):
+  path, model = models[name]
+  config, params = import_hf(path)
+  tokens = _tokens()
+  with torch.no_grad():
+    want = model(torch.from_numpy(tokens).long()).logits.numpy()
+  got = np.asarray(forward(params, config, jnp.asarray(tokens)))
+  # Observed max |difference| on CPU float32: 1.7e-6 .. 3.0e-6 over these models (logits ~3).
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_imported_configs(models):
+  assert load_hf_config(models["llama_mha"][0]).num_kv_heads == 4
+  tied = load_hf_config(models["llama_gqa4_tied"][0])
+  assert tied.tie_embeddings and tied.num_heads == 8 and tied.num_kv_heads == 2
+  assert os.path.exists(os.path.join(models["llama_gqa4_tied"][0],
+                                     "model.safetensors.index.json"))
+  llama3 = load_hf_config(models["llama3"][0])
+  assert (llama3.rope_scaling, llama3.rope_original_max_len, llama3.head_dim) == (
+      "llama3", 32, 32)
+  mha = load_hf_config(models["llama_mha"][0])
+  assert (mha.rope_theta, mha.norm_eps) == (123456.0, 3e-5)
+  assert load_hf_config(models["qwen2"][0]).attention_bias
+  assert not load_hf_config(models["mistral"][0]).attention_bias
+
+
+def test_hub_config_format_reads_the_same():
+  """Files on the Hub carry rope_theta and rope_scaling (keyed 'type' or 'rope_type') at the
+  top level; transformers 5 writes rope_parameters. Both give one ModelConfig."""
+  base = dict(architectures=["LlamaForCausalLM"], hidden_size=64, num_attention_heads=4,
+              num_key_value_heads=2, num_hidden_layers=2, intermediate_size=96, vocab_size=128,
+              max_position_embeddings=128, rms_norm_eps=1e-5)
+  new = model_config_from_hf({**base, "rope_parameters": LLAMA3})
+  scaling = {k: v for k, v in LLAMA3.items() if k not in ("rope_type", "rope_theta")}
+  for key in ("type", "rope_type"):
+    old = model_config_from_hf({**base, "rope_theta": 500000.0,
+                                "rope_scaling": {key: "llama3", **scaling}})
+    assert old == new
+  assert model_config_from_hf({**base, "rope_theta": 5.0}).rope_scaling is None
+
+
+def test_gin_model_file_round_trips(models):
+  config = load_hf_config(models["llama3"][0])
+  gin.clear_config()
+  try:
+    gin.parse_config(gin_model_text(config, "llama3"))
+    assert ModelConfig() == config
+  finally:
+    gin.clear_config()
+
+
+def test_decode_with_attention_biases(models):
+  """The KV-cache path adds the q/k/v biases too: prefill + steps equal the full forward."""
+  config, params = import_hf(models["qwen2"][0])
+  tokens = jnp.asarray(_tokens(1, (2, 12)))
+  full = np.asarray(forward(params, config, tokens))
+  cache = init_cache(config, 2, 16)
+  logits, cache = prefill(params, config, cache, tokens[:, :8])
+  np.testing.assert_allclose(logits, full[:, 7], atol=1e-4)
+  for i in range(8, 12):
+    logits, cache = decode_step(params, config, cache, tokens[:, i:i + 1],
+                                jnp.full((2, 1), i, jnp.int32))
+    np.testing.assert_allclose(logits, full[:, i], atol=1e-4)
+
+
+def test_bfloat16_checkpoint(models, tmp_path):
+  """numpy has no bfloat16: such tensors are read through torch, still one at a time."""
+  path = models["llama_mha"][0]
+  bf16 = transformers.AutoModelForCausalLM.from_pretrained(path).to(torch.bfloat16)
+  bf16.save_pretrained(tmp_path / "bf16", safe_serialization=True)
+  _, params = import_hf(str(tmp_path / "bf16"))
+  want = bf16.model.layers[1].mlp.down_proj.weight.detach().float().numpy().T
+  np.testing.assert_array_equal(params["layer_1"]["mlp"]["down"], want)
+
+
+def _copy(models, name, tmp_path):
+  return shutil.copytree(models[name][0], tmp_path / name)
+
+
+def _edit_config(path, **changes):
+  config_path = os.path.join(path, "config.json")
+  with open(config_path) as f:
+    config = json.load(f)
+  config.update(changes)
+  with open(config_path, "w") as f:
+    json.dump(config, f)
+
+
+def test_refuses_unsupported_architecture(models, tmp_path):
+  path = _copy(models, "llama_mha", tmp_path)
+  _edit_config(path, architectures=["GPT2LMHeadModel"])
+  with pytest.raises(UserError, match=r"architectures=\['GPT2LMHeadModel'\].*LlamaForCausalLM"):
+    import_hf(str(path))
+
+
+def test_refuses_missing_shard(models, tmp_path):
+  path = _copy(models, "llama_gqa4_tied", tmp_path)
+  with open(path / "model.safetensors.index.json") as f:
+    shard = sorted(set(json.load(f)["weight_map"].values()))[-1]
+  os.remove(path / shard)
+  with pytest.raises(UserError, match=f"names the shard {shard}, which is missing"):
+    import_hf(str(path))
+
+
+def test_refuses_shape_mismatch(models, tmp_path):
+  path = _copy(models, "llama_gqa4_tied", tmp_path)
+  _edit_config(path, vocab_size=100)
+  with pytest.raises(UserError, match=r"model\.embed_tokens\.weight has shape \[128, 64\] .*"
+                                      r"implies \[100, 64\]"):
+    import_hf(str(path))
+
+
+def test_refuses_pickle_checkpoints(models, tmp_path):
+  path = tmp_path / "pickled"
+  path.mkdir()
+  shutil.copy(os.path.join(models["llama_mha"][0], "config.json"), path)
+  # Not a real pickle: were it ever unpickled, this test would fail with an unpickling error.
+  (path / "pytorch_model.bin").write_bytes(b"not a pickle")
+  with pytest.raises(UserError, match="only pickle checkpoints.*pytorch_model.bin.*convert "
+                                      "them to safetensors"):
+    import_hf(str(path))
