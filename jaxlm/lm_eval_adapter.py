@@ -20,7 +20,7 @@ from lm_eval.api.model import LM
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from jaxlm import generate
+from jaxlm import decoding
 from jaxlm.errors import UserError
 from jaxlm.model import forward
 
@@ -107,9 +107,9 @@ class JaxlmLM(LM):
       prompt = ([self.tokenizer.bos_id] + self._encode(context))[-(self.max_length - max_new):]
       temperature = float(gen_kwargs.get("temperature", 0.0)) if gen_kwargs.get("do_sample") else 0.0
       with self.run.scope():
-        ids = generate.generate_tokens(
+        ids = decoding.generate_tokens(
             self.run.params, self.config, [prompt], max_new, jax.random.key(index),
-            generate.Sampling(temperature=temperature), eos_id=self.tokenizer.eos_id,
+            decoding.Sampling(temperature=temperature), eos_id=self.tokenizer.eos_id,
             pad_id=getattr(self.tokenizer, "pad_id", 0)).tokens[0]
       text = self.tokenizer.decode(ids)
       for stop in until:

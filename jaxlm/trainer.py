@@ -18,7 +18,7 @@ import gin
 import jax
 from jax.experimental import multihost_utils
 
-from jaxlm import flops, generate, parallel, preflight
+from jaxlm import decoding, flops, parallel, preflight
 from jaxlm.cadence import NonfiniteTracker, StepLog
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.errors import TrainingDiverged, UserError
@@ -273,10 +273,10 @@ class Trainer:
     tokenizer, config, model = self.setup.tokenizer, self.config, self.setup.stage.model
     prompt = [tokenizer.bos_id, *tokenizer.encode(config.sample_prompt)]
     prompt = prompt[-(model.max_seq_len - 1):]  # Room for at least one new token.
-    result = generate.generate_tokens(
+    result = decoding.generate_tokens(
         self.setup.params_for_eval(state), model, [prompt],
         min(config.sample_tokens, model.max_seq_len - len(prompt)), jax.random.key(self.seed + 1),
-        generate.Sampling(temperature=config.sample_temperature), eos_id=tokenizer.eos_id,
+        decoding.Sampling(temperature=config.sample_temperature), eos_id=tokenizer.eos_id,
         pad_id=getattr(tokenizer, "pad_id", 0))
     return config.sample_prompt + tokenizer.decode(result.tokens[0])
 

@@ -7,6 +7,7 @@ import os
 import shutil
 
 import gin
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -137,13 +138,14 @@ def test_decode_with_attention_biases(models):
   """The KV-cache path adds the q/k/v biases too: prefill + steps equal the full forward."""
   config, params = import_hf(models["qwen2"][0])
   tokens = jnp.asarray(_tokens(1, (2, 12)))
-  full = np.asarray(forward(params, config, tokens))
+  full = np.asarray(jax.jit(forward, static_argnums=1)(params, config, tokens))
   cache = init_cache(config, 2, 16)
-  logits, cache = prefill(params, config, cache, tokens[:, :8])
+  logits, cache = jax.jit(prefill, static_argnums=1)(params, config, cache, tokens[:, :8])
   np.testing.assert_allclose(logits, full[:, 7], atol=1e-4)
+  step = jax.jit(decode_step, static_argnums=1)  # One compile, not op by op.
   for i in range(8, 12):
-    logits, cache = decode_step(params, config, cache, tokens[:, i:i + 1],
-                                jnp.full((2, 1), i, jnp.int32))
+    logits, cache = step(params, config, cache, tokens[:, i:i + 1],
+                         jnp.full((2, 1), i, jnp.int32))
     np.testing.assert_allclose(logits, full[:, i], atol=1e-4)
 
 

@@ -110,7 +110,7 @@ def test_the_eval_command_runs_a_task_and_refuses_an_unknown_one(trained, tmp_pa
 
 def test_generate_until_is_greedy_generation_cut_at_the_stop_string(trained):
   model_dir, _ = trained
-  from jaxlm import generate, lm_eval_adapter  # pylint: disable=import-outside-toplevel
+  from jaxlm import decoding, lm_eval_adapter  # pylint: disable=import-outside-toplevel
   from jaxlm.saved_run import load_saved_run  # pylint: disable=import-outside-toplevel
   run = load_saved_run(str(model_dir))
   lm = lm_eval_adapter.JaxlmLM(run)
@@ -121,9 +121,9 @@ def test_generate_until_is_greedy_generation_cut_at_the_stop_string(trained):
 
   tokenizer = run.tokenizer
   with run.scope():
-    ids = generate.generate_tokens(run.params, run.stage.model,
+    ids = decoding.generate_tokens(run.params, run.stage.model,
                                    [[tokenizer.bos_id, *tokenizer.encode("def ")]], 24,
-                                   jax.random.key(0), generate.Sampling(temperature=0.0),
+                                   jax.random.key(0), decoding.Sampling(temperature=0.0),
                                    eos_id=tokenizer.eos_id).tokens[0]
   full = tokenizer.decode(ids)
   stop = full[len(full) // 2:len(full) // 2 + 1]  # A character the continuation contains.

@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from jaxlm import gin_config, generate
+from jaxlm import decoding, gin_config
 from jaxlm.model import ModelConfig, count_params, init_params
 
 
@@ -31,12 +31,12 @@ def bench(params, config, batch, prompt_len, new_tokens, use_cache, iters):
   rng = np.random.default_rng(batch)
   prompts = [[1, *rng.integers(3, config.vocab_size, prompt_len - 1).tolist()]
              for _ in range(batch)]
-  generate.check_lengths(config, prompts, new_tokens)
-  prompt_BP, pads_B = generate.left_pad(prompts, pad_id=0)
+  decoding.check_lengths(config, prompts, new_tokens)
+  prompt_BP, pads_B = decoding.left_pad(prompts, pad_id=0)
   args = (params, prompt_BP, pads_B, jax.random.key(0))
   start = time.perf_counter()
-  compiled = generate._generate.lower(  # pylint: disable=protected-access
-      *args, config=config, max_new_tokens=new_tokens, sampling=generate.Sampling(),
+  compiled = decoding._generate.lower(  # pylint: disable=protected-access
+      *args, config=config, max_new_tokens=new_tokens, sampling=decoding.Sampling(),
       eos_id=-1, pad_id=0, use_cache=use_cache).compile()
   compile_seconds = time.perf_counter() - start
   times = []

@@ -1,0 +1,195 @@
+"""Export jaxlm params as a Hugging Face Llama / Qwen2 directory, one output shard at a time.
+
+    export_hf(params, config, "/tmp/hf", tokenizer=run.tokenizer, max_shard_bytes=2 << 30)
+    transformers.AutoModelForCausalLM.from_pretrained("/tmp/hf")
+
+The exact inverse of hf_import's mapping (see its docstring, and its RoPE statement: jaxlm and
+transformers both use the half-split layout, so no q/k permutation either way). Shards are
+planned from the params' shapes alone; then each shard's tensors are converted (one jaxlm leaf
+at a time, float32) and written before the next shard's are made, so the host holds the params
+plus at most one shard, never a second copy of the model. `params` may hold numpy or jax arrays.
+"""
+
+import json
+import os
+
+import numpy as np
+
+from jaxlm.errors import UserError
+from jaxlm.interop.hf_import import INDEX_FILE, SINGLE_FILE, _safetensors
+from jaxlm.model.config import ModelConfig
+
+DEFAULT_SHARD_BYTES = 2 << 30
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def hf_config_dict(config: ModelConfig) -> dict:
+  """config.json for `config`: LlamaForCausalLM, or Qwen2ForCausalLM when it has q/k/v biases
+  (Llama's attention_bias would also put one on o_proj). Rotary settings in the Hub format
+  (rope_theta, rope_scaling), which transformers 4 and 5 both read."""
+  qwen = config.attention_bias
+  hf = {
+      "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
+      "model_type": "qwen2" if qwen else "llama",
+      "vocab_size": config.vocab_size, "hidden_size": config.d_model,
+      "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+      "num_key_value_heads": config.num_kv_heads, "head_dim": config.resolved_head_dim,
+      "intermediate_size": config.mlp_dim, "max_position_embeddings": config.max_seq_len,
+      "hidden_act": "silu", "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
+      "rope_scaling": None, "tie_word_embeddings": config.tie_embeddings,
+      "initializer_range": config.init_std, "torch_dtype": "float32", "use_cache": True,
+  }
+  if qwen:
+    hf.update(use_sliding_window=False, sliding_window=None)  # jaxlm attends to every prefix.
+  else:
+    hf.update(attention_bias=False, mlp_bias=False)
+  if config.rope_scaling == "llama3":
+    hf["rope_scaling"] = {
+        "rope_type": "llama3", "factor": config.rope_scaling_factor,
+        "low_freq_factor": config.rope_low_freq_factor,
+        "high_freq_factor": config.rope_high_freq_factor,
+        "original_max_position_embeddings": config.rope_original_max_len}
+  elif config.rope_scaling is not None:
+    raise UserError(f"ModelConfig.rope_scaling={config.rope_scaling!r} has no Hugging Face "
+                    "equivalent jaxlm exports (only 'llama3' and None)")
+  return hf
+
+
+def hf_tensors(config: ModelConfig) -> list[tuple[str, tuple, tuple]]:
+  """(HF name, HF shape, jaxlm param path) of every tensor, in transformers' order."""
+  d, h, g, k = config.d_model, config.num_heads, config.num_kv_heads, config.resolved_head_dim
+  f, v = config.mlp_dim, config.vocab_size
+  out = [("model.embed_tokens.weight", (v, d), ("embed", "embedding"))]
+  for i in range(config.num_layers):
+    pre, layer = f"model.layers.{i}.", f"layer_{i}"
+    out += [(pre + "input_layernorm.weight", (d,), (layer, "attention_norm", "scale")),
+            (pre + "self_attn.q_proj.weight", (h * k, d), (layer, "attention", "query")),
+            (pre + "self_attn.k_proj.weight", (g * k, d), (layer, "attention", "key")),
+            (pre + "self_attn.v_proj.weight", (g * k, d), (layer, "attention", "value"))]
+    if config.attention_bias:
+      out += [(pre + "self_attn.q_proj.bias", (h * k,), (layer, "attention", "query_bias")),
+              (pre + "self_attn.k_proj.bias", (g * k,), (layer, "attention", "key_bias")),
+              (pre + "self_attn.v_proj.bias", (g * k,), (layer, "attention", "value_bias"))]
+    out += [(pre + "self_attn.o_proj.weight", (d, h * k), (layer, "attention", "out")),
+            (pre + "post_attention_layernorm.weight", (d,), (layer, "mlp_norm", "scale")),
+            (pre + "mlp.gate_proj.weight", (f, d), (layer, "mlp", "gate")),
+            (pre + "mlp.up_proj.weight", (f, d), (layer, "mlp", "up")),
+            (pre + "mlp.down_proj.weight", (d, f), (layer, "mlp", "down"))]
+  out.append(("model.norm.weight", (d,), ("final_norm", "scale")))
+  if not config.tie_embeddings:  # Tied: transformers re-ties lm_head to embed_tokens on load.
+    out.append(("lm_head.weight", (v, d), ("lm_head",)))
+  return out
+
+
+def _to_hf(path: tuple, value: np.ndarray, hf_shape: tuple) -> np.ndarray:
+  """jaxlm's [in, ...out] layout -> HF's [out, in]: the inverse of hf_import._target."""
+  leaf = path[-1]
+  if leaf in ("query", "key", "value"):  # [D, H, K] -> [H*K, D]
+    value = value.reshape(value.shape[0], -1).T
+  elif leaf == "out":  # [H, K, D] -> [D, H*K]
+    value = value.reshape(-1, value.shape[-1]).T
+  elif leaf in ("gate", "up", "down", "lm_head"):
+    value = value.T
+  return np.ascontiguousarray(value.reshape(hf_shape), dtype=np.float32)
+
+
+def _leaf(params, path: tuple):
+  node = params
+  for key in path:
+    if not isinstance(node, dict) or key not in node:
+      raise UserError(f"the params have no {'/'.join(path)}, which the model config implies; "
+                      "params and config disagree")
+    node = node[key]
+  return node
+
+
+def plan_shards(tensors, max_shard_bytes: int) -> list[list]:
+  """Consecutive tensors grouped so each shard stays within max_shard_bytes (float32); a tensor
+  larger than that is a shard of its own."""
+  shards, size = [[]], 0
+  for tensor in tensors:
+    nbytes = 4 * int(np.prod(tensor[1]))
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(tensor)
+    size += nbytes
+  return shards
+
+
+def export_hf(params, config: ModelConfig, out_dir: str, tokenizer=None,
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
+  """Write config.json, the safetensors shards (and model.safetensors.index.json when there is
+  more than one) and, for a Hugging Face tokenizer, tokenizer.json. Returns the files written."""
+  if not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
+    raise UserError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
+  os.makedirs(out_dir, exist_ok=True)
+  clash = sorted(n for n in os.listdir(out_dir)
+                 if n == "config.json" or n.endswith(".safetensors") or n == INDEX_FILE)
+  if clash:
+    raise UserError(f"{out_dir} already holds {', '.join(clash)}; export into an empty directory "
+                    "(stale shards would mix with the new ones)")
+  hf_config = hf_config_dict(config)
+  tensors = hf_tensors(config)
+  for name, hf_shape, path in tensors:  # Check every shape before writing anything.
+    shape = tuple(np.shape(_leaf(params, path)))
+    if int(np.prod(shape)) != int(np.prod(hf_shape)):
+      raise UserError(f"{'/'.join(path)} has shape {list(shape)}, but the model config implies "
+                      f"{name} {list(hf_shape)}; params and config disagree")
+  save_file = _safetensors_numpy().save_file
+  shards = plan_shards(tensors, max_shard_bytes)
+  written, weight_map, total = [], {}, 0
+  for i, shard in enumerate(shards):
+    filename = (SINGLE_FILE if len(shards) == 1 else
+                f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
+    block = {}
+    for name, hf_shape, path in shard:  # device_get one leaf at a time (jax or numpy arrays).
+      block[name] = _to_hf(path, np.asarray(_leaf(params, path)), hf_shape)
+      weight_map[name] = filename
+      total += block[name].nbytes
+    save_file(block, os.path.join(out_dir, filename), metadata={"format": "pt"})
+    del block  # This shard is on disk before the next one is made.
+    written.append(filename)
+  if len(shards) > 1:
+    _write_json(os.path.join(out_dir, INDEX_FILE),
+                {"metadata": {"total_size": total}, "weight_map": weight_map})
+    written.append(INDEX_FILE)
+  _write_json(os.path.join(out_dir, "config.json"), hf_config)
+  written.append("config.json")
+  written += _write_tokenizer(tokenizer, out_dir)
+  return written
+
+
+def _safetensors_numpy():
+  _safetensors()  # The clear message when the hf extra is absent.
+  import safetensors.numpy  # pylint: disable=import-outside-toplevel
+  return safetensors.numpy
+
+
+def _write_json(path: str, obj: dict) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+
+
+def _write_tokenizer(tokenizer, out_dir: str) -> list[str]:
+  """tokenizer.json from a HuggingFaceTokenizer (its loaded bytes) or a path to one; other
+  tokenizers (bytes, SentencePiece) have no tokenizer.json and are left out."""
+  if tokenizer is None:
+    return []
+  if isinstance(tokenizer, (str, os.PathLike)):
+    try:
+      with open(tokenizer, "rb") as f:
+        data = f.read()
+    except OSError as e:
+      raise UserError(f"cannot read the tokenizer {str(tokenizer)!r} ({e.strerror})") from None
+  else:
+    data = getattr(tokenizer, "_json", None)
+    if data is None:
+      return []
+  with open(os.path.join(out_dir, TOKENIZER_FILE), "wb") as f:
+    f.write(data)
+  # Without a tokenizer class, AutoTokenizer would guess one from model_type.
+  _write_json(os.path.join(out_dir, "tokenizer_config.json"),
+              {"tokenizer_class": "PreTrainedTokenizerFast"})
+  return [TOKENIZER_FILE, "tokenizer_config.json"]
