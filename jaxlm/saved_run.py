@@ -20,7 +20,7 @@ from jaxlm.data.tokenizers import resolve_tokenizer
 from jaxlm.errors import UserError
 from jaxlm.eval_schedule import EvalConfig
 from jaxlm.stages import Stage, configured_stages, stage_starts
-from jaxlm.train_step import abstract_state, make_params_for_eval, state_shardings
+from jaxlm.train_step import make_params_for_eval, sharded_abstract_state
 
 
 @dataclasses.dataclass
@@ -83,9 +83,7 @@ def load_saved_run(model_dir: str, step: int | None = None, gin_files=(), gin_bi
     mesh_config = parallel.MeshConfig()
     mesh, rules = parallel.make_mesh(mesh_config), mesh_config.resolved_rules()
     with _scope(mesh, rules):
-      shardings = state_shardings(stage, mesh, rules)
-      abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              abstract_state(stage), shardings)
+      abstract = sharded_abstract_state(stage, mesh, rules)
       target = {"params": abstract.params, "method_state": abstract.method_state}
       if not abstract.method_state:
         del target["method_state"]

@@ -58,6 +58,12 @@ def state_shardings(stage: Stage, mesh, rules) -> TrainState:
   return TrainState(replicated, params, opt_state, method_state)
 
 
+def sharded_abstract_state(stage: Stage, mesh, rules) -> TrainState:
+  """ShapeDtypeStructs with their shardings: the target a checkpoint is restored into."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract_state(stage), state_shardings(stage, mesh, rules))
+
+
 def sharded_init(stage: Stage, shardings: TrainState, rng) -> TrainState:
   """Initialise directly into the shardings: no host ever holds the full model."""
   return jax.jit(lambda r: init_state(stage, r), out_shardings=shardings)(rng)

@@ -28,7 +28,7 @@ from jaxlm.metrics import PROGRESS_MODES, MetricsWriter, Progress
 from jaxlm.preemption import PreemptionGuard
 from jaxlm.stage_setup import StageSetup, build_stage, describe, first_state
 from jaxlm.stages import Stage, stage_starts
-from jaxlm.train_step import TrainState, abstract_state, all_finite, state_shardings
+from jaxlm.train_step import TrainState, all_finite, sharded_abstract_state, state_shardings
 from jaxlm.validation import check_choice, check_field_types, check_range
 
 log = logging.getLogger("jaxlm")
@@ -147,8 +147,7 @@ class Trainer:
     preflight.check_fit(step, index, self.checkpointer.saved_shapes(step), self.stages,
                         self.checkpointer.directory)
     stage = self.stages[index]
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract_state(stage), state_shardings(stage, self.mesh, self.rules))
+    return sharded_abstract_state(stage, self.mesh, self.rules)
 
   def restore_or_init(self) -> tuple[TrainState, int]:
     found = self.checkpointer.restore_latest(self._restore_target)
