@@ -74,6 +74,18 @@ def _first_line(error: Exception) -> str:
   return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+def restore_saved_part(directory: str, step: int, target: dict):
+  """The parts of the state saved at checkpoints/`step` that `target` names (see
+  Checkpointer.restore_part); needs no CheckpointManager, so one tensor can be read at a time."""
+  restore_args = jax.tree.map(
+      lambda leaf: ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape,
+                                        dtype=leaf.dtype), target)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    return checkpointer.restore(
+        os.path.join(directory, str(step), "state"),
+        args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
+
+
 class Checkpointer:
   """Saves on a step and/or wall-clock cadence; keeps the last `keep_last` plus every
   `keep_every`-th step; restores the newest checkpoint that reads back intact."""
@@ -136,17 +148,33 @@ class Checkpointer:
     return self._manager.restore(step, args=ocp.args.Composite(state=args))["state"]
 
   def restore_part(self, step: int, target: dict):
-    """Only the top-level parts of the saved state that `target` names ({"params": abstract
-    tree, ...}, ShapeDtypeStructs with shardings): evaluation and sampling read the params and
-    never the optimizer state."""
-    restore_args = jax.tree.map(
-        lambda leaf: ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape,
-                                          dtype=leaf.dtype), target)
-    with ocp.PyTreeCheckpointer() as checkpointer:
-      return checkpointer.restore(
-          os.path.join(self.directory, str(step), "state"),
-          args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
-                                      partial_restore=True))
+    """Only the parts of the saved state that `target` names ({"params": abstract tree, ...},
+    ShapeDtypeStructs with shardings): evaluation and sampling read the params and never the
+    optimizer state."""
+    return restore_saved_part(self.directory, step, target)
+
+  def save_in_parts(self, step: int, parts, meta: dict) -> None:
+    """Save a state that is never whole in memory: `parts` yields disjoint sub-trees (e.g.
+    {"params": {"layer_0": {"mlp": {"up": array}}}}), each written before the next is made
+    (orbax's partial save), then `meta`. For conversions (tools/convert.py), not training."""
+    try:
+      from orbax.checkpoint.experimental.v1 import partial  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      raise UserError("saving a checkpoint in parts needs orbax-checkpoint >= 0.12: "
+                      "pip install -U orbax-checkpoint") from None
+    path = os.path.join(self.directory, str(step))
+    if os.path.exists(path):
+      raise UserError(f"{path} already exists; save into a new directory")
+    os.makedirs(self.directory, exist_ok=True)
+    for part in parts:
+      partial.save(path, part)
+    partial.finalize(path)
+    if not os.path.isdir(os.path.join(path, "state")):  # Orbax names the item; check it did.
+      raise RuntimeError(f"orbax's partial save wrote no state/ item in {path}; this orbax "
+                         "version lays checkpoints out differently")
+    ocp.Checkpointer(ocp.JsonCheckpointHandler()).save(os.path.join(path, "meta"),
+                                                       args=ocp.args.JsonSave(meta))
+    self._manager.reload()
 
   def restore_latest(self, make_target) -> tuple[int, dict, object] | None:
     """(step, meta, state) of the newest checkpoint that reads back, or None if there is none.

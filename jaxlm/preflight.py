@@ -30,9 +30,9 @@ from jaxlm.data.pipeline import Datasets, build_datasets, check_sources
 from jaxlm.data.tokenizers import resolve_tokenizer
 from jaxlm.errors import UserError
 from jaxlm.model import forward
-from jaxlm.restore import check_restore_source
-from jaxlm.stages import (Stage, check_transition_result, continue_rows, hand_over, stage_starts,
-                          transition_context)
+from jaxlm.restore import check_restore_source, source_data_position
+from jaxlm.stages import (Stage, check_transition_result, continue_rows, hand_over,
+                          stage_schedules, stage_starts, transition_context)
 from jaxlm.train_step import abstract_state, state_shardings
 from jaxlm.tree_names import first_difference, shapes_of
 
@@ -67,6 +67,7 @@ def preflight(model_dir: str, stages: list[Stage], microbatches: int, mesh, rule
   for stage, state in zip(stages, states):
     check_stage(stage, state, microbatches, mesh, rules, eval_domains)
   check_transitions(stages, states)
+  stage_schedules(stages)  # Each stage's schedule given where the one before it ends.
   check_model_dir(model_dir, max(_tree_bytes(state) for state in states))
   resume = find_resume_point(model_dir, stages)
   starts = stage_starts(stages)
@@ -80,7 +81,18 @@ def preflight(model_dir: str, stages: list[Stage], microbatches: int, mesh, rule
     data = resume.meta.get("data", {})
     rows_before = data.get("rows_before_stage" if first == resume.stage_index else
                            "rows_after_stage", {})
+  elif stages[0].restore_from is not None and stages[0].restore_from.continue_data:
+    rows_before = branched_data_position(stages[0])
   return Plan(first, build_stage_data(stages[first], rows_before, eval_domains), rows_before)
+
+
+def branched_data_position(stage: Stage) -> dict[str, int]:
+  """Rows of each source the restored run had drawn at its checkpoint, counted through this
+  stage's data (the same DataConfig reads the same rows)."""
+  rows_before, stage_step = source_data_position(stage.restore_from)
+  if not stage_step:
+    return rows_before
+  return build_stage_data(stage, rows_before).train.rows_drawn(stage_step)
 
 
 def build_stage_data(stage: Stage, rows_before: dict[str, int], eval_domains=()) -> Datasets:

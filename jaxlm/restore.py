@@ -1,4 +1,4 @@
-"""Initialise a run from another run's checkpoint, with a regex assignment map (T5X's
+"""Initialise a run from another run's checkpoint (or a Hugging Face model directory), with a regex assignment map (T5X's
 `RestoreCheckpointConfig(assignment_map=...)`): the one mechanism that growth, MoE upcycling and
 continual-pretraining stages reuse for partial or renamed loads.
 
@@ -10,6 +10,11 @@ it exists, and is freshly initialised otherwise. The report lists what was loade
 skipped, and is written to MODEL_DIR/restore_report.json. A method's state (masks, growth
 operators) loads from the same name when the source saved it with the same shape, and is
 freshly initialised otherwise.
+
+A Hugging Face Llama / Mistral / Qwen2 directory (config.json + safetensors) is a source too:
+its params under jaxlm's names (jaxlm.interop.hf_import), read one tensor at a time. The stage's
+model must match it: `Stage.model = @hf_model_config()` with `hf_model_config.path` the same
+directory (experiments/continual/from_hf.gin).
 """
 
 import dataclasses
@@ -25,6 +30,7 @@ import optax
 
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.errors import UserError
+from jaxlm.interop import hf_import, load_hf_config
 from jaxlm.tree_names import flatten_names, path_name
 from jaxlm.validation import check_field_types, check_range
 
@@ -34,9 +40,13 @@ log = logging.getLogger("jaxlm")
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class RestoreConfig:
-  path: str  # Another run's MODEL_DIR.
+  path: str  # Another run's MODEL_DIR, or a Hugging Face model directory (params only).
   step: int | None = None  # None: its latest checkpoint.
   include_optimizer: bool = False  # Also the optimizer state, exactly as saved (counts too).
+  # Also continue every data source where the source run was at that step (the first stage's
+  # data only; with the same DataConfig it reads exactly what the source would have read next):
+  # a decay branched from a stable-phase checkpoint (MiniCPM, arXiv:2404.06395).
+  continue_data: bool = False
   assignment_map: tuple[tuple[str, str | None], ...] = ()
 
   def __post_init__(self):
@@ -78,17 +88,78 @@ def _param_names_in(state, tx):
                        method_state=jax.tree.map(lambda _: "", state.method_state))
 
 
-def _source_step(config: RestoreConfig) -> tuple[Checkpointer, int]:
-  if not os.path.isdir(os.path.join(config.path, "checkpoints")):
-    raise UserError(f"cannot restore from {config.path!r}: it has no checkpoints/ folder; set "
-                    "RestoreConfig.path to another run's MODEL_DIR")
-  checkpointer = Checkpointer(config.path, read_only=True)
-  step = config.step if config.step is not None else checkpointer.latest_step()
-  steps = checkpointer.all_steps()
-  if step is None or step not in steps:
-    checkpointer.close()
-    raise UserError(f"no checkpoint at step {config.step} in {config.path!r}; it has {steps}")
-  return checkpointer, step
+def is_hf_directory(path: str) -> bool:
+  """A Hugging Face model directory (config.json, no jaxlm checkpoints/)."""
+  return (os.path.isfile(os.path.join(path, "config.json")) and
+          not os.path.isdir(os.path.join(path, "checkpoints")))
+
+
+class _RunSource:
+  """Another jaxlm run's checkpoint: shapes from its metadata, tensors read on first use."""
+
+  def __init__(self, config: RestoreConfig):
+    if not os.path.isdir(os.path.join(config.path, "checkpoints")):
+      raise UserError(f"cannot restore from {config.path!r}: it has no checkpoints/ folder (nor "
+                      "config.json); set RestoreConfig.path to another run's MODEL_DIR or a "
+                      "Hugging Face model directory")
+    self._checkpointer = Checkpointer(config.path, read_only=True)
+    step = config.step if config.step is not None else self._checkpointer.latest_step()
+    steps = self._checkpointer.all_steps()
+    if step is None or step not in steps:
+      self._checkpointer.close()
+      raise UserError(f"no checkpoint at step {config.step} in {config.path!r}; it has {steps}")
+    self.step, self.shapes, self._tensors = step, self._checkpointer.saved_shapes(step), None
+
+  def data_position(self) -> tuple[dict[str, int], int]:
+    """(rows of each source drawn before the checkpoint's stage, steps into that stage)."""
+    data = self._checkpointer.restore_meta(self.step).get("data", {})
+    return dict(data.get("rows_before_stage", {})), int(data.get("stage_step", 0))
+
+  def read(self, name: str) -> np.ndarray:
+    if self._tensors is None:
+      self._tensors = flatten_names(self._checkpointer.restore_state(self.step))
+    return np.asarray(self._tensors[name])
+
+  def close(self) -> None:
+    self._checkpointer.close()
+
+
+class _HFSource:
+  """A Hugging Face Llama-family directory (jaxlm.interop): its params only, checked from the
+  safetensors metadata and read one tensor at a time, so starting a run from a 7B model never
+  holds a second copy of it on the host."""
+  step = 0
+
+  def __init__(self, config: RestoreConfig):
+    if config.include_optimizer:
+      raise UserError(f"{config.path!r} is a Hugging Face model directory, which has no "
+                      "optimizer state; set RestoreConfig.include_optimizer = False")
+    if config.step is not None or config.continue_data:
+      raise UserError(f"{config.path!r} is a Hugging Face model directory, which has no steps or "
+                      "data position; leave RestoreConfig.step and continue_data unset")
+    self._params = hf_import.HFParams(config.path, load_hf_config(config.path))
+    self.shapes = {"params/" + "/".join(path): shape
+                   for path, shape in self._params.shapes.items()}
+
+  def read(self, name: str) -> np.ndarray:
+    return self._params.read(tuple(name.split("/")[1:]))
+
+  def close(self) -> None:
+    pass
+
+
+def _open_source(config: RestoreConfig):
+  return _HFSource(config) if is_hf_directory(config.path) else _RunSource(config)
+
+
+def source_data_position(config: RestoreConfig) -> tuple[dict[str, int], int]:
+  """Where the source run's data was at the restored step: (rows of each source drawn before
+  that checkpoint's stage, steps into the stage)."""
+  source = _open_source(config)
+  try:
+    return source.data_position()
+  finally:
+    source.close()
 
 
 def assign_sources(config: RestoreConfig, state, tx, source_shapes: dict, step: int):
@@ -134,27 +205,26 @@ def assign_sources(config: RestoreConfig, state, tx, source_shapes: dict, step: 
 
 def check_restore_source(config: RestoreConfig, state, tx) -> None:
   """Pre-flight: the source run and step exist and the map fits, from tensor metadata only."""
-  checkpointer, step = _source_step(config)
+  source = _open_source(config)
   try:
-    assign_sources(config, state, tx, checkpointer.saved_shapes(step), step)
+    assign_sources(config, state, tx, source.shapes, source.step)
   finally:
-    checkpointer.close()
+    source.close()
 
 
 def restore_into(config: RestoreConfig, state, tx, model_dir: str):
-  """`state` (freshly initialised, sharded) with tensors loaded from another run's checkpoint."""
-  checkpointer, step = _source_step(config)
+  """`state` (freshly initialised, sharded) with tensors loaded from another run's checkpoint or
+  a Hugging Face directory, each placed on the devices before the next is read."""
+  source = _open_source(config)
   try:
-    source = flatten_names(checkpointer.restore_state(step))
+    sources, report = assign_sources(config, state, tx, source.shapes, source.step)
+    restored = jax.tree.map(
+        lambda leaf, name: leaf if name is None else jax.device_put(
+            np.asarray(source.read(name), leaf.dtype), leaf.sharding),
+        state, sources, is_leaf=lambda x: x is None)
   finally:
-    checkpointer.close()
-  shapes = {k: np.shape(v) for k, v in source.items()}
-  sources, report = assign_sources(config, state, tx, shapes, step)
-  restored = jax.tree.map(
-      lambda leaf, name: leaf if name is None else jax.device_put(
-          np.asarray(source[name], leaf.dtype), leaf.sharding),
-      state, sources, is_leaf=lambda x: x is None)
-  _log_report(report, config, step, model_dir)
+    source.close()
+  _log_report(report, config, source.step, model_dir)
   return restored, report
 
 

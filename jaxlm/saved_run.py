@@ -4,6 +4,10 @@ to repeat), and its params (plus any method state they need), never the optimize
 
     run = load_saved_run("/tmp/run", step=None)        # the newest checkpoint
     run.stage.model, run.params, run.tokenizer, run.step
+
+With `lazy_params=True` (and a stage whose methods do not change the params for evaluation),
+each leaf of `run.params` is a SavedLeaf that reads its one tensor from the checkpoint only when
+converted to an array: an export streams a model bigger than host memory.
 """
 
 import contextlib
@@ -13,9 +17,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
 
 from jaxlm import gin_config, parallel
-from jaxlm.checkpoint import Checkpointer
+from jaxlm.checkpoint import Checkpointer, restore_saved_part
 from jaxlm.data.tokenizers import resolve_tokenizer
 from jaxlm.errors import UserError
 from jaxlm.eval_schedule import EvalConfig
@@ -45,6 +50,33 @@ def _scope(mesh, rules):
     yield
 
 
+@dataclasses.dataclass(frozen=True)
+class SavedLeaf:
+  """One saved param, read from the checkpoint by np.asarray (its shape and dtype without)."""
+  directory: str  # The run's checkpoints/ folder.
+  step: int
+  path: tuple[str, ...]  # Keys under "params".
+  abstract: jax.ShapeDtypeStruct  # With the sharding it is restored to.
+
+  @property
+  def shape(self):
+    return self.abstract.shape
+
+  @property
+  def dtype(self):
+    return self.abstract.dtype
+
+  def __array__(self, dtype=None, copy=None):
+    del copy  # A fresh array every time.
+    target = self.abstract
+    for key in reversed(self.path):
+      target = {key: target}
+    value = restore_saved_part(self.directory, self.step, {"params": target})["params"]
+    for key in self.path:
+      value = value[key]
+    return np.asarray(jax.device_get(value), dtype=dtype)
+
+
 def find_step(model_dir: str, step: int | None) -> tuple[Checkpointer, int]:
   """A read-only Checkpointer on model_dir and the step to read (its newest if None)."""
   if not os.path.isdir(os.path.join(model_dir, "checkpoints")):
@@ -61,6 +93,15 @@ def find_step(model_dir: str, step: int | None) -> tuple[Checkpointer, int]:
   return checkpointer, chosen
 
 
+def _restore_params(checkpointer: Checkpointer, step: int, abstract, params_for_eval):
+  target = {"params": abstract.params, "method_state": abstract.method_state}
+  if not abstract.method_state:
+    del target["method_state"]
+  restored = checkpointer.restore_part(step, target)
+  return params_for_eval(abstract.replace(step=step, params=restored["params"],
+                                          method_state=restored.get("method_state", {})))
+
+
 def stages_from_config(config_text: str, gin_files=(), gin_bindings=(), search_paths=()):
   """The run's stages from its saved gin config, then the caller's files and bindings (e.g. more
   EvalConfig.domains) on top."""
@@ -70,7 +111,7 @@ def stages_from_config(config_text: str, gin_files=(), gin_bindings=(), search_p
 
 
 def load_saved_run(model_dir: str, step: int | None = None, gin_files=(), gin_bindings=(),
-                   search_paths=()) -> SavedRun:
+                   search_paths=(), lazy_params: bool = False) -> SavedRun:
   checkpointer, step = find_step(model_dir, step)
   try:
     meta = checkpointer.restore_meta(step)
@@ -84,13 +125,13 @@ def load_saved_run(model_dir: str, step: int | None = None, gin_files=(), gin_bi
     mesh, rules = parallel.make_mesh(mesh_config), mesh_config.resolved_rules()
     with _scope(mesh, rules):
       abstract = sharded_abstract_state(stage, mesh, rules)
-      target = {"params": abstract.params, "method_state": abstract.method_state}
-      if not abstract.method_state:
-        del target["method_state"]
-      restored = checkpointer.restore_part(step, target)
-      state = abstract.replace(step=step, params=restored["params"],
-                               method_state=restored.get("method_state", {}))
-      params = make_params_for_eval(stage, stage_starts(stages)[index])(state)
+      if lazy_params and not any(m.params_for_loss for m in stage.methods):
+        params = jax.tree_util.tree_map_with_path(
+            lambda path, leaf: SavedLeaf(checkpointer.directory, step,
+                                         tuple(k.key for k in path), leaf), abstract.params)
+      else:
+        params = _restore_params(checkpointer, step, abstract,
+                                 make_params_for_eval(stage, stage_starts(stages)[index]))
   finally:
     checkpointer.close()
   return SavedRun(os.path.abspath(model_dir), step, stage, params,

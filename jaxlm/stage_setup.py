@@ -40,9 +40,9 @@ class StageSetup:
 
 
 def build_stage(index: int, stage: Stage, start: int, datasets, shardings: TrainState,
-                batch_sharding, microbatches: int, to_device) -> StageSetup:
+                batch_sharding, microbatches: int, to_device, schedule=None) -> StageSetup:
   """`datasets`: the stage's data (preflight.build_stage_data); `to_device` places a host
-  batch that every process holds whole."""
+  batch that every process holds whole; `schedule`: the stage's (stages.stage_schedules)."""
   data = stage.data
   eval_sets = evaluate.place_eval_sets(datasets.eval, datasets.tokenizer.byte_lengths(),
                                        to_device)
@@ -51,7 +51,7 @@ def build_stage(index: int, stage: Stage, start: int, datasets, shardings: Train
       index=index, stage=stage, start=start, end=start + stage.num_steps, train=datasets.train,
       tokenizer=datasets.tokenizer,
       train_step=make_train_step(stage, shardings, batch_sharding, microbatches,
-                                 stage_start=start),
+                                 stage_start=start, schedule=schedule),
       eval_step=make_eval_step(stage, shardings.params, batch_sharding),
       params_for_eval=make_params_for_eval(stage, start), eval_sets=eval_sets,
       tokens_per_step=tokens_per_step,

@@ -18,6 +18,7 @@ does not). A plain pretraining run is one stage whose transitions are never call
 """
 
 import dataclasses
+import inspect
 from typing import Any, Callable
 
 import gin
@@ -87,8 +88,11 @@ class Stage:
     object.__setattr__(self, "model", self.model or ModelConfig())
     object.__setattr__(self, "data", self.data or DataConfig())
 
-  def make_schedule(self):
-    """learning rate = f(step within this stage), sized to the stage's length."""
+  def make_schedule(self, previous_lr: float = 0.0):
+    """learning rate = f(step within this stage), sized to the stage's length; `previous_lr`
+    (where the previous stage ended) reaches factories that take it, for re-warming."""
+    if "previous_lr" in inspect.signature(self.schedule).parameters:
+      return self.schedule(self.num_steps, previous_lr=previous_lr)
     return self.schedule(self.num_steps)
 
   def make_optimizer(self):
@@ -111,6 +115,16 @@ def set_learning_rate(opt_state, learning_rate):
 
 def learning_rate_of(opt_state):
   return opt_state.hyperparams["learning_rate"]
+
+
+def stage_schedules(stages) -> list:
+  """Each stage's schedule, given the learning rate the stage before it ended at (its schedule
+  after its last update), so that a stage can re-warm from there."""
+  schedules, previous_lr = [], 0.0
+  for stage in stages:
+    schedules.append(stage.make_schedule(previous_lr))
+    previous_lr = float(schedules[-1](stage.num_steps))
+  return schedules
 
 
 def continue_rows(rows_before: dict[str, int], stage: Stage) -> dict[str, int]:

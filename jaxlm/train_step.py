@@ -79,7 +79,7 @@ def _split_microbatches(batch, num_microbatches: int):
 
 
 def make_train_step(stage: Stage, shardings: TrainState, batch_sharding,
-                    num_microbatches: int = 1, stage_start: int = 0):
+                    num_microbatches: int = 1, stage_start: int = 0, schedule=None):
   """jit(state, batch) -> (state, metrics), donating the old state. With k micro-batches the
   summed gradient is divided by the total loss weight once, so the update equals the one for
   the whole batch (up to float summation order). The step counter advances even when the
@@ -89,7 +89,8 @@ def make_train_step(stage: Stage, shardings: TrainState, batch_sharding,
   The stage's methods (methods/hooks.py) transform the params the loss sees, add auxiliary
   losses (each micro-batch's, averaged over micro-batches), and transform the state after the
   update; with no methods none of that is traced."""
-  cfg, tx, schedule = stage.model, stage.make_optimizer(), stage.make_schedule()
+  cfg, tx = stage.model, stage.make_optimizer()
+  schedule = schedule or stage.make_schedule()  # The trainer's re-warms from the last stage.
   hooks = MethodHooks(stage.methods)
 
   def objective(params, method_state, step, batch, total_weight):

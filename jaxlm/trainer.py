@@ -27,7 +27,7 @@ from jaxlm.ledger import ComputeLedger
 from jaxlm.metrics import PROGRESS_MODES, MetricsWriter, Progress
 from jaxlm.preemption import PreemptionGuard
 from jaxlm.stage_setup import StageSetup, build_stage, describe, first_state
-from jaxlm.stages import Stage, stage_starts
+from jaxlm.stages import Stage, stage_schedules, stage_starts
 from jaxlm.train_step import TrainState, all_finite, sharded_abstract_state, state_shardings
 from jaxlm.validation import check_choice, check_field_types, check_range
 
@@ -103,6 +103,7 @@ class Trainer:
     self.rules_label = mesh_config.rules if isinstance(mesh_config.rules, str) else self.rules
     self.batch_sharding = parallel.batch_sharding(self.mesh, self.rules)
     self.starts = stage_starts(self.stages)
+    self.schedules = stage_schedules(self.stages)  # Each re-warms from where the last ended.
     self.total_steps = self.starts[-1] + self.stages[-1].num_steps
     self.checkpointer = None  # Opened after the pre-flight checks (it creates checkpoints/).
     self.writer = None  # Opened once the resume step is known.
@@ -179,7 +180,7 @@ class Trainer:
     self.rows_after = {**self.rows_before, **datasets.train.rows_drawn(stage.num_steps)}
     return build_stage(index, stage, self.starts[index], datasets,
                        state_shardings(stage, self.mesh, self.rules), self.batch_sharding,
-                       self.config.microbatches, self.to_device)
+                       self.config.microbatches, self.to_device, self.schedules[index])
 
   def train_stage(self, state: TrainState, index: int, guard: PreemptionGuard) -> TrainState:
     """The loop: one step per batch; cadence duties after each."""

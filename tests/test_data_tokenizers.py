@@ -14,6 +14,7 @@ from jaxlm.data.tokenizer_training import train_sentencepiece
 from jaxlm.data.tokenizers import (ByteTokenizer, HuggingFaceTokenizer, SentencePieceTokenizer,
                                    resolve_tokenizer)
 from jaxlm.errors import UserError
+from hf_fixtures import train_bpe_tokenizer
 
 TRICKY = "héllo wörld ✓ 日本語 \n\t  indented\n\n\nx = 42  # 3.14\r\n\x00end"
 
@@ -67,22 +68,11 @@ def test_train_tokenizer_cli(corpus_file, tmp_path, capsys):
   assert "does not exist" in capsys.readouterr().err
 
 
-def _train_hf_tokenizer(path, corpus_file):
-  tokenizers = pytest.importorskip("tokenizers")
-  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = tokenizers.decoders.ByteLevel()
-  trainer = tokenizers.trainers.BpeTrainer(
-      vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
-      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-  tok.train([str(corpus_file)], trainer)
-  tok.save(str(path))
-
-
 def test_huggingface_tokenizer_json(corpus_file, tmp_path):
   path = tmp_path / "tokenizer.json"
-  _train_hf_tokenizer(path, corpus_file)
+  train_bpe_tokenizer(path, corpus_file)
   tok = HuggingFaceTokenizer(path)
+  assert HuggingFaceTokenizer(tmp_path).fingerprint == tok.fingerprint  # A model directory.
   assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
   ids = tok.encode(TRICKY)
   assert tok.decode(ids) == TRICKY

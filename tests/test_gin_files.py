@@ -12,6 +12,7 @@ from conftest import REPO_ROOT
 from jaxlm import gin_config, parallel, preflight
 from jaxlm.stages import configured_stages
 from jaxlm.train_step import abstract_state
+from hf_fixtures import write_hf_model
 
 GIN_FILES = sorted(str(p.relative_to(REPO_ROOT))
                    for folder in ("experiments", "gin") for p in (REPO_ROOT / folder).rglob("*.gin"))
@@ -24,10 +25,15 @@ def test_there_are_gin_files_to_check():
 
 
 @pytest.mark.parametrize("gin_file", GIN_FILES)
-def test_gin_file_parses_and_builds_on_abstract_shapes(gin_file, tmp_path, monkeypatch):
+def test_gin_file_parses_and_builds_on_abstract_shapes(gin_file, tmp_path, monkeypatch,
+                                                      small_text_file):
   monkeypatch.chdir(REPO_ROOT)
   files = [gin_file] if pathlib.Path(gin_file).parts[0] == "experiments" else [RUN, gin_file]
-  gin_config.parse(files, [f"MODEL_DIR = '{tmp_path / 'run'}'"])
+  bindings = [f"MODEL_DIR = '{tmp_path / 'run'}'"]
+  if "%HF_DIR" in (REPO_ROOT / gin_file).read_text():  # Starts from a Hugging Face model.
+    write_hf_model(tmp_path / "hf", small_text_file, max_seq_len=2048)
+    bindings.append(f"HF_DIR = '{tmp_path / 'hf'}'")
+  gin_config.parse(files, bindings)
   stages = configured_stages()
   assert stages
   mesh_config = parallel.MeshConfig()

@@ -16,6 +16,8 @@ pytest.importorskip("safetensors")
 # pylint: disable=wrong-import-position
 from safetensors import safe_open
 
+from hf_fixtures import train_bpe_tokenizer
+from jaxlm.data.tokenizers import HuggingFaceTokenizer
 from jaxlm.errors import UserError
 from jaxlm.interop import export_hf, import_hf
 from jaxlm.interop.hf_import import checkpoint_files
@@ -118,6 +120,21 @@ def test_tokenizer_json_is_copied(exported, tmp_path):
   written = export_hf(params, config, str(tmp_path / "out"), tokenizer=str(source))
   assert "tokenizer.json" in written
   assert (tmp_path / "out" / "tokenizer.json").read_text() == source.read_text()
+
+
+def test_exported_tokenizer_loads_with_auto_tokenizer(exported, tmp_path, small_text_file):
+  _, config, params = exported["gqa"]
+  train_bpe_tokenizer(tmp_path / "tokenizer.json", small_text_file)
+  ours = HuggingFaceTokenizer(tmp_path / "tokenizer.json")
+  out = tmp_path / "out"
+  export_hf(params, config, str(out), tokenizer=ours)
+  theirs = transformers.AutoTokenizer.from_pretrained(str(out))
+  text = "def wrap(text, width=70):\n    return TextWrapper(width=width).wrap(text) ✓"
+  assert theirs.encode(text, add_special_tokens=False) == ours.encode(text).tolist()
+  assert (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id) == (1, 2, 0)
+  saved = json.loads((out / "config.json").read_text())
+  assert (saved["bos_token_id"], saved["eos_token_id"], saved["pad_token_id"]) == (1, 2, 0)
+  assert transformers.AutoConfig.from_pretrained(str(out)).eos_token_id == ours.eos_id == 2
 
 
 def test_export_refuses_a_directory_with_a_model_and_mismatched_params(exported, tmp_path):

@@ -4,8 +4,9 @@
     python tools/convert.py jaxlm_to_hf /runs/mine /exports/mine [--step 2000]
                                         [--max_shard_bytes 2147483648]
 
-hf_to_jaxlm streams the safetensors in (jaxlm.interop.import_hf) and writes OUT_DIR/checkpoints/0
-in the trainer's checkpoint format (params only), OUT_DIR/model.gin (the ModelConfig) and a copy
+hf_to_jaxlm streams the safetensors in one tensor at a time (jaxlm.interop.hf_import.HFParams),
+saving each into OUT_DIR/checkpoints/0 (the trainer's checkpoint format, params only) before
+reading the next, and writes OUT_DIR/model.gin (the ModelConfig) and a copy
 of tokenizer.json when the source has one. Start a run from it with
 
     include "OUT_DIR/model.gin"
@@ -15,8 +16,10 @@ of tokenizer.json when the source has one. Start a run from it with
 
 (OUT_DIR is a restore source, not a MODEL_DIR to train in: its record has no stage.)
 jaxlm_to_hf reads a run's checkpoint with the model of the stage that wrote it
-(jaxlm.saved_run.load_saved_run) and writes config.json, sharded safetensors with their index,
-and the run's tokenizer.json if it has one (jaxlm.interop.export_hf). Bad input is one line on
+(jaxlm.saved_run.load_saved_run), reading each tensor from the checkpoint only when its shard
+is written, and writes config.json, sharded safetensors with their index, and the run's
+tokenizer.json if it has one (jaxlm.interop.export_hf). Peak host memory is about one output
+shard plus one tensor either way (tools/bench_convert.py measures it). Bad input is one line on
 stderr and exit code 2.
 """
 
@@ -32,19 +35,22 @@ MODEL_GIN = "model.gin"
 
 
 def hf_to_jaxlm(src: str, out_dir: str) -> list[str]:
-  """Returns the paths written."""
+  """Returns the paths written. Every tensor is checked from the safetensors metadata first;
+  then each is read, converted and saved before the next (peak host memory: one tensor)."""
   from jaxlm.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
-  from jaxlm.interop import gin_model_text, import_hf  # pylint: disable=import-outside-toplevel
+  from jaxlm.interop import gin_model_text, load_hf_config  # pylint: disable=import-outside-toplevel
+  from jaxlm.interop.hf_import import HFParams  # pylint: disable=import-outside-toplevel
   if os.path.isdir(os.path.join(out_dir, "checkpoints")):
     raise UserError(f"{out_dir} already has a checkpoints/ folder; convert into a new directory")
-  config, params = import_hf(src)
+  config = load_hf_config(src)
+  source = HFParams(src, config)
   os.makedirs(out_dir, exist_ok=True)
   gin_text = gin_model_text(config, os.path.abspath(src))
   checkpointer = Checkpointer(out_dir)
   try:
-    checkpointer.save(0, {"params": params}, {"converted_from": os.path.abspath(src),
-                                              "format": "huggingface", "model_gin": gin_text},
-                      force=True)
+    checkpointer.save_in_parts(
+        0, ({"params": _nested(path, source.read(path))} for path in source.shapes),
+        {"converted_from": os.path.abspath(src), "format": "huggingface", "model_gin": gin_text})
   finally:
     checkpointer.close()
   written = [os.path.join(out_dir, "checkpoints", "0")]
@@ -57,12 +63,18 @@ def hf_to_jaxlm(src: str, out_dir: str) -> list[str]:
   return written
 
 
+def _nested(path: tuple, value) -> dict:
+  for key in reversed(path):
+    value = {key: value}
+  return value
+
+
 def jaxlm_to_hf(model_dir: str, out_dir: str, step: int | None = None,
                 max_shard_bytes: int | None = None) -> list[str]:
   from jaxlm.interop import export_hf  # pylint: disable=import-outside-toplevel
   from jaxlm.interop.hf_export import DEFAULT_SHARD_BYTES  # pylint: disable=import-outside-toplevel
   from jaxlm.saved_run import load_saved_run  # pylint: disable=import-outside-toplevel
-  run = load_saved_run(model_dir, step)
+  run = load_saved_run(model_dir, step, lazy_params=True)  # Read one tensor at a time.
   with run.scope():
     files = export_hf(run.params, run.stage.model, out_dir, tokenizer=run.tokenizer,
                       max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES)

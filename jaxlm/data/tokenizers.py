@@ -8,7 +8,8 @@ store can refuse a different tokenizer).
 
   byte_tokenizer()                       UTF-8 bytes, no files (the default)
   sentencepiece_tokenizer(model_path)    a SentencePiece .model (tools/train_tokenizer.py makes one)
-  huggingface_tokenizer(path)            a Hugging Face tokenizer.json, via the `tokenizers` library
+  huggingface_tokenizer(path)            a Hugging Face tokenizer.json (or a model directory holding
+                                         one), via the `tokenizers` library
 
 Choose one in gin: `DataConfig.tokenizer = @sentencepiece_tokenizer()` and
 `sentencepiece_tokenizer.model_path = "/data/sp.model"`.
@@ -164,6 +165,8 @@ class HuggingFaceTokenizer:
 
   def __init__(self, path: str | os.PathLike, bos_token: str | None = None,
                eos_token: str | None = None, pad_token: str | None = None):
+    if os.path.isdir(path):  # A Hugging Face model directory: its own tokenizer.
+      path = os.path.join(path, "tokenizer.json")
     self.path = str(path)
     self._names = (bos_token, eos_token, pad_token)
     self._load(_read_tokenizer_file(path, "tokenizer.json", "huggingface_tokenizer.path"))
@@ -216,6 +219,9 @@ class HuggingFaceTokenizer:
     ids_T = np.asarray(ids, dtype=np.int64).reshape(-1)
     ids_T = ids_T[(ids_T >= 0) & (ids_T < self.vocab_size)]
     return self._tok.decode([int(i) for i in ids_T], skip_special_tokens=True)
+
+  def id_to_token(self, token_id: int) -> str | None:
+    return self._tok.id_to_token(token_id)
 
   def byte_lengths(self) -> np.ndarray:
     """Bytes per token for byte-level BPE (GPT-2 alphabet), Metaspace ("▁" = space) and byte

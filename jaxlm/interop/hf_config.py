@@ -8,6 +8,8 @@ scaling inside), and the Hub's top-level `rope_theta` with `rope_scaling` (keyed
 import json
 import os
 
+import gin
+
 from jaxlm.errors import UserError
 from jaxlm.model.config import ModelConfig
 
@@ -108,6 +110,13 @@ def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
 
 def load_hf_config(model_dir: str, **overrides) -> ModelConfig:
   return model_config_from_hf(read_json(os.path.join(model_dir, "config.json")), **overrides)
+
+
+@gin.configurable
+def hf_model_config(path: str = gin.REQUIRED) -> ModelConfig:
+  """`Stage.model = @hf_model_config()`: the architecture of a Hugging Face directory's
+  config.json; the rest (dtype, remat, attention kernel...) from the run's ModelConfig bindings."""
+  return load_hf_config(path)
 
 
 def gin_model_text(config: ModelConfig, source: str = "") -> str:

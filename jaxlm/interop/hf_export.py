@@ -154,10 +154,9 @@ def export_hf(params, config: ModelConfig, out_dir: str, tokenizer=None,
     _write_json(os.path.join(out_dir, INDEX_FILE),
                 {"metadata": {"total_size": total}, "weight_map": weight_map})
     written.append(INDEX_FILE)
-  _write_json(os.path.join(out_dir, "config.json"), hf_config)
-  written.append("config.json")
-  written += _write_tokenizer(tokenizer, out_dir)
-  return written
+  tokenizer_files, special_ids = _write_tokenizer(tokenizer, out_dir)
+  _write_json(os.path.join(out_dir, "config.json"), {**hf_config, **special_ids})
+  return written + ["config.json"] + tokenizer_files
 
 
 def _safetensors_numpy():
@@ -172,11 +171,13 @@ def _write_json(path: str, obj: dict) -> None:
     f.write("\n")
 
 
-def _write_tokenizer(tokenizer, out_dir: str) -> list[str]:
-  """tokenizer.json from a HuggingFaceTokenizer (its loaded bytes) or a path to one; other
-  tokenizers (bytes, SentencePiece) have no tokenizer.json and are left out."""
+def _write_tokenizer(tokenizer, out_dir: str) -> tuple[list[str], dict]:
+  """tokenizer.json and tokenizer_config.json from a HuggingFaceTokenizer (its loaded bytes and
+  special tokens) or a path to a tokenizer.json; other tokenizers (bytes, SentencePiece) have no
+  tokenizer.json and are left out. Returns the files and the special ids for config.json."""
   if tokenizer is None:
-    return []
+    return [], {}
+  specials = {}
   if isinstance(tokenizer, (str, os.PathLike)):
     try:
       with open(tokenizer, "rb") as f:
@@ -186,10 +187,14 @@ def _write_tokenizer(tokenizer, out_dir: str) -> list[str]:
   else:
     data = getattr(tokenizer, "_json", None)
     if data is None:
-      return []
+      return [], {}
+    specials = {f"{kind}_token": tokenizer.id_to_token(getattr(tokenizer, f"{kind}_id"))
+                for kind in ("bos", "eos", "pad")}
   with open(os.path.join(out_dir, TOKENIZER_FILE), "wb") as f:
     f.write(data)
   # Without a tokenizer class, AutoTokenizer would guess one from model_type.
   _write_json(os.path.join(out_dir, "tokenizer_config.json"),
-              {"tokenizer_class": "PreTrainedTokenizerFast"})
-  return [TOKENIZER_FILE, "tokenizer_config.json"]
+              {"tokenizer_class": "PreTrainedTokenizerFast", **specials})
+  ids = {f"{kind}_token_id": getattr(tokenizer, f"{kind}_id")
+         for kind in ("bos", "eos", "pad")} if specials else {}
+  return [TOKENIZER_FILE, "tokenizer_config.json"], ids

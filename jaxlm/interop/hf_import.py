@@ -34,6 +34,7 @@ q_proj is one head, and within a head row j is dimension j.
 
 import json
 import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -135,44 +136,63 @@ def _hf_shape(jaxlm_shape, path) -> tuple:
   return tuple(jaxlm_shape)
 
 
+class HFParams:
+  """The params of `config` in a Hugging Face directory, checked from the files' metadata alone
+  (every tensor known, present, and of the shape config.json implies) and read one at a time:
+
+      source = HFParams(model_dir, config)
+      source.shapes                         # {("layer_0", "mlp", "up"): (D, F), ...}
+      source.read(("layer_0", "mlp", "up"))  # one float32 numpy array in jaxlm's layout
+  """
+
+  def __init__(self, model_dir: str, config: ModelConfig):
+    self.model_dir = model_dir
+    files = checkpoint_files(model_dir)
+    abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    self.shapes = {path: tuple(leaf.shape) for path, leaf in _flatten(abstract)}
+    self._where: dict[tuple, tuple[str, str, Any]] = {}  # path -> (file, HF name, to jaxlm)
+    safetensors = _safetensors()
+    for file in sorted(set(files.values())):
+      with safetensors.safe_open(file, framework="numpy") as handle:
+        for name in sorted(n for n, f in files.items() if f == file):
+          self._add(config, file, name, tuple(handle.get_slice(name).get_shape()))
+    missing = sorted("/".join(p) for p in self.shapes if p not in self._where)
+    if missing:
+      raise UserError(f"{model_dir} lacks tensors for {len(missing)} params, e.g. {missing[0]}; "
+                      "the checkpoint is incomplete or config.json does not match it")
+
+  def _add(self, config: ModelConfig, file: str, name: str, hf_shape: tuple) -> None:
+    if name.endswith(IGNORED_SUFFIXES):
+      return
+    target = _target(config, name)
+    if target is None:
+      return
+    if target == "unknown":
+      raise UserError(f"{os.path.basename(file)} holds the tensor {name}, which the "
+                      "Llama-family mapping does not know; is config.json's architecture right?")
+    where, fn = target
+    if where not in self.shapes:
+      raise UserError(f"{name} has no place in the model config.json describes (no "
+                      f"{'/'.join(where)}); config.json and the weights disagree")
+    want = _hf_shape(self.shapes[where], where)
+    if hf_shape != want:
+      raise UserError(f"{name} has shape {list(hf_shape)} in {os.path.basename(file)}, but "
+                      f"config.json implies {list(want)}; config and weights disagree")
+    self._where[where] = (file, name, fn)
+
+  def read(self, path: tuple) -> np.ndarray:
+    file, name, fn = self._where[path]
+    with _safetensors().safe_open(file, framework="numpy") as handle:
+      value = _read_float32(handle, file, name)
+    return np.ascontiguousarray(fn(value), dtype=np.float32)
+
+
 def import_hf_params(model_dir: str, config: ModelConfig) -> dict:
   """The params of `config` (float32 numpy arrays, jaxlm's tree) from the directory's tensors."""
-  files = checkpoint_files(model_dir)
-  shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-  expected = {path: leaf.shape for path, leaf in _flatten(shapes)}
-  params, done = {}, set()
-  by_file: dict[str, list[str]] = {}
-  for name, path in files.items():
-    by_file.setdefault(path, []).append(name)
-  safetensors = _safetensors()
-  for path in sorted(by_file):  # One shard open at a time, one tensor read at a time.
-    with safetensors.safe_open(path, framework="numpy") as handle:
-      for name in sorted(by_file[path]):
-        if name.endswith(IGNORED_SUFFIXES):
-          continue
-        target = _target(config, name)
-        if target is None:
-          continue
-        if target == "unknown":
-          raise UserError(f"{os.path.basename(path)} holds the tensor {name}, which the "
-                          "Llama-family mapping does not know; is config.json's architecture "
-                          "right?")
-        where, fn = target
-        if where not in expected:
-          raise UserError(f"{name} has no place in the model config.json describes (no "
-                          f"{'/'.join(where)}); config.json and the weights disagree")
-        hf_shape = tuple(handle.get_slice(name).get_shape())
-        want = _hf_shape(expected[where], where)
-        if hf_shape != want:
-          raise UserError(f"{name} has shape {list(hf_shape)} in {os.path.basename(path)}, but "
-                          f"config.json implies {list(want)}; config and weights disagree")
-        value = np.ascontiguousarray(fn(_read_float32(handle, path, name)), dtype=np.float32)
-        _set(params, where, value)
-        done.add(where)
-  missing = sorted("/".join(p) for p in expected if p not in done)
-  if missing:
-    raise UserError(f"{model_dir} lacks tensors for {len(missing)} params, e.g. {missing[0]}; "
-                    "the checkpoint is incomplete or config.json does not match it")
+  source = HFParams(model_dir, config)
+  params = {}
+  for path in source.shapes:
+    _set(params, path, source.read(path))
   return params
 
 

@@ -1,9 +1,12 @@
 """Optimizers: gin-configurable factories `f(schedule) -> optax.GradientTransformation`."""
 
+import re
+
 import gin
 import jax
 import optax
 
+from jaxlm.tree_names import path_name
 from jaxlm.validation import check_range
 
 
@@ -26,3 +29,23 @@ def adamw(schedule: optax.Schedule, b1: float = 0.9, b2: float = 0.95, eps: floa
       clip,
       optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                   mask=decay_matrices_only))
+
+
+@gin.configurable
+def train_only(schedule: optax.Schedule, optimizer=adamw,
+               trainable: tuple[str, ...] = ("embed/.*", "lm_head")):
+  """`optimizer` on the params whose name ("layer_0/mlp/up") fully matches a `trainable`
+  pattern; every other param is frozen (zero update, no optimizer state). The embeddings-only
+  first stage of vocabulary expansion (Bilingual Adaptation, arXiv:2407.12869):
+
+      embeddings/Stage.optimizer = @train_only
+      train_only.optimizer = @adamw
+  """
+  patterns = [re.compile(p) for p in trainable]
+
+  def labels(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "train" if any(p.fullmatch(path_name(path)) for p in patterns)
+        else "freeze", params)
+  return optax.multi_transform({"train": optimizer(schedule), "freeze": optax.set_to_zero()},
+                               labels)

@@ -1,0 +1,219 @@
+"""Vocabulary expansion for language or domain adaptation: extend a tokenizer with pieces learned
+on the new domain (existing ids never change), then grow the embedding and output matrices in a
+stage transition, initialising the new rows from the old model:
+
+  "mean"  the mean of the old-tokenizer pieces of the new token's text (IndoBERTweet,
+          arXiv:2109.04607; Bilingual Adaptation, arXiv:2407.12869)
+  "mvn"   a draw from the multivariate normal fitted to the old rows (CW2V-style,
+          Hewitt's "initializing new word embeddings", 2021)
+  "focus" a similarity-weighted combination of old tokens whose text overlaps the new token's
+          (FOCUS-like, arXiv:2305.14481; FOCUS weighs by auxiliary fastText similarity, which
+          we replace by character-trigram overlap of the token strings: no extra model)
+  "random" the new stage's own initialisation (the baseline)
+
+Old tokens keep their rows, so before any training their logits are unchanged: new rows only add
+candidates to the softmax. With `keep_optimizer_state` the Adam moments of the new rows start at
+zero. Stage B's ModelConfig.vocab_size must hold the extended tokenizer; rows beyond the
+tokenizer (padding) start at zero.
+
+    continual/Stage.transition = "expand_vocabulary"
+    continual/DataConfig.tokenizer = @continual/huggingface_tokenizer()   # the extended one
+    expand_vocabulary.init = "mean"
+"""
+
+import json
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm.errors import UserError
+from jaxlm.stages import TransitionContext, register_transition
+from jaxlm.tree_names import path_name
+
+INITS = ("mean", "mvn", "focus", "random")
+FOCUS_TOP_K = 8
+FOCUS_TEMPERATURE = 0.1
+
+
+def token_texts(tokenizer, ids) -> list[str]:
+  """The text each id decodes to on its own."""
+  return [tokenizer.decode(np.asarray([i])) for i in ids]
+
+
+def _token_strings(tokenizer, ids) -> list[str]:
+  """Each id's own string (a byte-level piece stays distinct even when it decodes to no valid
+  UTF-8), or its decoded text for tokenizers without one."""
+  if hasattr(tokenizer, "id_to_token"):
+    return [tokenizer.id_to_token(int(i)) for i in ids]
+  return token_texts(tokenizer, ids)
+
+
+def check_extension(old, new) -> None:
+  """`new` keeps every id of `old` for the same token (it may only add ids after them)."""
+  if new.vocab_size < old.vocab_size:
+    raise UserError(f"the extended tokenizer has {new.vocab_size} ids, fewer than the "
+                    f"{old.vocab_size} of the one it extends: it removes tokens")
+  old_texts, new_texts = (_token_strings(t, range(old.vocab_size)) for t in (old, new))
+  for i, (a, b) in enumerate(zip(old_texts, new_texts)):
+    if a != b:
+      raise UserError(f"the extended tokenizer renumbers id {i} ({a!r} becomes {b!r}); an "
+                      "extension may only append new ids after the existing ones")
+
+
+def _mean_pieces(old, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+  """(ids [N, K], weights [N, K]): each new token as the mean of its old-tokenizer pieces."""
+  pieces = [old.encode(t) if t else np.zeros((0,), np.int32) for t in texts]
+  width = max([len(p) for p in pieces] + [1])
+  ids, weights = np.zeros((len(texts), width), np.int32), np.zeros((len(texts), width), np.float32)
+  for row, p in enumerate(pieces):
+    ids[row, :len(p)] = p
+    weights[row, :len(p)] = 1.0 / max(len(p), 1)
+  return ids, weights
+
+
+def _trigrams(text: str) -> set[str]:
+  padded = f" {text} "
+  return {padded[i:i + 3] for i in range(max(len(padded) - 2, 1))}
+
+
+def _focus_weights(old, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+  """(ids [N, K], weights [N, K]): the FOCUS_TOP_K old tokens most similar to each new token by
+  character-trigram Jaccard similarity, softmax-weighted; the mean of its pieces when none
+  overlaps."""
+  old_texts = token_texts(old, range(old.vocab_size))
+  old_grams = [_trigrams(t) if t.strip() else set() for t in old_texts]
+  index: dict[str, list[int]] = {}
+  for i, grams in enumerate(old_grams):
+    for g in grams:
+      index.setdefault(g, []).append(i)
+  fallback_ids, fallback_weights = _mean_pieces(old, texts)
+  width = max(FOCUS_TOP_K, fallback_ids.shape[1])
+  ids, weights = np.zeros((len(texts), width), np.int32), np.zeros((len(texts), width), np.float32)
+  for row, text in enumerate(texts):
+    grams = _trigrams(text)
+    candidates = {i for g in grams for i in index.get(g, ())}
+    scored = sorted(((len(grams & old_grams[i]) / len(grams | old_grams[i]), i)
+                     for i in candidates), reverse=True)[:FOCUS_TOP_K]
+    if not scored:
+      k = fallback_ids.shape[1]
+      ids[row, :k], weights[row, :k] = fallback_ids[row], fallback_weights[row]
+      continue
+    similarity = np.array([s for s, _ in scored])
+    soft = np.exp((similarity - similarity.max()) / FOCUS_TEMPERATURE)
+    ids[row, :len(scored)] = [i for _, i in scored]
+    weights[row, :len(scored)] = soft / soft.sum()
+  return ids, weights
+
+
+def new_rows(matrix, init: str, old, texts: list[str], rng):
+  """Rows for the new tokens from `matrix` [V_old_model, D] (rows are tokens)."""
+  old_rows = matrix[:old.vocab_size].astype(jnp.float32)
+  if init == "mvn":
+    mean = jnp.mean(old_rows, axis=0)
+    centred = old_rows - mean
+    cov = centred.T @ centred / max(old_rows.shape[0] - 1, 1)
+    # A small ridge keeps the Cholesky factor defined when rows < D or rows are collinear.
+    chol = jnp.linalg.cholesky(cov + 1e-6 * jnp.trace(cov) / cov.shape[0] * jnp.eye(cov.shape[0]))
+    z = jax.random.normal(rng, (len(texts), cov.shape[0]), jnp.float32)
+    return mean + z @ chol.T
+  ids, weights = (_mean_pieces if init == "mean" else _focus_weights)(old, texts)
+  return jnp.einsum("nk,nkd->nd", jnp.asarray(weights), old_rows[jnp.asarray(ids)])
+
+
+def _grow(matrix, rows_first: bool, size: int, new_ids, fill):
+  """`matrix` with its token axis grown to `size` (zeros), then rows `new_ids` set to `fill`."""
+  if not rows_first:
+    return _grow(matrix.T, True, size, new_ids, None if fill is None else fill).T
+  grown = jnp.zeros((size, matrix.shape[1]), matrix.dtype).at[:matrix.shape[0]].set(
+      matrix[:size])
+  if fill is not None:
+    grown = grown.at[jnp.asarray(new_ids)].set(fill.astype(matrix.dtype))
+  return grown
+
+
+@register_transition("expand_vocabulary")  # The gin-configurable function is what is registered.
+@gin.configurable
+def expand_vocabulary(state, ctx: TransitionContext, init: str = "mean"):
+  """The previous stage's state with embedding rows (and lm_head columns, and their optimizer
+  moments) for the next stage's extended tokenizer; see the module docstring."""
+  if init not in INITS:
+    raise UserError(f"expand_vocabulary.init={init!r}; choose one of {list(INITS)}")
+  old, new = ctx.previous_tokenizer, ctx.following_tokenizer
+  check_extension(old, new)
+  size = ctx.following.model.vocab_size
+  if size < new.vocab_size:
+    raise UserError(f"stage {ctx.following.name!r}: ModelConfig.vocab_size={size} cannot hold "
+                    f"the extended tokenizer's {new.vocab_size} ids; raise it")
+  new_ids = np.arange(old.vocab_size, new.vocab_size)
+  texts = token_texts(new, new_ids)
+  params = dict(state.params)
+  embed_rng, head_rng = jax.random.split(ctx.rng)
+  fills = {}
+  if init != "random":
+    fills["embed"] = new_rows(params["embed"]["embedding"], init, old, texts, embed_rng)
+    if "lm_head" in params:  # Output vectors are rows of lm_head.T.
+      fills["lm_head"] = new_rows(params["lm_head"].T, init, old, texts, head_rng)
+  else:  # The next stage's own initialisation of those rows.
+    fresh = _fresh_params(ctx)
+    fills["embed"] = fresh["embed"]["embedding"][new_ids]
+    if "lm_head" in params:
+      fills["lm_head"] = fresh["lm_head"].T[new_ids]
+  params["embed"] = {**params["embed"], "embedding": _grow(
+      params["embed"]["embedding"], True, size, new_ids, fills["embed"])}
+  if "lm_head" in params:
+    params["lm_head"] = _grow(params["lm_head"], False, size, new_ids, fills["lm_head"])
+
+  def grow_moment(path, leaf):  # Adam moments of the two matrices: zeros for the new rows.
+    name = path_name(path)
+    if name.endswith("embed/embedding") and leaf.ndim == 2:
+      return _grow(leaf, True, size, new_ids, None)
+    if name.endswith("lm_head") and leaf.ndim == 2:
+      return _grow(leaf, False, size, new_ids, None)
+    return leaf
+  opt_state = jax.tree_util.tree_map_with_path(grow_moment, state.opt_state)
+  return state.replace(params=params, opt_state=opt_state)
+
+
+def _fresh_params(ctx: TransitionContext):
+  from jaxlm.model.transformer import init_params  # pylint: disable=import-outside-toplevel
+  return init_params(ctx.following.model, ctx.rng)
+
+
+def extend_tokenizer_json(tokenizer_json: str, texts, num_new: int) -> str:
+  """A byte-level BPE tokenizer.json extended by up to `num_new` tokens learned on `texts`:
+  a BPE of the same pre-tokenizer trained on them, whose tokens the old vocabulary lacks are
+  appended (ids after the old ones) with the merges that build them, after the old merges."""
+  import tokenizers  # pylint: disable=import-outside-toplevel
+  old = json.loads(tokenizer_json)
+  model = old.get("model", {})
+  if model.get("type") != "BPE":
+    raise UserError(f"only BPE tokenizer.json files can be extended, not {model.get('type')!r}")
+  vocab = dict(model["vocab"])
+  learner = tokenizers.Tokenizer.from_str(tokenizer_json)
+  trainer = tokenizers.trainers.BpeTrainer(
+      vocab_size=len(vocab) + num_new, show_progress=False,
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  fresh = tokenizers.Tokenizer(tokenizers.models.BPE())
+  fresh.pre_tokenizer, fresh.normalizer = learner.pre_tokenizer, learner.normalizer
+  fresh.train_from_iterator(texts, trainer)
+  learned = json.loads(fresh.to_str())["model"]
+  as_strings = bool(model["merges"]) and isinstance(model["merges"][0], str)  # Older files.
+  merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+  known = set(merges)
+  next_id = max(list(vocab.values()) + [t["id"] for t in old.get("added_tokens", [])]) + 1
+  added = 0
+  for merge in learned["merges"]:
+    a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
+    token = a + b
+    if added >= num_new or token in vocab or a not in vocab or b not in vocab:
+      continue
+    vocab[token] = next_id
+    next_id += 1
+    added += 1
+    if (a, b) not in known:
+      merges.append((a, b))
+  model["vocab"] = vocab
+  model["merges"] = [" ".join(m) if as_strings else list(m) for m in merges]
+  return json.dumps(old, ensure_ascii=False)

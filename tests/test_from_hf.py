@@ -1,0 +1,87 @@
+"""Starting a run from a Hugging Face directory: Stage.restore_from reads its safetensors one
+tensor at a time into exactly the imported params, experiments/continual/from_hf.gin trains it
+with the directory's own tokenizer, and what does not fit is one clear line."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip("safetensors")
+pytest.importorskip("tokenizers")
+
+# pylint: disable=wrong-import-position
+from conftest import quick_run_args
+from hf_fixtures import write_hf_model
+from jaxlm import parallel, preflight, train
+from jaxlm.data.tokenizers import HuggingFaceTokenizer
+from jaxlm.errors import UserError
+from jaxlm.interop import load_hf_config
+from jaxlm.restore import RestoreConfig, restore_into
+from jaxlm.saved_run import load_saved_run
+from jaxlm.train_step import abstract_state, sharded_init, state_shardings
+from test_trainer import TINY, _stage
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("from_hf")
+  text = root / "corpus.txt"
+  text.write_text(open(json.__file__, encoding="utf-8").read() * 3, encoding="utf-8")
+  config, params = write_hf_model(root / "llama", text)
+  return str(root / "llama"), config, params
+
+
+def _fresh(stage):
+  mesh_config = parallel.MeshConfig()
+  shardings = state_shardings(stage, parallel.make_mesh(mesh_config),
+                              mesh_config.resolved_rules())
+  return sharded_init(stage, shardings, jax.random.key(1))
+
+
+def test_restore_from_a_hugging_face_directory_loads_every_param_exactly(hf_dir, tmp_path,
+                                                                         small_text_file):
+  path, config, params = hf_dir
+  assert load_hf_config(path) == config
+  stage = _stage(small_text_file, 2, model=config, restore_from=RestoreConfig(path=path))
+  restored, report = restore_into(stage.restore_from, _fresh(stage), stage.make_optimizer(),
+                                  str(tmp_path))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params), params)
+  assert len(report.loaded) == len(jax.tree.leaves(params)) and not report.created
+  assert not report.skipped
+  assert json.loads((tmp_path / "restore_report.json").read_text())["source"] == path
+
+
+def test_from_hf_gin_trains_the_model_with_the_directory_tokenizer(hf_dir, tmp_path,
+                                                                  small_text_file):
+  path, _, params = hf_dir
+  run_dir = tmp_path / "run"
+  args = quick_run_args(run_dir, small_text_file, f"--gin.HF_DIR='{path}'",
+                        "--gin.ModelConfig.dtype='float32'", "--gin.ModelConfig.remat='none'",
+                        "--gin.Stage.num_steps=2", "--gin.EvalConfig.every=2",
+                        "--gin.TrainerConfig.checkpoint_every=2",
+                        "--gin.TrainerConfig.sample_tokens=0",
+                        "--gin.TrainerConfig.progress='log'")
+  args[0] = "--gin_file=experiments/continual/from_hf.gin"
+  assert train.main(args) == 0
+  report = json.loads((run_dir / "restore_report.json").read_text())
+  assert len(report["loaded"]) == len(jax.tree.leaves(params)) and report["created"] == []
+  run = load_saved_run(str(run_dir))
+  assert run.tokenizer.fingerprint == HuggingFaceTokenizer(path).fingerprint
+  assert run.stage.model.vocab_size == 512 and run.step == 2
+
+
+def test_a_hugging_face_source_that_does_not_fit_is_one_line(hf_dir, small_text_file):
+  path, config, _ = hf_dir
+  with pytest.raises(UserError, match="has no optimizer state; set RestoreConfig.include_opt"):
+    restore_into(RestoreConfig(path=path, include_optimizer=True), None, None, "")
+  # The byte-level tiny model is not the directory's model: both shapes are named.
+  stage = _stage(small_text_file, 2, model=TINY, restore_from=RestoreConfig(path=path))
+  mesh_config = parallel.MeshConfig()
+  mesh, rules = parallel.make_mesh(mesh_config), mesh_config.resolved_rules()
+  with jax.set_mesh(mesh):
+    with pytest.raises(UserError, match=r"cannot load 'params/embed/embedding' \(512, 64\) into "
+                                        r"'params/embed/embedding' \(\d+, \d+\)"):
+      preflight.check_stage(stage, abstract_state(stage), 1, mesh, rules)
+  assert config.vocab_size == 512

@@ -1,0 +1,132 @@
+"""Vocabulary expansion: a tokenizer.json extended on new text keeps every old id; the
+expand_vocabulary transition leaves old tokens' logits unchanged before training, for every
+initialiser; the new rows are what each initialiser says; bad extensions are one line."""
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("tokenizers")
+
+# pylint: disable=wrong-import-position
+from hf_fixtures import train_bpe_tokenizer
+from jaxlm import parallel
+from jaxlm.continual.vocab_expansion import (check_extension, expand_vocabulary,
+                                             extend_tokenizer_json, token_texts)
+from jaxlm.data.batches import make_examples
+from jaxlm.data.tokenizers import HuggingFaceTokenizer
+from jaxlm.errors import UserError
+from jaxlm.model import ModelConfig
+from jaxlm.model.transformer import forward
+from jaxlm.optim.optimizers import adamw, train_only
+from jaxlm.optim.schedules import warmup_constant
+from jaxlm.stages import Stage, transition_context
+from jaxlm.train_step import init_state, make_train_step, state_shardings
+
+FRENCH = ("La maison est grande et belle. Les enfants jouent dans le jardin pendant que leur "
+          "mère prépare le dîner. Nous avons mangé une excellente soupe à l'oignon. ") * 40
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+  root = tmp_path_factory.mktemp("vocab")
+  english = root / "english.txt"
+  english.write_text(pathlib.Path(json.__file__).read_text(encoding="utf-8"), encoding="utf-8")
+  train_bpe_tokenizer(root / "old.json", english, vocab_size=400)
+  extended = extend_tokenizer_json((root / "old.json").read_text(encoding="utf-8"), [FRENCH], 60)
+  (root / "new.json").write_text(extended, encoding="utf-8")
+  return HuggingFaceTokenizer(root / "old.json"), HuggingFaceTokenizer(root / "new.json"), root
+
+
+def test_extension_appends_new_pieces_and_keeps_every_old_id(tokenizers):
+  old, new, _ = tokenizers
+  assert new.vocab_size == old.vocab_size + 60
+  check_extension(old, new)
+  assert len(new.encode(FRENCH)) < 0.8 * len(old.encode(FRENCH))
+  assert new.decode(new.encode(FRENCH)) == FRENCH
+  texts = token_texts(new, range(old.vocab_size, new.vocab_size))
+  assert any(t.strip() in FRENCH and len(t.strip()) >= 4 for t in texts)
+
+
+def test_renumbering_or_removing_tokens_is_refused(tokenizers):
+  old, _, root = tokenizers
+  data = json.loads((root / "old.json").read_text(encoding="utf-8"))
+  vocab = data["model"]["vocab"]
+  a, b = [t for t, i in vocab.items() if i in (300, 301)]
+  vocab[a], vocab[b] = vocab[b], vocab[a]
+  (root / "swapped.json").write_text(json.dumps(data), encoding="utf-8")
+  with pytest.raises(UserError, match="renumbers id 300"):
+    check_extension(old, HuggingFaceTokenizer(root / "swapped.json"))
+  with pytest.raises(UserError, match="removes tokens"):
+    check_extension(HuggingFaceTokenizer(root / "new.json"), old)
+
+
+def _stages(tokenizers, tie):
+  old, new, root = tokenizers
+  model = dict(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=64, max_seq_len=64,
+               tie_embeddings=tie)
+  first = Stage(num_steps=2, model=ModelConfig(vocab_size=448, **model), name="english")
+  second = Stage(num_steps=2, model=ModelConfig(vocab_size=512, **model), name="french",
+                 transition="expand_vocabulary")
+  object.__setattr__(first, "data", first.data.__class__(tokenizer=old))
+  object.__setattr__(second, "data", second.data.__class__(tokenizer=new))
+  return first, second
+
+
+@pytest.mark.parametrize("init,tie", [("mean", False), ("mvn", True), ("focus", False),
+                                      ("random", False)])
+def test_old_token_logits_are_unchanged_before_training(tokenizers, init, tie):
+  old, new, _ = tokenizers
+  first, second = _stages(tokenizers, tie)
+  state = init_state(first, jax.random.key(0))
+  ctx = transition_context(first, second, jax.random.key(1))
+  grown = jax.jit(lambda s: expand_vocabulary(s, ctx, init=init))(state)
+  assert grown.params["embed"]["embedding"].shape == (512, 32)
+  tokens = jnp.asarray(old.encode("def encode(self, o):\n    return o")[None, :32])
+  before = forward(state.params, first.model, tokens)
+  after = forward(grown.params, second.model, tokens)
+  # Old rows are copied, so the logits of old tokens are the same numbers; XLA may tile the
+  # wider output matmul differently, hence a float32-rounding tolerance.
+  np.testing.assert_array_equal(after[..., :old.vocab_size], before[..., :old.vocab_size])
+  new_rows = np.asarray(grown.params["embed"]["embedding"][old.vocab_size:new.vocab_size])
+  assert np.all(np.isfinite(new_rows)) and np.all(np.linalg.norm(new_rows, axis=1) > 0)
+  assert not np.any(np.asarray(grown.params["embed"]["embedding"][new.vocab_size:]))  # Padding.
+  if init == "mean":  # Each new row is the mean of its old-tokenizer pieces' rows.
+    token = old.vocab_size + 7
+    pieces = old.encode(new.decode(np.asarray([token])))
+    np.testing.assert_allclose(new_rows[7], np.mean(np.asarray(
+        state.params["embed"]["embedding"])[pieces], axis=0), rtol=1e-5, atol=1e-7)
+
+
+def test_a_model_too_small_for_the_extended_tokenizer_is_one_line(tokenizers):
+  first, second = _stages(tokenizers, False)
+  object.__setattr__(second, "model", ModelConfig(**{**second.model.__dict__, "vocab_size": 448}))
+  ctx = transition_context(first, second, jax.random.key(1))
+  with pytest.raises(UserError, match="vocab_size=448 cannot hold the extended tokenizer's 460"):
+    jax.eval_shape(lambda s: expand_vocabulary(s, ctx), init_state(first, jax.random.key(0)))
+
+
+def test_train_only_freezes_everything_but_the_embeddings(tokenizers, tmp_path):
+  first, _ = _stages(tokenizers, False)
+  stage = Stage(num_steps=2, model=first.model, data=first.data,
+                optimizer=lambda lr: train_only(lr, optimizer=adamw),
+                schedule=lambda n: warmup_constant(n, peak_lr=1e-2))
+  mesh_config = parallel.MeshConfig()
+  mesh, rules = parallel.make_mesh(mesh_config), mesh_config.resolved_rules()
+  with jax.set_mesh(mesh):
+    shardings = state_shardings(stage, mesh, rules)
+    state = jax.device_put(init_state(stage, jax.random.key(0)), shardings)
+    before = jax.device_get(state.params)
+    step = make_train_step(stage, shardings, parallel.batch_sharding(mesh, rules))
+    tokens = np.random.default_rng(0).integers(3, 400, (16, 33)).astype(np.int32)
+    batch = make_examples(tokens, np.ones_like(tokens), np.tile(np.arange(33), (16, 1)))
+    state, _ = step(state, jax.device_put(batch, parallel.batch_sharding(mesh, rules)))
+  after = jax.device_get(state.params)
+  assert not np.array_equal(after["embed"]["embedding"], before["embed"]["embedding"])
+  assert not np.array_equal(after["lm_head"], before["lm_head"])
+  for name in ("layer_0", "final_norm"):
+    jax.tree.map(np.testing.assert_array_equal, after[name], before[name])
