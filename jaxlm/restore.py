@@ -111,8 +111,11 @@ class _RunSource:
     self.step, self.shapes, self._tensors = step, self._checkpointer.saved_shapes(step), None
 
   def data_position(self) -> tuple[dict[str, int], int]:
-    """(rows of each source drawn before the checkpoint's stage, steps into that stage)."""
+    """(rows of each source drawn before the checkpoint's stage, steps into that stage); at the
+    stage's end, the rows drawn after it, and 0."""
     data = self._checkpointer.restore_meta(self.step).get("data", {})
+    if "stage_steps" in data and data.get("stage_step") == data["stage_steps"]:
+      return dict(data.get("rows_after_stage", {})), 0
     return dict(data.get("rows_before_stage", {})), int(data.get("stage_step", 0))
 
   def read(self, name: str) -> np.ndarray:

@@ -258,6 +258,7 @@ class Trainer:
     self.checkpointer.save(step, state, force=force, meta={
         "step": step, "stage_index": setup.index, "stage_name": setup.stage.name,
         "seed": self.seed, "data": {"stage_step": step - setup.start,
+                                    "stage_steps": setup.stage.num_steps,
                                     "rows_before_stage": self.rows_before,
                                     "rows_after_stage": self.rows_after},
         "skipped_steps": self.nonfinite.skipped, "ledger": self.ledger.record(),

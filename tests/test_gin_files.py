@@ -2,6 +2,7 @@
 schedule, sources (resolved, not read), shardings and model on abstract shapes (no training,
 no compute), and each transition between stages."""
 
+import os
 import pathlib
 
 import flax.linen as nn
@@ -10,6 +11,7 @@ import pytest
 
 from conftest import REPO_ROOT
 from jaxlm import gin_config, parallel, preflight
+from jaxlm.data.sources import shared_corpora_dir
 from jaxlm.stages import configured_stages
 from jaxlm.train_step import abstract_state
 from hf_fixtures import write_hf_model
@@ -30,9 +32,14 @@ def test_gin_file_parses_and_builds_on_abstract_shapes(gin_file, tmp_path, monke
   monkeypatch.chdir(REPO_ROOT)
   files = [gin_file] if pathlib.Path(gin_file).parts[0] == "experiments" else [RUN, gin_file]
   bindings = [f"MODEL_DIR = '{tmp_path / 'run'}'"]
-  if "%HF_DIR" in (REPO_ROOT / gin_file).read_text():  # Starts from a Hugging Face model.
+  text = (REPO_ROOT / gin_file).read_text()
+  if "shared_corpus" in text and not os.path.isdir(shared_corpora_dir()):
+    pytest.skip("reads ../shared/corpora, which is not present")
+  if "%HF_DIR" in text:  # Starts from a Hugging Face model.
     write_hf_model(tmp_path / "hf", small_text_file, max_seq_len=2048)
     bindings.append(f"HF_DIR = '{tmp_path / 'hf'}'")
+  elif "RestoreConfig.path = %" in text:  # Restores another arm's run, made by reproduce.py.
+    bindings.append("Stage.restore_from = None")
   gin_config.parse(files, bindings)
   stages = configured_stages()
   assert stages

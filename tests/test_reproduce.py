@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from jaxlm.data.sources import shared_corpora_dir
 from conftest import REPO_ROOT, load_tool
 
 reproduce = load_tool("reproduce")
@@ -29,6 +30,10 @@ def _family(root, corpus):
       "tables": [{"title": "Final loss", "metrics": ["eval/loss"], "paper": "Nobody 2099, Fig. 1",
                   "rows": [{"arm": "low", "paper": {"eval/loss": 9.5}},
                            {"arm": "high", "label": "high LR", "paper": {"eval/loss": 9.25}}]}],
+      # A report after the arms: a script whose output (here: where the runs are) is quoted.
+      "reports": [{"title": "Where the runs are",
+                   "command": ["-c", "import os, sys; print(sorted(os.listdir(sys.argv[1])))",
+                               "{runs}"]}],
       "notes": "A toy: nothing to reproduce."}
   (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
   (folder / "README.md").write_text(f"# Toy\n\nOur words.\n\n{reproduce.BEGIN}\nold\n"
@@ -64,6 +69,7 @@ def test_a_family_runs_resumably_and_its_table_and_plots_are_regenerated(
     assert row in readme, readme
   assert "Nobody 2099, Fig. 1" in readme and "A toy: nothing to reproduce." in readme
   assert "![train loss](plots/train_loss.png)" in readme
+  assert "**Where the runs are**\n\n['README.md', 'high', 'low', 'plots']" in readme
   assert (runs / "toy-quick" / "plots" / "eval_loss.png").stat().st_size > 1000
 
 
@@ -101,7 +107,12 @@ def test_bad_input_is_one_line(tmp_path, small_text_file, capsys, args, expected
 FAMILIES = reproduce.families(str(REPO_ROOT / "experiments"))
 
 
+@pytest.mark.slow  # Minutes per family (one process per arm); .ci/run runs it after the suite.
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_runs_quick(family, tmp_path):
   """The CI smoke test of each reproduction: every arm for a few steps."""
+  folder = REPO_ROOT / "experiments" / family
+  if (any("shared_corpus" in p.read_text() for p in folder.glob("*.gin"))
+      and not os.path.isdir(shared_corpora_dir())):
+    pytest.skip("the family reads ../shared/corpora, which is not present")
   assert reproduce.main([family, "--quick", f"--runs_dir={tmp_path}"]) == 0

@@ -12,10 +12,17 @@ A family is a folder experiments/FAMILY/ holding one small gin file per arm and 
      "bindings": ["DataConfig.seed = 0"],    # applied to every arm (e.g. one shared data order)
      "quick_bindings": ["Stage.num_steps = 3", ...],   # --quick: a few steps per arm
      "arms": [{"name": "baseline", "gin": "baseline.gin", "bindings": []}, ...],
+     "plots": [{"name": "strong_shift", "arms": ["base", "replay_5"]}],   # optional groups
      "tables": [{"title": "Final loss", "metrics": ["eval/loss"],
                  "paper": "Ibrahim et al. 2024 (2403.08763), Table 1",
                  "rows": [{"arm": "baseline", "paper": {"eval/loss": 2.41}}, ...]}],
+     "reports": [{"title": "Mixture law", "command": ["tools/fit_mixture_law.py", ...]}],
      "notes": "how to read the table; where our scale differs from the paper's"}
+
+In bindings and report commands, {runs} is the folder holding every arm's MODEL_DIR (so an arm
+can restore from an earlier one: "BASE_RUN = '{runs}/base'") and, in commands, {plots} the
+plots folder. A report is a python script run after the arms; its output goes into the README
+(a line naming a .png it wrote becomes the image).
 
 Each arm trains in its own MODEL_DIR under --runs_dir (default $JAXLM_RUNS_DIR or
 ~/jaxlm_runs; --quick uses FAMILY-quick there), through `python -m jaxlm.train`, so an arm
@@ -64,6 +71,8 @@ class Manifest:
   bindings: tuple[str, ...] = ()
   quick_bindings: tuple[str, ...] = ()
   notes: str = ""
+  plots: tuple[dict, ...] = ()  # {"name", "arms"}: one set of figures per group of arms.
+  reports: tuple[dict, ...] = ()  # {"title", "command"}: scripts run after the arms.
 
 
 def families(experiments_dir: str) -> list[str]:
@@ -83,7 +92,8 @@ def load_manifest(experiments_dir: str, family: str) -> Manifest:
     arms = tuple(Arm(a["name"], a["gin"], tuple(a.get("bindings", ()))) for a in raw["arms"])
     manifest = Manifest(family, folder, raw.get("title", family), raw.get("compare_on", "tokens"),
                         arms, tuple(raw.get("tables", ())), tuple(raw.get("bindings", ())),
-                        tuple(raw.get("quick_bindings", ())), raw.get("notes", ""))
+                        tuple(raw.get("quick_bindings", ())), raw.get("notes", ""),
+                        tuple(raw.get("plots", ())), tuple(raw.get("reports", ())))
   except (ValueError, KeyError, TypeError) as e:
     raise ReproduceError(f"{path} is not a valid manifest ({type(e).__name__}: {e})") from None
   if manifest.compare_on not in COMPARE_ON:
@@ -94,6 +104,11 @@ def load_manifest(experiments_dir: str, family: str) -> Manifest:
     for row in table.get("rows", ()):
       if row.get("arm") not in names:
         raise ReproduceError(f"{path}: table {table.get('title')!r} names arm {row.get('arm')!r}, "
+                             f"which is not among the arms {names}")
+  for group in manifest.plots:
+    for name in group.get("arms", ()):
+      if name not in names:
+        raise ReproduceError(f"{path}: plot group {group.get('name')!r} names arm {name!r}, "
                              f"which is not among the arms {names}")
   for arm in arms:
     if not os.path.isfile(os.path.join(folder, arm.gin)):
@@ -125,8 +140,10 @@ def run_arm(manifest: Manifest, arm: Arm, model_dir: str, quick: bool, index: in
     with open(done, encoding="utf-8") as f:
       return json.load(f)
   os.makedirs(model_dir, exist_ok=True)
-  bindings = [*manifest.bindings, *arm.bindings, *(manifest.quick_bindings if quick else ()),
-              f"MODEL_DIR = '{model_dir}'", "TrainerConfig.progress = 'log'"]
+  runs = os.path.dirname(model_dir)
+  bindings = [b.replace("{runs}", runs) for b in
+              (*manifest.bindings, *arm.bindings, *(manifest.quick_bindings if quick else ()))]
+  bindings += [f"MODEL_DIR = '{model_dir}'", "TrainerConfig.progress = 'log'"]
   command = [sys.executable, "-m", "jaxlm.train",
              f"--gin_file={os.path.join(manifest.folder, arm.gin)}",
              *[f"--gin_bindings={b}" for b in bindings]]
@@ -153,8 +170,21 @@ def _cell(value) -> str:
   return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def run_report(report: dict, runs: str, plots_dir: str) -> tuple[str, list[str]]:
+  """(the report's text output, the PNG files it names) -- or its error as the text."""
+  command = [c.replace("{runs}", runs).replace("{plots}", plots_dir) for c in report["command"]]
+  done = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True,
+                        check=False)
+  if done.returncode != 0:
+    error = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return f"Not available: {error}", []
+  lines = done.stdout.rstrip().splitlines()
+  images = [line for line in lines if line.endswith(".png") and os.path.exists(line)]
+  return "\n".join(line for line in lines if line not in images), images
+
+
 def results_markdown(manifest: Manifest, results: dict[str, dict], plots: list[str],
-                     plots_relative_to: str) -> str:
+                     plots_relative_to: str, reports=()) -> str:
   """The tables (ours beside the paper's), the compute each arm used, and the plots."""
   compute = COMPARE_ON[manifest.compare_on]
   lines = [f"Compared at equal {manifest.compare_on} ({compute}); regenerated by "
@@ -171,10 +201,14 @@ def results_markdown(manifest: Manifest, results: dict[str, dict], plots: list[s
                + [_cell(ours.get(m)) for m in metrics] + [_cell(paper.get(m)) for m in metrics])
       lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+  for title, text, images in reports:
+    lines += [f"**{title}**", "", text, ""]
+    lines += [f"![{title}]({os.path.relpath(p, plots_relative_to)})" for p in images] + [""]
   if manifest.notes:
     lines += [manifest.notes, ""]
   for path in plots:
-    name = os.path.splitext(os.path.basename(path))[0].replace("_", " ")
+    name = os.path.relpath(os.path.splitext(path)[0], os.path.join(plots_relative_to, "plots"))
+    name = name.replace("_", " ").replace(os.sep, ": ")  # "strong shift: eval loss"
     lines.append(f"![{name}]({os.path.relpath(path, plots_relative_to)})")
   return "\n".join(lines).rstrip() + "\n"
 
@@ -215,9 +249,16 @@ def reproduce(family: str, quick: bool = False, only: str | None = None,
               if os.path.exists(os.path.join(family_runs, a.name, "done.json"))}
   results = {name: final_metrics(path) for name, path in finished.items()}
   out = family_runs if quick else manifest.folder
-  plots = plot_runs.plot_runs(list(finished.values()), os.path.join(out, "plots"),
-                              x=manifest.compare_on, names=list(finished)) if finished else []
-  text = results_markdown(manifest, results, plots, out)
+  plots = []
+  for group in manifest.plots or ({"name": "", "arms": list(finished)},):
+    members = [name for name in group["arms"] if name in finished]
+    if members:
+      plots += plot_runs.plot_runs([finished[n] for n in members],
+                                   os.path.join(out, "plots", group["name"]),
+                                   x=manifest.compare_on, names=members)
+  reports = [(r["title"], *run_report(r, family_runs, os.path.join(out, "plots")))
+             for r in manifest.reports]
+  text = results_markdown(manifest, results, plots, out, reports)
   write_between_markers(os.path.join(out, "README.md"), text, manifest.title)
   return text
 

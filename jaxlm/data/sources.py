@@ -19,6 +19,7 @@ beyond that, prepare a store once and train from it.
 import dataclasses
 import logging
 import os
+import pathlib
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -115,6 +116,31 @@ def text_files(paths: str | Sequence[str] = gin.REQUIRED, separator: str | None 
   """
   return _file_source(paths, valid_paths, name, "text_files", file_format="text",
                       separator=separator, on_bad_utf8=on_bad_utf8)
+
+
+# The small real corpora beside the repository (../shared/corpora, its README lists the domains).
+SHARED_CORPORA_ENV = "JAXLM_SHARED_CORPORA"
+
+
+def shared_corpora_dir() -> str:
+  return os.environ.get(SHARED_CORPORA_ENV) or str(
+      pathlib.Path(__file__).resolve().parents[3] / "shared" / "corpora")
+
+
+@gin.configurable
+def shared_corpus(domain: str = gin.REQUIRED, name: str | None = None,
+                  directory: str | None = None) -> TextSource:
+  """One domain of the shared real corpora (tinystories, wikitext2, french, ...): its train.txt,
+  validated on its valid.txt, each file one document. `directory`: the corpora folder (default
+  $JAXLM_SHARED_CORPORA, else ../shared/corpora beside the repository). Optional: nothing else
+  in jaxlm reads them."""
+  root = directory or shared_corpora_dir()
+  train = os.path.join(root, domain, "train.txt")
+  if not os.path.isfile(train):
+    raise UserError(f"shared corpus {domain!r} not found ({train} does not exist); set "
+                    f"${SHARED_CORPORA_ENV} or shared_corpus.directory to the corpora folder")
+  return _file_source(train, os.path.join(root, domain, "valid.txt"), name or domain,
+                      "shared_corpus", file_format="text", separator=None, on_bad_utf8="replace")
 
 
 @gin.configurable
