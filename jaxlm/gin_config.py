@@ -45,6 +45,7 @@ def parse(gin_files: list[str], bindings: list[str], extra_search_paths: list[st
   import jaxlm.kernels.flash_attention  # noqa: F401  FlashBlockSizes, for attention kernels.
   import jaxlm.interop  # noqa: F401  hf_model_config, to start from a Hugging Face model.
   import jaxlm.continual.vocab_expansion  # noqa: F401  The expand_vocabulary transition.
+  import jaxlm.continual.document_scores  # noqa: F401  scored_documents, a quality subset.
 
   gin.clear_config()  # A fresh config per parse, so in-process callers (tests, tools) start clean.
   paths = search_paths(extra_search_paths)

@@ -33,6 +33,9 @@ def test_a_branched_decay_continues_the_stable_run_bit_for_bit(tmp_path, small_t
   step, want = _final_params(full_dir)
   branch_step, got = _final_params(branch_dir)
   assert (step, branch_step) == (8, 4)
+  # From a stage's last checkpoint the next rows are the ones after all of its 8 x 4.
+  assert source_data_position(RestoreConfig(path=str(full_dir), continue_data=True)) == (
+      {"text": 32}, 0)
   jax.tree.map(np.testing.assert_array_equal, got, want)
 
   # The check can fail: the same branch reading its data from row 0 ends elsewhere.

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import REPO_ROOT
 from jaxlm import gin_config, parallel, preflight
+from jaxlm.continual.vocab_expansion import byte_tokenizer_json, extend_tokenizer_json
 from jaxlm.data.sources import shared_corpora_dir
 from jaxlm.stages import configured_stages
 from jaxlm.train_step import abstract_state
@@ -40,6 +41,10 @@ def test_gin_file_parses_and_builds_on_abstract_shapes(gin_file, tmp_path, monke
     bindings.append(f"HF_DIR = '{tmp_path / 'hf'}'")
   elif "RestoreConfig.path = %" in text:  # Restores another arm's run, made by reproduce.py.
     bindings.append("Stage.restore_from = None")
+  if "%EXTENDED_TOKENIZER" in text:  # A byte-level vocabulary grown on new text.
+    extended = extend_tokenizer_json(byte_tokenizer_json(), [small_text_file.read_text()], 50)
+    (tmp_path / "extended.json").write_text(extended, encoding="utf-8")
+    bindings.append(f"EXTENDED_TOKENIZER = '{tmp_path / 'extended.json'}'")
   gin_config.parse(files, bindings)
   stages = configured_stages()
   assert stages

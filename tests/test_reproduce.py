@@ -26,7 +26,11 @@ def _family(root, corpus):
                    "DataConfig.max_eval_batches = 2", "TrainerConfig.sample_tokens = 0",
                    "warmup_cosine.warmup_steps = 1"],
       "quick_bindings": ["Stage.num_steps = 3", "EvalConfig.every = 3"],
-      "arms": [{"name": "low", "gin": "low.gin"}, {"name": "high", "gin": "high.gin"}],
+      # A command arm runs a script once (data for later arms) instead of training.
+      "arms": [{"name": "note", "command": [
+                   "-c", "import sys; open(sys.argv[1] + '/note.txt', 'w').write('made')",
+                   "{model_dir}"]},
+               {"name": "low", "gin": "low.gin"}, {"name": "high", "gin": "high.gin"}],
       "tables": [{"title": "Final loss", "metrics": ["eval/loss"], "paper": "Nobody 2099, Fig. 1",
                   "rows": [{"arm": "low", "paper": {"eval/loss": 9.5}},
                            {"arm": "high", "label": "high LR", "paper": {"eval/loss": 9.25}}]}],
@@ -69,7 +73,8 @@ def test_a_family_runs_resumably_and_its_table_and_plots_are_regenerated(
     assert row in readme, readme
   assert "Nobody 2099, Fig. 1" in readme and "A toy: nothing to reproduce." in readme
   assert "![train loss](plots/train_loss.png)" in readme
-  assert "**Where the runs are**\n\n['README.md', 'high', 'low', 'plots']" in readme
+  assert "**Where the runs are**\n\n['README.md', 'high', 'low', 'note', 'plots']" in readme
+  assert (runs / "toy-quick" / "note" / "note.txt").read_text() == "made"
   assert (runs / "toy-quick" / "plots" / "eval_loss.png").stat().st_size > 1000
 
 

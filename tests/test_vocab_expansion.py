@@ -15,10 +15,13 @@ pytest.importorskip("tokenizers")
 # pylint: disable=wrong-import-position
 from hf_fixtures import train_bpe_tokenizer
 from jaxlm import parallel
-from jaxlm.continual.vocab_expansion import (check_extension, expand_vocabulary,
-                                             extend_tokenizer_json, token_texts)
+from conftest import load_tool
+from jaxlm.continual.vocab_expansion import (byte_tokenizer_json, check_extension,
+                                             expand_vocabulary, extend_tokenizer_json,
+                                             token_texts)
 from jaxlm.data.batches import make_examples
-from jaxlm.data.tokenizers import HuggingFaceTokenizer
+from jaxlm.data.tokenizer_training import train_sentencepiece
+from jaxlm.data.tokenizers import ByteTokenizer, HuggingFaceTokenizer, SentencePieceTokenizer
 from jaxlm.errors import UserError
 from jaxlm.model import ModelConfig
 from jaxlm.model.transformer import forward
@@ -130,3 +133,44 @@ def test_train_only_freezes_everything_but_the_embeddings(tokenizers, tmp_path):
   assert not np.array_equal(after["lm_head"], before["lm_head"])
   for name in ("layer_0", "final_norm"):
     jax.tree.map(np.testing.assert_array_equal, after[name], before[name])
+
+
+def test_a_byte_vocabulary_grows_through_the_cli(tmp_path, capsys):
+  """--base=bytes starts from a tokenizer.json that encodes exactly as jaxlm's bytes."""
+  tool = load_tool("extend_tokenizer")
+  (tmp_path / "fr.txt").write_text(FRENCH.replace(". ", ".\n"), encoding="utf-8")
+  out = tmp_path / "bytes_fr.json"
+  assert tool.main(["--base=bytes", f"--text_file={tmp_path / 'fr.txt'}", "--new_tokens=40",
+                    f"--out={out}"]) == 0
+  grown, bytes_ = HuggingFaceTokenizer(out), ByteTokenizer()
+  assert grown.vocab_size == bytes_.vocab_size + 40
+  check_extension(bytes_, grown)
+  tricky = "héllo wörld ✓ 日本語 \n\t x = 42\r\n\x00"
+  base = HuggingFaceTokenizer(_write(tmp_path / "bytes.json", byte_tokenizer_json()))
+  assert base.encode(tricky).tolist() == bytes_.encode(tricky).tolist()
+  assert (base.byte_lengths() == bytes_.byte_lengths()).all()
+  assert len(grown.encode("Les enfants jouent")) < len(bytes_.encode("Les enfants jouent"))
+  assert tool.main(["--base=bytes", f"--text_file={tmp_path / 'none.txt'}", "--new_tokens=4",
+                    f"--out={out}"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "none.txt does not exist" in err and len(err.splitlines()) == 1
+
+
+def test_a_sentencepiece_model_is_extended_keeping_its_ids(tmp_path):
+  english = tmp_path / "en.txt"
+  english.write_text(pathlib.Path(json.__file__).read_text(encoding="utf-8"), encoding="utf-8")
+  (tmp_path / "fr.txt").write_text(FRENCH.replace(". ", ".\n"), encoding="utf-8")
+  old_path = train_sentencepiece(str(english), str(tmp_path / "en.model"), 400)
+  assert load_tool("extend_tokenizer").main([
+      f"--base={old_path}", f"--text_file={tmp_path / 'fr.txt'}", "--new_tokens=30",
+      f"--out={tmp_path / 'ext.model'}"]) == 0
+  old, new = SentencePieceTokenizer(old_path), SentencePieceTokenizer(tmp_path / "ext.model")
+  assert 400 < new.vocab_size <= 430  # Up to 30: what the text yields beyond the old pieces.
+  check_extension(old, new)
+  text = "Les enfants jouent dans le jardin."
+  assert len(new.encode(text)) < len(old.encode(text)) and new.decode(new.encode(text)) == text
+
+
+def _write(path, text):
+  path.write_text(text, encoding="utf-8")
+  return path

@@ -19,7 +19,9 @@ A family is a folder experiments/FAMILY/ holding one small gin file per arm and 
      "reports": [{"title": "Mixture law", "command": ["tools/fit_mixture_law.py", ...]}],
      "notes": "how to read the table; where our scale differs from the paper's"}
 
-In bindings and report commands, {runs} is the folder holding every arm's MODEL_DIR (so an arm
+An arm may be {"name": ..., "command": ["tools/score_documents.py", ...]} instead: a python
+script run once (data for later arms, written under {model_dir}). In bindings and commands,
+{runs} is the folder holding every arm's MODEL_DIR (so an arm
 can restore from an earlier one: "BASE_RUN = '{runs}/base'") and, in commands, {plots} the
 plots folder. A report is a python script run after the arms; its output goes into the README
 (a line naming a .png it wrote becomes the image).
@@ -56,8 +58,11 @@ class ReproduceError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Arm:
   name: str
-  gin: str
+  gin: str | None  # None: a command arm.
   bindings: tuple[str, ...] = ()
+  # Instead of training: a python script run once, e.g. scoring data for later arms; {runs}
+  # and {model_dir} in it are replaced.
+  command: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +94,8 @@ def load_manifest(experiments_dir: str, family: str) -> Manifest:
   try:
     with open(path, encoding="utf-8") as f:
       raw = json.load(f)
-    arms = tuple(Arm(a["name"], a["gin"], tuple(a.get("bindings", ()))) for a in raw["arms"])
+    arms = tuple(Arm(a["name"], a.get("gin"), tuple(a.get("bindings", ())),
+                     tuple(a.get("command", ()))) for a in raw["arms"])
     manifest = Manifest(family, folder, raw.get("title", family), raw.get("compare_on", "tokens"),
                         arms, tuple(raw.get("tables", ())), tuple(raw.get("bindings", ())),
                         tuple(raw.get("quick_bindings", ())), raw.get("notes", ""),
@@ -111,7 +117,9 @@ def load_manifest(experiments_dir: str, family: str) -> Manifest:
         raise ReproduceError(f"{path}: plot group {group.get('name')!r} names arm {name!r}, "
                              f"which is not among the arms {names}")
   for arm in arms:
-    if not os.path.isfile(os.path.join(folder, arm.gin)):
+    if (arm.gin is None) == (not arm.command):
+      raise ReproduceError(f"{path}: arm {arm.name!r} needs exactly one of 'gin' and 'command'")
+    if arm.gin is not None and not os.path.isfile(os.path.join(folder, arm.gin)):
       raise ReproduceError(f"{path}: arm {arm.name!r} names {arm.gin!r}, which is not in {folder}")
   return manifest
 
@@ -141,6 +149,8 @@ def run_arm(manifest: Manifest, arm: Arm, model_dir: str, quick: bool, index: in
       return json.load(f)
   os.makedirs(model_dir, exist_ok=True)
   runs = os.path.dirname(model_dir)
+  if arm.command:
+    return _run_command_arm(arm, model_dir, runs, label, done)
   bindings = [b.replace("{runs}", runs) for b in
               (*manifest.bindings, *arm.bindings, *(manifest.quick_bindings if quick else ()))]
   bindings += [f"MODEL_DIR = '{model_dir}'", "TrainerConfig.progress = 'log'"]
@@ -162,6 +172,21 @@ def run_arm(manifest: Manifest, arm: Arm, model_dir: str, quick: bool, index: in
   with open(done, "w", encoding="utf-8") as f:
     json.dump(metrics, f, indent=1)
   return metrics
+
+
+def _run_command_arm(arm: Arm, model_dir: str, runs: str, label: str, done: str) -> dict:
+  command = [c.replace("{runs}", runs).replace("{model_dir}", model_dir) for c in arm.command]
+  start = time.time()
+  with open(os.path.join(model_dir, "command.log"), "a", encoding="utf-8") as log:
+    code = subprocess.run([sys.executable, *command], stdout=log, stderr=subprocess.STDOUT,
+                          cwd=REPO, check=False).returncode
+  print(f"{label}: exit {code} after {time.time() - start:.0f} s", flush=True)
+  if code != 0:
+    raise ReproduceError(f"arm {arm.name!r} failed (exit {code}); see "
+                         f"{os.path.join(model_dir, 'command.log')}")
+  with open(done, "w", encoding="utf-8") as f:
+    json.dump({}, f)
+  return {}
 
 
 def _cell(value) -> str:
@@ -246,7 +271,7 @@ def reproduce(family: str, quick: bool = False, only: str | None = None,
   for i, arm in enumerate(arms, 1):
     run_arm(manifest, arm, os.path.join(family_runs, arm.name), quick, i, len(arms))
   finished = {a.name: os.path.join(family_runs, a.name) for a in manifest.arms
-              if os.path.exists(os.path.join(family_runs, a.name, "done.json"))}
+              if a.gin and os.path.exists(os.path.join(family_runs, a.name, "done.json"))}
   results = {name: final_metrics(path) for name, path in finished.items()}
   out = family_runs if quick else manifest.folder
   plots = []

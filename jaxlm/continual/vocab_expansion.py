@@ -42,12 +42,12 @@ def token_texts(tokenizer, ids) -> list[str]:
   return [tokenizer.decode(np.asarray([i])) for i in ids]
 
 
-def _token_strings(tokenizer, ids) -> list[str]:
-  """Each id's own string (a byte-level piece stays distinct even when it decodes to no valid
-  UTF-8), or its decoded text for tokenizers without one."""
-  if hasattr(tokenizer, "id_to_token"):
-    return [tokenizer.id_to_token(int(i)) for i in ids]
-  return token_texts(tokenizer, ids)
+def _token_strings(old, new, ids) -> tuple[list[str], list[str]]:
+  """Each id's own string in both tokenizers (a byte-level piece stays distinct even when it
+  decodes to no valid UTF-8), or, when one has none (jaxlm's bytes), the decoded text."""
+  if hasattr(old, "id_to_token") and hasattr(new, "id_to_token"):
+    return ([old.id_to_token(int(i)) for i in ids], [new.id_to_token(int(i)) for i in ids])
+  return token_texts(old, ids), token_texts(new, ids)
 
 
 def check_extension(old, new) -> None:
@@ -55,7 +55,7 @@ def check_extension(old, new) -> None:
   if new.vocab_size < old.vocab_size:
     raise UserError(f"the extended tokenizer has {new.vocab_size} ids, fewer than the "
                     f"{old.vocab_size} of the one it extends: it removes tokens")
-  old_texts, new_texts = (_token_strings(t, range(old.vocab_size)) for t in (old, new))
+  old_texts, new_texts = _token_strings(old, new, range(old.vocab_size))
   for i, (a, b) in enumerate(zip(old_texts, new_texts)):
     if a != b:
       raise UserError(f"the extended tokenizer renumbers id {i} ({a!r} becomes {b!r}); an "
@@ -181,6 +181,23 @@ def _fresh_params(ctx: TransitionContext):
   return init_params(ctx.following.model, ctx.rng)
 
 
+def byte_tokenizer_json() -> str:
+  """A tokenizer.json that encodes exactly as jaxlm's ByteTokenizer (<pad> <s> </s>, then byte
+  b as id b + 3) and that extend_tokenizer_json can grow: a byte-level BPE with no merges."""
+  import tokenizers  # pylint: disable=import-outside-toplevel
+  from jaxlm.data.tokenizers import ByteTokenizer, _gpt2_unicode_to_byte  # pylint: disable=import-outside-toplevel
+  specials = ["<pad>", "<s>", "</s>"]
+  vocab = {token: i for i, token in enumerate(specials)}
+  vocab.update({char: byte + ByteTokenizer.num_special
+                for char, byte in _gpt2_unicode_to_byte().items()})
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                          use_regex=True)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  tok.add_special_tokens(specials)
+  return tok.to_str()
+
+
 def extend_tokenizer_json(tokenizer_json: str, texts, num_new: int) -> str:
   """A byte-level BPE tokenizer.json extended by up to `num_new` tokens learned on `texts`:
   a BPE of the same pre-tokenizer trained on them, whose tokens the old vocabulary lacks are
@@ -217,3 +234,39 @@ def extend_tokenizer_json(tokenizer_json: str, texts, num_new: int) -> str:
   model["vocab"] = vocab
   model["merges"] = [" ".join(m) if as_strings else list(m) for m in merges]
   return json.dumps(old, ensure_ascii=False)
+
+
+def extend_sentencepiece(model_proto: bytes, text_file: str, num_new: int) -> bytes:
+  """A SentencePiece model (serialized) extended by up to `num_new` pieces learned on a text
+  file with the same settings (tokenizer_training.train_sentencepiece): pieces it lacks are
+  appended after the old ones, scored below every old piece in the order they were learned (a
+  BPE model merges them last; a unigram model keeps the learned log-probabilities)."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  from sentencepiece import sentencepiece_model_pb2  # pylint: disable=import-outside-toplevel
+  from jaxlm.data.tokenizer_training import train_sentencepiece  # pylint: disable=import-outside-toplevel
+  old = sentencepiece_model_pb2.ModelProto()
+  old.ParseFromString(model_proto)
+  kind = {1: "unigram", 2: "bpe"}.get(old.trainer_spec.model_type)
+  if kind is None:
+    raise UserError("only BPE and unigram SentencePiece models can be extended")
+  known = {p.piece for p in old.pieces}
+  with tempfile.TemporaryDirectory() as tmp:
+    # 4 specials + 256 byte pieces, then twice the pieces wanted: some are old ones.
+    path = train_sentencepiece(text_file, f"{tmp}/new.model", 260 + 2 * num_new,
+                               model_type=kind)
+    learned = sentencepiece_model_pb2.ModelProto()
+    learned.ParseFromString(path.read_bytes())
+  normal = sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL
+  floor = min(p.score for p in old.pieces if p.type == normal)
+  added = 0
+  for piece in learned.pieces:
+    if added >= num_new:
+      break
+    if piece.type != normal or piece.piece in known:
+      continue
+    new = old.pieces.add()
+    new.piece, new.type = piece.piece, normal
+    new.score = piece.score if kind == "unigram" else floor - 1.0 - added
+    added += 1
+  old.trainer_spec.vocab_size = len(old.pieces)
+  return old.SerializeToString()
