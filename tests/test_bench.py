@@ -62,6 +62,7 @@ def test_forward_matmul_flops_are_a_third_of_the_training_formula():
   assert 3 * _dot_flops(jaxpr) == flops.flops_per_token(cfg, seq_len=24) * tokens.size
 
 
+@pytest.mark.slow  # Both frameworks in subprocesses; .ci/run runs the slow tests.
 def test_harness_runs_end_to_end_on_bench_tiny(tmp_path):
   out = tmp_path / "bench.json"
   done = subprocess.run(

@@ -140,6 +140,7 @@ def test_sigterm_checkpoints_the_step_reached_and_exits_75(tmp_path, reference_r
   assert max(_losses(model_dir)) == STEPS
 
 
+@pytest.mark.slow  # Half a minute of subprocess; .ci/run runs the slow tests.
 def test_a_second_signal_exits_at_once_and_keeps_the_last_checkpoint(tmp_path, reference_run):
   reference, corpus = reference_run
   model_dir = tmp_path / "run"

@@ -45,6 +45,7 @@ def _family(root, corpus):
   return root / "experiments"
 
 
+@pytest.mark.slow  # Three runs of the runner, a minute; .ci/run runs the slow tests.
 def test_a_family_runs_resumably_and_its_table_and_plots_are_regenerated(
     tmp_path, small_text_file, capsys):
   experiments = _family(tmp_path, small_text_file)

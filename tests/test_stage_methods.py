@@ -267,6 +267,7 @@ def _toy_args(model_dir, corpus, gin_file):
       "--gin.TrainerConfig.sample_tokens=0", "--gin.TrainerConfig.progress='log'")]
 
 
+@pytest.mark.slow  # A minute: a subprocess killed and resumed; .ci/run runs the slow tests.
 def test_the_toy_method_is_killed_in_its_stage_and_resumes_bitwise(tmp_path, small_text_file,
                                                                    monkeypatch):
   gin_file = tmp_path / "toy.gin"

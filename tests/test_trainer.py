@@ -108,7 +108,8 @@ def test_two_stages_hand_over_with_the_identity_transition(tmp_path, small_text_
   meta = Checkpointer(str(tmp_path / "run")).restore_meta(8)
   # 4 steps of 4 rows each: stage 2 starts after stage 1's 16 rows of the source.
   assert (meta["stage_index"], meta["stage_name"], meta["data"]) == (1, "second", {
-      "stage_step": 4, "rows_before_stage": {"text": 16}, "rows_after_stage": {"text": 32}})
+      "stage_step": 4, "stage_steps": 4, "rows_before_stage": {"text": 16},
+      "rows_after_stage": {"text": 32}})
   assert "warmup_cosine" in meta["gin_config"]  # The operative gin config travels along.
 
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.errors import UserError
+from jaxlm.model.transformer import init_params
 from jaxlm.stages import TransitionContext, register_transition
 from jaxlm.tree_names import path_name
 
@@ -125,7 +126,7 @@ def new_rows(matrix, init: str, old, texts: list[str], rng):
 def _grow(matrix, rows_first: bool, size: int, new_ids, fill):
   """`matrix` with its token axis grown to `size` (zeros), then rows `new_ids` set to `fill`."""
   if not rows_first:
-    return _grow(matrix.T, True, size, new_ids, None if fill is None else fill).T
+    return _grow(matrix.T, True, size, new_ids, fill).T
   grown = jnp.zeros((size, matrix.shape[1]), matrix.dtype).at[:matrix.shape[0]].set(
       matrix[:size])
   if fill is not None:
@@ -177,7 +178,6 @@ def expand_vocabulary(state, ctx: TransitionContext, init: str = "mean"):
 
 
 def _fresh_params(ctx: TransitionContext):
-  from jaxlm.model.transformer import init_params  # pylint: disable=import-outside-toplevel
   return init_params(ctx.following.model, ctx.rng)
 
 
