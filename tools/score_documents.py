@@ -23,7 +23,7 @@ from jaxlm.errors import UserError
 
 def score(run_dir: str, text_file: str, out: str, separator: str, valid_file: str | None = None,
           name: str | None = None, step: int | None = None, max_len: int = 256,
-          batch_size: int = 16) -> int:
+          batch_size: int = 16, valid_separator: str | None = None) -> int:
   """Writes the scores file; returns the number of documents scored."""
   # pylint: disable=import-outside-toplevel
   from jaxlm.continual.document_scores import document_losses, write_scores
@@ -42,6 +42,7 @@ def score(run_dir: str, text_file: str, out: str, separator: str, valid_file: st
   write_scores(out, {
       "path": os.path.abspath(text_file), "sha256": readers.file_sha256(pathlib.Path(text_file)),
       "separator": separator, "valid_path": valid_file and os.path.abspath(valid_file),
+      "valid_separator": valid_separator,
       "name": name, "run": os.path.abspath(run_dir), "step": run.step, "max_len": max_len},
       losses, counts)
   return len(documents)
@@ -70,8 +71,9 @@ def main(argv=None) -> int:
       folder = os.path.join(shared_corpora_dir(), args.domain)
       text_file, valid, name = (os.path.join(folder, "train.txt"),
                                 os.path.join(folder, "valid.txt"), args.domain)
+    # A shared corpus's valid.txt is one document, as shared_corpus reads it.
     count = score(args.run_dir, text_file, args.out, separator, valid, name, args.step,
-                  args.max_len, args.batch_size)
+                  args.max_len, args.batch_size, valid_separator=None)
     print(f"scored {count} documents of {text_file} -> {args.out}")
     return 0
 

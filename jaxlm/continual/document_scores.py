@@ -107,7 +107,8 @@ def scored_documents(scores: str = gin.REQUIRED, keep_fraction: float = 0.1,
   source_name = name or header.get("name", "scored")
   if valid is None:
     return TextSource(source_name, train)
-  return TextSource(source_name, train,
-                    lambda: readers.read_all([pathlib.Path(valid)], f"source {source_name!r} (valid)",
-                                             **options))
+  # The valid file split as the scored source splits it, so evaluations compare with its runs.
+  valid_options = {**options, "separator": header.get("valid_separator", header["separator"])}
+  return TextSource(source_name, train, lambda: readers.read_all(
+      [pathlib.Path(valid)], f"source {source_name!r} (valid)", **valid_options))
 
