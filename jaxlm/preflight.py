@@ -30,7 +30,8 @@ from jaxlm.data.pipeline import Datasets, build_datasets, check_sources
 from jaxlm.data.tokenizers import resolve_tokenizer
 from jaxlm.errors import UserError
 from jaxlm.model import forward
-from jaxlm.restore import check_restore_source, source_data_position
+from jaxlm.restore import (check_restore_source, source_data_position,
+                           stage_source_learning_rate)
 from jaxlm.stages import (Stage, check_transition_result, continue_rows, hand_over,
                           stage_schedules, stage_starts, transition_context)
 from jaxlm.train_step import abstract_state, state_shardings
@@ -67,7 +68,7 @@ def preflight(model_dir: str, stages: list[Stage], microbatches: int, mesh, rule
   for stage, state in zip(stages, states):
     check_stage(stage, state, microbatches, mesh, rules, eval_domains)
   check_transitions(stages, states)
-  stage_schedules(stages)  # Each stage's schedule given where the one before it ends.
+  stage_schedules(stages, stage_source_learning_rate)  # Given where the one before it ends.
   check_model_dir(model_dir, max(_tree_bytes(state) for state in states))
   resume = find_resume_point(model_dir, stages)
   starts = stage_starts(stages)

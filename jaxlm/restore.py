@@ -118,6 +118,10 @@ class _RunSource:
       return dict(data.get("rows_after_stage", {})), 0
     return dict(data.get("rows_before_stage", {})), int(data.get("stage_step", 0))
 
+  def learning_rate(self) -> float | None:
+    value = self._checkpointer.restore_meta(self.step).get("learning_rate")
+    return None if value is None else float(value)
+
   def read(self, name: str) -> np.ndarray:
     if self._tensors is None:
       self._tensors = flatten_names(self._checkpointer.restore_state(self.step))
@@ -144,6 +148,9 @@ class _HFSource:
     self.shapes = {"params/" + "/".join(path): shape
                    for path, shape in self._params.shapes.items()}
 
+  def learning_rate(self) -> None:  # A model directory has no schedule.
+    return None
+
   def read(self, name: str) -> np.ndarray:
     return self._params.read(tuple(name.split("/")[1:]))
 
@@ -163,6 +170,22 @@ def source_data_position(config: RestoreConfig) -> tuple[dict[str, int], int]:
     return source.data_position()
   finally:
     source.close()
+
+
+def source_learning_rate(config: RestoreConfig) -> float | None:
+  """The learning rate the source run's schedule gave at the restored step (what its next
+  update would have used; recorded with each checkpoint), or None: a Hugging Face directory,
+  or a run saved before jaxlm recorded it."""
+  source = _open_source(config)
+  try:
+    return source.learning_rate()
+  finally:
+    source.close()
+
+
+def stage_source_learning_rate(stage) -> float | None:
+  """`source_learning_rate` of a stage's restore_from (for stages.stage_schedules)."""
+  return source_learning_rate(stage.restore_from)
 
 
 def assign_sources(config: RestoreConfig, state, tx, source_shapes: dict, step: int):

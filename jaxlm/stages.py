@@ -83,6 +83,8 @@ class Stage:
     if len(names) != len(methods) or len(set(names)) != len(names):
       raise UserError(f"Stage.methods (stage {self.name!r}) must be Methods with distinct names "
                       f"(e.g. [@nm_sparsity()]), got {self.methods!r}")
+    # A method scheduled over the stage (gradual pruning) learns the stage's length here.
+    methods = tuple(m.for_stage(self.num_steps) if m.for_stage else m for m in methods)
     object.__setattr__(self, "methods", methods)
     # Resolve defaults now so every stage object fully describes itself.
     object.__setattr__(self, "model", self.model or ModelConfig())
@@ -117,11 +119,16 @@ def learning_rate_of(opt_state):
   return opt_state.hyperparams["learning_rate"]
 
 
-def stage_schedules(stages) -> list:
+def stage_schedules(stages, restored_lr: Callable | None = None) -> list:
   """Each stage's schedule, given the learning rate the stage before it ended at (its schedule
-  after its last update), so that a stage can re-warm from there."""
+  after its last update), so that a stage can re-warm from there. A stage that restores another
+  run re-warms from where that run was instead: `restored_lr(stage)` (restore.
+  source_learning_rate), None when the source does not say (a Hugging Face model)."""
   schedules, previous_lr = [], 0.0
   for stage in stages:
+    source_lr = restored_lr(stage) if restored_lr and stage.restore_from is not None else None
+    if source_lr is not None:
+      previous_lr = source_lr
     schedules.append(stage.make_schedule(previous_lr))
     previous_lr = float(schedules[-1](stage.num_steps))
   return schedules

@@ -50,12 +50,18 @@ def state_shardings(stage: Stage, mesh, rules) -> TrainState:
     if method.name not in abstract.method_state:
       continue
     leaves = abstract.method_state[method.name]
-    if method.state_axes is None:
-      method_state[method.name] = jax.tree.map(lambda _: replicated, leaves)
-    else:
-      method_state[method.name] = parallel.logical_shardings(
-          leaves, method.state_axes(param_axes), mesh, rules)
+    axes = None if method.state_axes is None else method.state_axes(param_axes)
+    method_state[method.name] = parallel.logical_shardings(
+        leaves, _expand_axes(axes, leaves), mesh, rules)
   return TrainState(replicated, params, opt_state, method_state)
+
+
+def _expand_axes(axes, leaves):
+  """`axes` (a prefix of the `leaves` tree) with each entry applied to every leaf below it;
+  None entries replicate (a method keeps e.g. a small operator unsharded)."""
+  is_entry = lambda x: x is None or isinstance(x, PartitionSpec)
+  return jax.tree.map(lambda spec, sub: jax.tree.map(lambda _: spec or PartitionSpec(), sub),
+                      axes, leaves, is_leaf=is_entry)
 
 
 def sharded_abstract_state(stage: Stage, mesh, rules) -> TrainState:

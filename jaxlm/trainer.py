@@ -26,6 +26,7 @@ from jaxlm.eval_schedule import EvalConfig, forgetting
 from jaxlm.ledger import ComputeLedger
 from jaxlm.metrics import PROGRESS_MODES, MetricsWriter, Progress
 from jaxlm.preemption import PreemptionGuard
+from jaxlm.restore import stage_source_learning_rate
 from jaxlm.stage_setup import StageSetup, build_stage, describe, first_state
 from jaxlm.stages import Stage, stage_schedules, stage_starts
 from jaxlm.train_step import TrainState, all_finite, sharded_abstract_state, state_shardings
@@ -103,7 +104,8 @@ class Trainer:
     self.rules_label = mesh_config.rules if isinstance(mesh_config.rules, str) else self.rules
     self.batch_sharding = parallel.batch_sharding(self.mesh, self.rules)
     self.starts = stage_starts(self.stages)
-    self.schedules = stage_schedules(self.stages)  # Each re-warms from where the last ended.
+    # Each re-warms from where the last ended (or the run it restores from was).
+    self.schedules = stage_schedules(self.stages, stage_source_learning_rate)
     self.total_steps = self.starts[-1] + self.stages[-1].num_steps
     self.checkpointer = None  # Opened after the pre-flight checks (it creates checkpoints/).
     self.writer = None  # Opened once the resume step is known.
@@ -257,7 +259,8 @@ class Trainer:
     setup = self.setup
     self.checkpointer.save(step, state, force=force, meta={
         "step": step, "stage_index": setup.index, "stage_name": setup.stage.name,
-        "seed": self.seed, "data": {"stage_step": step - setup.start,
+        "seed": self.seed, "learning_rate": float(self.schedules[setup.index](step - setup.start)),
+        "data": {"stage_step": step - setup.start,
                                     "stage_steps": setup.stage.num_steps,
                                     "rows_before_stage": self.rows_before,
                                     "rows_after_stage": self.rows_after},

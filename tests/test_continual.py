@@ -2,6 +2,7 @@
 continues that run exactly (weights, optimizer state, schedule position and data order); a
 stage re-warms from where the previous one ended."""
 
+import dataclasses
 import json
 
 import jax
@@ -60,6 +61,13 @@ def test_a_continual_stage_re_warms_from_the_previous_final_lr(tmp_path, small_t
   with open(tmp_path / "metrics.jsonl", encoding="utf-8") as f:
     at_4 = [r["eval/loss"] for r in map(json.loads, f) if r["step"] == 4 and "eval/loss" in r]
   assert len(at_4) == 2 and at_4[0] == at_4[1]
+  # A run that restores this one re-warms from where it ended: 2e-3 decayed to 2e-4.
+  third = dataclasses.replace(second, name="again", restore_from=RestoreConfig(str(tmp_path)))
+  trainer.run(str(tmp_path / "again"), [third], trainer=config)
+  with open(tmp_path / "again" / "metrics.jsonl", encoding="utf-8") as f:
+    lrs = {r["step"]: r["train/learning_rate"] for r in map(json.loads, f)
+           if "train/learning_rate" in r}
+  np.testing.assert_allclose([lrs[1], lrs[2], lrs[3]], [2e-4, 1.1e-3, 2e-3], rtol=1e-6)
 
 
 def test_continue_data_from_a_hugging_face_directory_is_refused(tmp_path):

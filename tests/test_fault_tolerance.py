@@ -122,6 +122,7 @@ def test_kill_9_at_a_random_step_then_resume_is_bitwise_identical(tmp_path, refe
   assert _losses(model_dir) == _losses(reference)
 
 
+@pytest.mark.slow  # Default suite under 15 minutes; .ci/run runs the slow tests.
 def test_sigterm_checkpoints_the_step_reached_and_exits_75(tmp_path, reference_run):
   _, corpus = reference_run
   model_dir = tmp_path / "run"
@@ -161,7 +162,8 @@ def _biggest_file(directory):
   return max(files, key=os.path.getsize)
 
 
-@pytest.mark.parametrize("damage", ["truncate_array_file", "delete_meta_item"])
+@pytest.mark.parametrize("damage", ["truncate_array_file",
+                                    pytest.param("delete_meta_item", marks=pytest.mark.slow)])
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, small_text_file,
                                                                  caplog, damage):
   model_dir = tmp_path / "run"
@@ -375,6 +377,7 @@ def test_the_update_is_made_with_the_injected_learning_rate(small_text_file):
                                rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow  # Default suite under 15 minutes; .ci/run runs the slow tests.
 def test_a_later_stage_continues_each_source_and_resumes_mid_stage_bitwise(
     tmp_path, small_text_file, monkeypatch):
   """Issue 12, bug 2: stage 2 on stage 1's source draws rows stage 1 never drew (unless it

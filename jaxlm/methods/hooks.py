@@ -1,7 +1,7 @@
 """The few named points where a method touches the train step.
 
 A stage lists its methods (`Stage.methods = [@nm_sparsity()]`); each is a `Method`: a name and
-up to five pure functions, every one optional. The step calls them in list order:
+up to six pure functions, every one optional. The step calls them in list order:
 
     init(params, rng) -> method_state             # once, when the stage starts without it
     state_axes(param_axes) -> logical axes        # of that state (None: replicated)
@@ -11,6 +11,8 @@ up to five pure functions, every one optional. The step calls them in list order
                                                   # logged as train/aux/<name> (MoE balancing)
     after_update(state, grads, step) -> state     # re-apply masks, periodic mask updates
     metrics(state) -> {name: scalar}              # logged as train/<method name>/<name>
+    for_stage(num_steps) -> Method                # the method for a stage of that length
+                                                  # (schedules over the stage), at Stage build
 
 `step` is the step within the stage (what its schedule sees), `state` the whole TrainState,
 whose `method_state[name]` holds what the method keeps between steps: it is sharded by
@@ -38,6 +40,7 @@ class Method:
   aux_losses: Hook = None
   after_update: Hook = None
   metrics: Hook = None
+  for_stage: Hook = None
 
 
 def init_method_state(methods, params, rng, existing=None) -> dict:

@@ -1,0 +1,173 @@
+"""LiGO, learned linear growth operators (Wang et al. 2303.00980).
+
+The large model's weights are a linear function of the small model's: along every grown axis a
+width matrix B_axis [new, old] (one per module family: the residual `embed`, `mlp` units,
+`heads`, `kv_heads`, shared by all layers), and across depth a mixing matrix W_type [L_new,
+L_old] per weight type (query, key, ..., down, the two norms):
+
+    large[layer l][type] = sum_j W_type[l, j] * widen(small[layer j][type])
+    widen(x) = x with each grown axis a contracted with B_a (x' = B_a x along a)
+
+As the official code (VITA-Group/LiGO) does, B starts as [I; noise] (new rows N(0, 1/old)) and W
+as stacking (W[l, l mod L] = 1), so with no noise the operator is exactly G_stack. The
+operator is trained for a few steps on the training loss with the small model frozen, then the
+large model trains normally:
+
+    ligo/Stage.transition = "ligo_grow"          # small params into the method state
+    ligo/Stage.methods = [@ligo()]               # ligo.source = the small ModelConfig
+    ligo/Stage.num_steps = 100
+    train/Stage.transition = "identity"          # the params are already the grown weights
+
+The stage's params are always the materialised operator output: after each step the operator
+takes an Adam step on dL/d(operator) = J^T dL/d(params) (a vjp through the linear map) and the
+params are rebuilt from it, so the next stage starts from plain large weights (the method state,
+which holds the small model and the operator, is dropped there).
+"""
+
+import dataclasses
+
+import gin
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxlm.errors import UserError
+from jaxlm.growth.depth import depth_sources
+from jaxlm.growth.transitions import num_layers_of
+from jaxlm.methods.hooks import Method
+from jaxlm.model import ModelConfig, init_params, logical_axes
+from jaxlm.stages import TransitionContext, register_transition
+
+NAME = "ligo"
+WIDTH_AXES = ("embed", "mlp", "heads", "kv_heads")
+
+
+def sizes_of(params) -> dict[str, int]:
+  layer = params["layer_0"]
+  return {"embed": layer["mlp"]["up"].shape[0], "mlp": layer["mlp"]["up"].shape[1],
+          "heads": layer["attention"]["query"].shape[1],
+          "kv_heads": layer["attention"]["key"].shape[1], "layers": num_layers_of(params)}
+
+
+def init_operator(small: dict, large: dict, small_layer, rng, noise_std: float | None,
+                  order: str = "stack") -> dict:
+  """B = [I; N(0, noise_std^2)] per grown axis (noise_std None: 1/sqrt(old)), W = `order`'s
+  layer copy map per weight type of `small_layer` (one small layer's params)."""
+  width = {}
+  for i, axis in enumerate(a for a in WIDTH_AXES if large[a] > small[a]):
+    std = small[axis] ** -0.5 if noise_std is None else noise_std
+    noise = std * jax.random.normal(jax.random.fold_in(rng, i),
+                                    (large[axis] - small[axis], small[axis]))
+    width[axis] = jnp.concatenate([jnp.eye(small[axis]), noise])
+  sources = depth_sources(small["layers"], large["layers"], order)
+  stacking = jax.nn.one_hot(jnp.asarray(sources), small["layers"])
+  types = [p for p, _ in _flat(small_layer)]
+  return {"width": width, "depth": {t: stacking for t in types}}
+
+
+def _flat(layer) -> list[tuple[str, jax.Array]]:
+  return [("/".join(str(k.key) for k in path), leaf)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(layer)]
+
+
+def _widen(x, axes, width: dict):
+  for i, name in enumerate(axes):
+    if name in width:
+      x = jnp.moveaxis(jnp.tensordot(width[name], x, axes=([1], [i])), 0, i)
+  return x
+
+
+def materialize(operator: dict, small, small_axes):
+  """The large model's params: the operator applied to the small model's."""
+  width, depth = operator["width"], operator["depth"]
+  out = {}
+  for name, value in small.items():
+    if not name.startswith("layer_"):
+      out[name] = jax.tree.map(lambda x, a: _widen(x, tuple(a), width), value, small_axes[name])
+  layers = sorted((k for k in small if k.startswith("layer_")), key=lambda k: int(k[6:]))
+  axes = dict(_flat(small_axes["layer_0"]))
+  stacked = {t: jnp.stack([_widen(dict(_flat(small[n]))[t], tuple(axes[t]), width)
+                           for n in layers]) for t in axes}
+  mixed = {t: jnp.tensordot(depth[t], stacked[t], axes=([1], [0])) for t in axes}
+  for l in range(next(iter(depth.values())).shape[0]):
+    layer = {}
+    for t, value in mixed.items():
+      module, leaf = t.split("/")
+      layer.setdefault(module, {})[leaf] = value[l]
+    out[f"layer_{l}"] = layer
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LigoMethod(Method):
+  """The LiGO stage method; `start` builds its state from the small model (ligo_grow)."""
+  source: ModelConfig | None = None
+  start: object = None
+
+
+@gin.configurable
+def ligo(source: ModelConfig = gin.REQUIRED, learning_rate: float = 1e-3,
+         noise_std: float | None = None, order: str = "stack") -> Method:
+  """The operator as a stage method. `source`: the small model's config (the previous stage's);
+  `learning_rate`: Adam's on the operator; `noise_std`: of B's new rows (None: 1/sqrt(old));
+  `order`: the depth init ('stack' or 'interleave')."""
+  tx = optax.adam(learning_rate)
+  small_axes = logical_axes(source)
+  small_sizes = {"embed": source.d_model, "mlp": source.mlp_dim, "heads": source.num_heads,
+                 "kv_heads": source.num_kv_heads, "layers": source.num_layers}
+
+  def start(small_params, large_sizes, rng):
+    operator = init_operator(small_sizes, large_sizes, small_params["layer_0"], rng, noise_std,
+                             order)
+    return {"small": small_params, "operator": operator, "optimizer": tx.init(operator)}
+
+  def init(params, rng):  # Shapes only, in practice: ligo_grow writes the real state.
+    small_rng, rng = jax.random.split(rng)
+    return start(init_params(source, small_rng), sizes_of(params), rng)
+
+  def state_axes(param_axes):
+    del param_axes
+    return {"small": small_axes, "operator": None, "optimizer": None}
+
+  def after_update(state, grads, step):
+    del step
+    own = state.method_state[NAME]
+    build = lambda op: materialize(op, own["small"], small_axes)
+    _, pullback = jax.vjp(build, own["operator"])
+    (operator_grads,) = pullback(grads)
+    updates, optimizer = tx.update(operator_grads, own["optimizer"], own["operator"])
+    operator = optax.apply_updates(own["operator"], updates)
+    return state.replace(params=build(operator), method_state={
+        **state.method_state, NAME: {**own, "operator": operator, "optimizer": optimizer}})
+
+  return LigoMethod(NAME, init=init, state_axes=state_axes, after_update=after_update,
+                    source=source, start=start)
+
+
+@register_transition("ligo_grow")
+def ligo_grow(state, ctx: TransitionContext):
+  """The previous stage's params become the frozen small model of the LiGO method; the params
+  become the operator's initial output (G_stack plus noise)."""
+  methods = [m for m in ctx.following.methods if isinstance(m, LigoMethod)]
+  if not methods:
+    raise UserError(f"stage {ctx.following.name!r}: the 'ligo_grow' transition needs the ligo "
+                    "method in the stage (Stage.methods = [@ligo()])")
+  small, large = ctx.previous.model, ctx.following.model
+  source = methods[0].source
+  for field in ("vocab_size", "d_model", "mlp_dim", "num_heads", "num_kv_heads", "num_layers",
+                "resolved_head_dim", "tie_embeddings", "attention_bias"):
+    if getattr(source, field) != getattr(small, field):
+      raise UserError(f"ligo.source.{field}={getattr(source, field)!r} but the previous stage's "
+                      f"model has {getattr(small, field)!r}; bind ligo.source to that model")
+    if field not in ("vocab_size", "resolved_head_dim", "tie_embeddings", "attention_bias"):
+      if getattr(large, field) < getattr(small, field):
+        raise UserError(f"LiGO grows: ModelConfig.{field} {getattr(small, field)} -> "
+                        f"{getattr(large, field)} shrinks")
+    elif getattr(large, field) != getattr(small, field):
+      raise UserError(f"LiGO keeps ModelConfig {field} ({getattr(small, field)!r} -> "
+                      f"{getattr(large, field)!r})")
+  sizes = {"embed": large.d_model, "mlp": large.mlp_dim, "heads": large.num_heads,
+           "kv_heads": large.num_kv_heads, "layers": large.num_layers}
+  own = methods[0].start(state.params, sizes, ctx.rng)
+  params = materialize(own["operator"], own["small"], logical_axes(small))
+  return state.replace(params=params, method_state={**state.method_state, NAME: own})

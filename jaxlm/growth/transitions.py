@@ -1,0 +1,59 @@
+"""Growth as stage transitions: the previous stage's model -> the next stage's, inside one run.
+
+    grow/Stage.model = @large/ModelConfig()
+    grow/Stage.transition = ["grow_width", "grow_depth"]     # applied in this order
+    grow_width.mlp = "fpi"          # "aki", "zero"; heads "fpi"/"zero"; d_model "exact"/"copy"
+    grow_depth.order = "stack"      # "interleave"; zero_copies = True: identity insertion
+    grow/Stage.keep_optimizer_state = False   # the papers' fresh optimizer; True: grown moments
+
+Each transition reads the current sizes from the params it is given, so they compose: widen,
+then deepen. Adam moments (any param-shaped part of the optimizer state) are grown with the
+same index maps (copies unscaled, new entries zero) and kept when the stage keeps its optimizer
+state; otherwise the next stage initialises a fresh one, as G_stack, bert2BERT and LiGO do.
+"""
+
+import dataclasses
+
+import gin
+
+from jaxlm.growth.depth import depth_sources, grow_depth
+from jaxlm.growth.width import check_width, grow_tree, grow_width, width_maps
+from jaxlm.model import init_params, logical_axes
+from jaxlm.stages import TransitionContext, register_transition
+from jaxlm.tree_names import map_param_shaped
+
+
+def num_layers_of(params) -> int:
+  return sum(1 for k in params if k.startswith("layer_"))
+
+
+def _current_small(ctx: TransitionContext, params):
+  """The previous stage's model at the depth `params` has now (after earlier transitions)."""
+  return dataclasses.replace(ctx.previous.model, num_layers=num_layers_of(params))
+
+
+@register_transition("grow_width")  # The gin-configurable function is what is registered.
+@gin.configurable("grow_width")
+def grow_width_transition(state, ctx: TransitionContext, mlp: str = "fpi", heads: str = "fpi",
+                          d_model: str = "exact"):
+  """MLP units, heads and d_model grown to the next stage's (jaxlm.growth.width)."""
+  small = _current_small(ctx, state.params)
+  large = dataclasses.replace(ctx.following.model, num_layers=small.num_layers)
+  check_width(small, large, mlp, heads, d_model)
+  params = grow_width(state.params, small, large, init_params(large, ctx.rng), mlp, heads,
+                      d_model)
+  maps, axes = width_maps(small, large, mlp, heads, d_model), logical_axes(large)
+  opt_state = map_param_shaped(state.opt_state, state.params,
+                              lambda m: grow_tree(m, axes, maps, moments=True))
+  return state.replace(params=params, opt_state=opt_state)
+
+
+@register_transition("grow_depth")
+@gin.configurable("grow_depth")
+def grow_depth_transition(state, ctx: TransitionContext, order: str = "stack",
+                          zero_copies: bool = False):
+  """Layers copied to the next stage's depth (jaxlm.growth.depth)."""
+  sources = depth_sources(num_layers_of(state.params), ctx.following.model.num_layers, order)
+  grow = lambda tree: grow_depth(tree, sources, zero_copies)
+  return state.replace(params=grow(state.params),
+                       opt_state=map_param_shaped(state.opt_state, state.params, grow))

@@ -1,0 +1,274 @@
+"""Sparse pretraining (jaxlm.sparsity): exact density and N:M structure after every step, masked
+weights exactly zero after 100 updates, ERK's formula, RigL's exact per-matrix density and reset
+moments, exact top-k, densification preserving the function, masks sharded with their params;
+bad input is one line each."""
+
+import dataclasses
+import math
+import signal
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxlm import parallel
+from jaxlm.errors import UserError
+from jaxlm.model import forward
+from jaxlm.sparsity import selection
+from jaxlm.sparsity.distribution import layer_densities
+from jaxlm.sparsity.methods import (cubic_density, densify, gradual_pruning, nm_sparsity, rigl,
+                                    static_sparsity)
+from jaxlm.sparsity.topk import nm_mask, topk_mask
+from jaxlm.stages import TransitionContext
+from jaxlm.train_step import make_train_step, sharded_init, state_shardings
+from conftest import REPO_ROOT
+from test_stage_methods import _batch, _mesh_and_rules
+from test_trainer import _stage
+
+
+def _train(stage, steps, collect=None):
+  """`steps` updates of `stage` on one fixed batch; `collect(state, step)` after each."""
+  mesh, rules = _mesh_and_rules()
+  with jax.set_mesh(mesh):
+    shardings = state_shardings(stage, mesh, rules)
+    state = sharded_init(stage, shardings, jax.random.key(0))
+    if collect:
+      collect(state, 0)
+    train_step = make_train_step(stage, shardings, parallel.batch_sharding(mesh, rules))
+    batch = _batch(stage)
+    for i in range(steps):
+      state, metrics = train_step(state, batch)
+      if collect:
+        collect(state, i + 1)
+  return state, metrics
+
+
+def _masks(state, name):
+  return state.method_state[name]["masks"]
+
+
+def test_topk_mask_is_exact_with_ties_and_eligibility():
+  scores = jnp.abs(jax.random.normal(jax.random.key(0), (32, 24)))
+  for k in (1, 77, 768):
+    mask = topk_mask(scores, k)
+    want = np.zeros(scores.size, bool)
+    want[np.argsort(-np.asarray(scores).ravel(), kind="stable")[:k]] = True
+    np.testing.assert_array_equal(np.asarray(mask).ravel(), want)
+  tied = jnp.round(scores * 2) / 2
+  mask = topk_mask(tied, 100)
+  assert int(mask.sum()) == 100 and float(tied[mask].min()) >= float(tied[~mask].max())
+  eligible = jax.random.bernoulli(jax.random.key(1), 0.5, scores.shape)
+  mask = topk_mask(scores, 50, eligible)
+  assert int(mask.sum()) == 50 and not bool(jnp.any(mask & ~eligible))
+  assert int(topk_mask(scores, 0, eligible).sum()) == 0
+
+
+def test_nm_mask_keeps_the_n_largest_of_every_m_along_the_input():
+  w = jax.random.normal(jax.random.key(2), (8, 3, 4))  # [heads, head_dim, embed]: input (0, 1).
+  mask = nm_mask(w, 2, 4, (0, 1))
+  groups = np.asarray(mask).reshape(6, 4, 4)
+  assert (groups.sum(axis=1) == 2).all()
+  flat = np.abs(np.asarray(w)).reshape(6, 4, 4)
+  assert (np.where(groups, flat, np.inf).min(axis=1) >= np.where(groups, -np.inf, flat).max(
+      axis=1)).all()
+
+
+def test_erk_matches_its_formula_and_re_solves_dense_layers():
+  shapes = {"a": (64, 64), "b": (64, 256), "c": (4, 8)}
+  densities = layer_densities(shapes, 0.3, "erk")
+  assert densities["c"] == 1.0  # eps * (4 + 8) / 32 would exceed 1: made dense, re-solved.
+  sizes = {n: a * b for n, (a, b) in shapes.items()}
+  eps = (0.3 * sum(sizes.values()) - sizes["c"]) / sum(
+      (a + b) / (a * b) * sizes[n] for n, (a, b) in shapes.items() if n != "c")
+  for name in ("a", "b"):
+    a, b = shapes[name]
+    assert densities[name] == pytest.approx(eps * (a + b) / (a * b), rel=1e-12)
+  kept = sum(densities[n] * sizes[n] for n in shapes)
+  assert kept == pytest.approx(0.3 * sum(sizes.values()), rel=1e-12)
+  assert layer_densities(shapes, 0.3, "uniform") == {n: 0.3 for n in shapes}
+
+
+def test_static_masks_hold_exact_density_and_zeros_after_100_updates(small_text_file):
+  method = static_sparsity(density=0.3, distribution="erk", score="random")
+  stage = _stage(small_text_file, 100, methods=(method,))
+  densities = []
+
+  def check(state, step):
+    masks = _masks(state, "static_sparsity")
+    densities.append({n: int(m.sum()) for n, m in masks.items()})
+    if step:
+      for name, mask in masks.items():
+        assert not np.any(np.asarray(selection.get(state.params, name))[~np.asarray(mask)])
+  state, metrics = _train(stage, 100, check)
+  assert all(d == densities[0] for d in densities)  # Static: the same counts every step.
+  masks = _masks(state, "static_sparsity")
+  total = sum(m.size for m in masks.values())
+  assert metrics["train/static_sparsity/density"] == pytest.approx(0.3, abs=1e-3)
+  assert sum(densities[0].values()) / total == pytest.approx(0.3, abs=1e-3)
+  zeros = total - sum(densities[0].values())
+  assert metrics["train/static_sparsity/flops_saved_per_token"] == 6.0 * zeros
+  assert metrics["train/static_sparsity/mask_bytes"] == total
+
+
+def test_nm_sparsity_is_exactly_n_of_m_after_every_step_with_sr_ste(small_text_file):
+  stage = _stage(small_text_file, 6, methods=(nm_sparsity(n=2, m=4),))
+
+  def check(state, step):
+    for name, mask in _masks(state, "nm_sparsity").items():
+      w = selection.get(state.params, name)
+      inputs = selection.input_axes(name)
+      np.testing.assert_array_equal(mask, nm_mask(w, 2, 4, inputs))  # Of the current weights.
+      moved = np.moveaxis(np.asarray(mask), inputs, range(len(inputs)))
+      groups = moved.reshape(-1, 4, math.prod(moved.shape[len(inputs):]))
+      assert (groups.sum(axis=1) == 2).all(), (name, step)
+  state, metrics = _train(stage, 6, check)
+  assert metrics["train/nm_sparsity/density"] == 0.5
+  # SR-STE keeps the dense weights: the pruned ones are not zero.
+  w = selection.get(state.params, "layer_0/mlp/up")
+  assert np.count_nonzero(w) == w.size
+
+
+def test_sr_ste_gradient_passes_and_decays_the_pruned_weights():
+  from jaxlm.sparsity.methods import straight_through  # pylint: disable=import-outside-toplevel
+  w = jnp.array([1.0, -2.0, 3.0, 0.5])
+  mask = jnp.array([1.0, 0.0, 1.0, 0.0])
+  grad = jax.grad(lambda x: jnp.sum(straight_through(x, mask, 0.1) * jnp.arange(4.0)))(w)
+  np.testing.assert_allclose(grad, jnp.arange(4.0) + 0.1 * (1 - mask) * w)
+
+
+def test_gradual_pruning_follows_the_cubic_schedule(small_text_file):
+  stage = _stage(small_text_file, 40, methods=(gradual_pruning(
+      final_density=0.25, start_fraction=0.25, end_fraction=0.75, update_every=5),))
+  seen = {}
+  _train(stage, 40, lambda state, step: seen.update({step: {
+      n: int(m.sum()) for n, m in _masks(state, "gradual_pruning").items()}}))
+  name = "layer_0/mlp/up"
+  size = 64 * 192
+  assert seen[10][name] == size  # The update at step 10 (stage step 9) is before the start.
+  for stage_step in (10, 15, 20, 25, 30):  # Each update's count, logged after that step.
+    want = max(1, int(np.rint(float(cubic_density(stage_step, 0.25, 10, 30)) * size)))
+    assert seen[stage_step + 1][name] == want, stage_step
+  assert seen[40][name] == size // 4
+
+
+def test_rigl_keeps_each_density_and_resets_the_moments_of_grown_weights(small_text_file):
+  stage = _stage(small_text_file, 12, methods=(rigl(density=0.2, update_every=4,
+                                                    end_fraction=1.0),))
+  history = {}
+  _train(stage, 9, lambda state, step: history.update({step: jax.device_get(state)}))
+  before, after = _masks(history[4], "rigl"), _masks(history[5], "rigl")  # Update at stage step 4.
+  mu = optax.tree_utils.tree_get(history[5].opt_state, "mu")
+  changed = False
+  for name in before:
+    assert before[name].sum() == after[name].sum()  # Exact per-matrix density.
+    grown = np.asarray(after[name] & ~before[name])
+    changed |= grown.any()
+    assert not np.any(np.asarray(selection.get(mu, name))[grown])  # Moments reset.
+    assert not np.any(np.asarray(selection.get(history[5].params, name))[grown])  # At zero.
+  assert changed
+  for step in (1, 2, 3, 4):  # No update between the update steps.
+    for name in before:
+      np.testing.assert_array_equal(_masks(history[step], "rigl")[name], before[name])
+
+
+def test_densify_keeps_the_function_and_the_dense_stage_trains_the_pruned_weights(
+    small_text_file):
+  sparse = _stage(small_text_file, 3, methods=(nm_sparsity(),))
+  state, _ = _train(sparse, 3)
+  dense_stage = dataclasses.replace(sparse, methods=(), transition=("densify",))
+  handed = densify(state, TransitionContext(sparse, dense_stage, jax.random.key(0)))
+  tokens = _batch(sparse)["inputs"]
+  masked_params = sparse.methods[0].params_for_loss(state.params, state.method_state[
+      "nm_sparsity"], 0)
+  np.testing.assert_array_equal(forward(handed.params, sparse.model, tokens),
+                                forward(masked_params, sparse.model, tokens))
+  w = selection.get(handed.params, "layer_0/mlp/up")
+  assert np.count_nonzero(w) == w.size // 2
+
+
+def test_masks_shard_like_their_params(small_text_file):
+  stage = _stage(small_text_file, 2, methods=(static_sparsity(),))
+  mesh, rules = _mesh_and_rules()
+  shardings = state_shardings(stage, mesh, rules)
+  masks = shardings.method_state["static_sparsity"]["masks"]
+  assert len(masks) == 2 * 7
+  for name, sharding in masks.items():
+    assert sharding.spec == selection.get(shardings.params, name).spec
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: static_sparsity(density=1.5), "static_sparsity.density=1.5 must be in (0, 1]"),
+    (lambda: static_sparsity(density=0.0), "must be in (0, 1]"),
+    (lambda: nm_sparsity(n=4, m=2), "1 <= N <= M, got N=4, M=2"),
+    (lambda: gradual_pruning(start_fraction=0.8, end_fraction=0.5),
+     "the schedule ends before it starts"),
+    (lambda: rigl(grow="sideways"), "rigl.grow='sideways'"),
+])
+def test_bad_sparsity_settings_are_one_line(make, message):
+  with pytest.raises(UserError) as error:
+    make()
+  assert message in str(error.value).splitlines()[0]
+
+
+@pytest.mark.parametrize("method,message", [
+    (lambda: nm_sparsity(n=2, m=5), "M=5 does not divide the input dimension 64"),
+    (lambda: static_sparsity(patterns=[r"layer_\d+/mlp/upp"]), "matches no parameter"),
+])
+def test_bad_sparsity_for_the_model_is_refused_before_training(small_text_file, method, message):
+  from jaxlm.train_step import abstract_state  # pylint: disable=import-outside-toplevel
+  with pytest.raises(UserError) as error:
+    abstract_state(_stage(small_text_file, 2, methods=(method(),)))
+  assert message in str(error.value).splitlines()[0]
+
+
+# --- Killed and resumed through the CLI -------------------------------------------------------
+
+RIGL_GIN = """
+run.stages = [@sparse/Stage()]
+sparse/Stage.num_steps = 12
+Stage.methods = [@rigl()]
+rigl.update_every = 4
+rigl.end_fraction = 1.0
+"""
+
+
+@pytest.fixture(scope="module")
+def rigl_reference(tmp_path_factory):
+  """A 12-step RigL run (mask updates at stage steps 4 and 8, checkpoints every 2)."""
+  import textwrap  # pylint: disable=import-outside-toplevel
+  from test_stage_methods import _toy_args  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("rigl")
+  corpus, gin_file = root / "corpus.txt", root / "rigl.gin"
+  corpus.write_text(open(textwrap.__file__, encoding="utf-8").read(), encoding="utf-8")
+  gin_file.write_text(RIGL_GIN, encoding="utf-8")
+  done = subprocess.run(_toy_args(root / "reference", corpus, gin_file),
+                        capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+  assert done.returncode == 0, done.stderr[-2000:]
+  return root, corpus, gin_file
+
+
+@pytest.mark.slow  # A minute of subprocesses per kill point; .ci/run runs the slow tests.
+@pytest.mark.parametrize("kill_after", [5, 7], ids=["right_after_an_update", "between_updates"])
+def test_a_sparse_run_killed_mid_way_resumes_bitwise(rigl_reference, monkeypatch, kill_after):
+  """Killed once step `kill_after` is logged: step 5 holds the mask update of stage step 4, the
+  resume point is the last checkpoint (every 2 steps) at or before the kill."""
+  from test_fault_tolerance import _raw_state, _start_and_wait_for  # pylint: disable=import-outside-toplevel
+  from test_stage_methods import _toy_args  # pylint: disable=import-outside-toplevel
+  from jaxlm.tree_names import flatten_names  # pylint: disable=import-outside-toplevel
+  root, corpus, gin_file = rigl_reference
+  monkeypatch.chdir(REPO_ROOT)
+  killed = root / f"killed_{kill_after}"
+  process = _start_and_wait_for(_toy_args(killed, corpus, gin_file), killed, kill_after)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  resumed = subprocess.run(_toy_args(killed, corpus, gin_file), capture_output=True, text=True,
+                           timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "resuming from step" in resumed.stderr
+  want, got = _raw_state(root / "reference", 12), _raw_state(killed, 12)
+  assert set(got["method_state"]) == {"rigl"}
+  for name, value in flatten_names(want).items():
+    np.testing.assert_array_equal(flatten_names(got)[name], value, err_msg=name)
