@@ -78,6 +78,7 @@ def test_loss_trajectory_is_the_same_on_single_axis_and_uneven_meshes(tmp_path, 
     np.testing.assert_allclose(losses, reference, rtol=RTOL, err_msg=name)
 
 
+@pytest.mark.slow  # Half a minute; the default suite must stay under 15 minutes (.ci/run runs it).
 def test_two_processes_give_the_same_losses_as_one_process_with_four_devices(tmp_path, small_text_file):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

@@ -272,3 +272,21 @@ def test_a_sparse_run_killed_mid_way_resumes_bitwise(rigl_reference, monkeypatch
   assert set(got["method_state"]) == {"rigl"}
   for name, value in flatten_names(want).items():
     np.testing.assert_array_equal(flatten_names(got)[name], value, err_msg=name)
+
+
+@pytest.mark.slow  # Two 8-device subprocess runs; .ci/run runs the slow tests.
+def test_sparse_training_is_the_same_on_8_devices(tmp_path, small_text_file):
+  """Masks placed like their params on a 2x2x2 mesh (FSDP and tensor splits): the same losses
+  as on one device, for a static mask and for RigL's mask update (its top-k on sharded
+  matrices)."""
+  from test_parallel import _mesh_flags, _result, _run_worker  # pylint: disable=import-outside-toplevel
+  runs = {"static": ["--gin.Stage.methods=[@static_sparsity()]"],
+          "rigl": ["--gin.Stage.methods=[@rigl()]", "--gin.rigl.update_every=5"]}
+  one = _run_worker(tmp_path / "one", small_text_file, 1,
+                    {k: v + _mesh_flags(1, 1, 1) for k, v in runs.items()})
+  eight = _run_worker(tmp_path / "eight", small_text_file, 8,
+                      {k: v + _mesh_flags(2, 2, 2) for k, v in runs.items()})
+  single, many = _result(one), _result(eight)
+  for name in runs:
+    assert len(single[name]) == 20
+    np.testing.assert_allclose(many[name], single[name], rtol=1e-5, err_msg=name)
