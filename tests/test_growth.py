@@ -369,3 +369,30 @@ def test_grown_params_carry_their_logical_axes_and_train_sharded_on_8_devices(
   for name in ("grow", "msg"):
     assert len(single[name]) == 10
     np.testing.assert_allclose(many[name], single[name], rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.slow  # Two trainer runs; .ci/run runs the slow tests.
+def test_growth_from_another_runs_checkpoint_through_a_load_stage(tmp_path, small_text_file):
+  """Another run's small model is restored by a one-step "load" stage at learning rate 0 (its
+  params pass unchanged), then grown by identity insertion: the large stage starts at exactly
+  the other run's final evaluation."""
+  import gin  # pylint: disable=import-outside-toplevel
+  from jaxlm.optim.schedules import warmup_constant  # pylint: disable=import-outside-toplevel
+  from jaxlm.restore import RestoreConfig  # pylint: disable=import-outside-toplevel
+  from test_fault_tolerance import _records  # pylint: disable=import-outside-toplevel
+  from test_trainer import TINY  # pylint: disable=import-outside-toplevel
+  trainer.run(str(tmp_path / "small"), [_stage(small_text_file, 4, model=TINY)], trainer=QUIET,
+              evaluation=EvalConfig(every=100))
+  load = _stage(small_text_file, 1, name="load", model=TINY,
+                restore_from=RestoreConfig(str(tmp_path / "small")),
+                schedule=lambda n: warmup_constant(n, peak_lr=1e-3, warmup_steps=1))
+  deep = _stage(small_text_file, 2, name="deep", model=dataclasses.replace(TINY, num_layers=4),
+                transition="grow_depth")
+  with gin.unlock_config():
+    gin.bind_parameter("grow_depth.zero_copies", True)
+  trainer.run(str(tmp_path / "grown"), [load, deep], trainer=QUIET,
+              evaluation=EvalConfig(every=100))
+  small_final = [r["eval/loss"] for r in _records(tmp_path / "small") if "eval/loss" in r][-1]
+  grown = [(r["step"], r["eval/loss"]) for r in _records(tmp_path / "grown") if "eval/loss" in r]
+  assert [step for step, _ in grown] == [0, 1, 1, 3]
+  assert grown[0][1] == grown[1][1] == grown[2][1] == small_final

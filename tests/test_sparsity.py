@@ -111,6 +111,8 @@ def test_static_masks_hold_exact_density_and_zeros_after_100_updates(small_text_
   zeros = total - sum(densities[0].values())
   assert metrics["train/static_sparsity/flops_saved_per_token"] == 6.0 * zeros
   assert metrics["train/static_sparsity/mask_bytes"] == total
+  assert metrics["train/static_sparsity/param_bytes"] == 4 * sum(
+      x.size for x in jax.tree.leaves(state.params))
 
 
 def test_nm_sparsity_is_exactly_n_of_m_after_every_step_with_sr_ste(small_text_file):

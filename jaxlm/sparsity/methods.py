@@ -16,7 +16,8 @@ pruned weights start at zero and train.
 
 Metrics (train/<method>/...): density overall and per matrix, non-zero parameters of the whole
 model now and averaged over the stage's steps so far (n_avg, the parameter count of "The Journey
-Matters"' law), the bytes the masks hold, and the matmul FLOPs per token the zeros would save
+Matters"' law), the bytes the params and the masks hold, and the matmul FLOPs per token the
+zeros would save
 (6 x masked zeros). The ledger's total/flops stays dense-equivalent: dense CPU and GPU kernels
 are not faster on unstructured zeros (2:4 needs sparse tensor cores to be).
 """
@@ -131,6 +132,7 @@ def sparse_method(name: str, patterns, init_masks, update=None, mode: str = "mas
     kept = sum(jnp.sum(m) for m in masks.values())
     out = {"density": kept / total, "nonzero_params": count_params(state.params) - (total - kept),
            "n_avg": own["n_avg"], "mask_bytes": float(sum(m.nbytes for m in masks.values())),
+           "param_bytes": float(sum(p.nbytes for p in jax.tree.leaves(state.params))),
            "flops_saved_per_token": 6.0 * (total - kept)}
     out.update({f"density/{n}": jnp.mean(m) for n, m in masks.items()})
     return out
