@@ -30,11 +30,9 @@ _WRITES = {
 NORM_SCALE = "scale"
 
 
-def side_of(weight: str, axis: str, tied_embeddings: bool = False) -> str:
-  """'write' or 'read' for `axis` of the weight named `weight`. A tied embedding table is both
-  (it is read as the output head); callers growing `embed` with copies refuse that case."""
-  if weight == "embedding" and tied_embeddings:
-    return "both"
+def side_of(weight: str, axis: str) -> str:
+  """'write' or 'read' for `axis` of the weight named `weight`. A tied embedding table is also
+  read (as the output head): width.check_width refuses growing it with copies."""
   return "write" if axis in _WRITES.get(weight, ()) else "read"
 
 

@@ -33,20 +33,13 @@ import optax
 
 from jaxlm.errors import UserError
 from jaxlm.growth.depth import depth_sources
-from jaxlm.growth.transitions import num_layers_of
+from jaxlm.growth.transitions import sizes_of
 from jaxlm.methods.hooks import Method
 from jaxlm.model import ModelConfig, init_params, logical_axes
 from jaxlm.stages import TransitionContext, register_transition
 
 NAME = "ligo"
 WIDTH_AXES = ("embed", "mlp", "heads", "kv_heads")
-
-
-def sizes_of(params) -> dict[str, int]:
-  layer = params["layer_0"]
-  return {"embed": layer["mlp"]["up"].shape[0], "mlp": layer["mlp"]["up"].shape[1],
-          "heads": layer["attention"]["query"].shape[1],
-          "kv_heads": layer["attention"]["key"].shape[1], "layers": num_layers_of(params)}
 
 
 def init_operator(small: dict, large: dict, small_layer, rng, noise_std: float | None,

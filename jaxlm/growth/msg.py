@@ -31,7 +31,7 @@ import numpy as np
 
 from jaxlm.errors import UserError
 from jaxlm.growth.axis_maps import AxisMap
-from jaxlm.growth.transitions import num_layers_of
+from jaxlm.growth.transitions import sizes_of
 from jaxlm.growth.width import grow_tree, width_maps
 from jaxlm.methods.hooks import Method
 from jaxlm.model import init_params, logical_axes
@@ -40,13 +40,6 @@ from jaxlm.tree_names import map_param_shaped
 
 PHASES = ("mlp", "embed", "heads", "layers")
 NAME = "msg"
-
-
-def _sizes(params) -> dict[str, int]:
-  """The large model's size along each growable structure, read from its params."""
-  layer = params["layer_0"]
-  return {"mlp": layer["mlp"]["up"].shape[1], "embed": layer["mlp"]["up"].shape[0],
-          "heads": layer["attention"]["query"].shape[1], "layers": num_layers_of(params)}
 
 
 def mask_values(new: dict, step, ramp_steps: int, phases: tuple[str, ...]) -> dict:
@@ -100,7 +93,7 @@ def msg(ramp_steps: int = 50, phases=PHASES) -> Method:
 
   def init(params, rng):  # Nothing new until the msg_grow transition says what is.
     del rng
-    sizes = _sizes(params)
+    sizes = sizes_of(params)
     return _new_flags(sizes, sizes)
 
   def params_for_loss(params, state, step):
@@ -138,7 +131,7 @@ def msg_grow(state, ctx: TransitionContext):
                     {k: v for k, v in fresh.items() if k in state.params}, d_model="copy")
   params = {**fresh, **grown}  # Layers beyond the small depth: fresh, masked to identity.
   flags = _new_flags({"mlp": small.mlp_dim, "embed": small.d_model, "heads": small.num_heads,
-                      "layers": small.num_layers}, _sizes(params))
+                      "layers": small.num_layers}, sizes_of(params))
 
   def grow_moments(tree):  # Kept when the stage keeps its optimizer state: new entries zero.
     wide_tree = grow_tree(tree, logical_axes(wide), maps, moments=True)

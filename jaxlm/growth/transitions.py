@@ -27,6 +27,14 @@ def num_layers_of(params) -> int:
   return sum(1 for k in params if k.startswith("layer_"))
 
 
+def sizes_of(params) -> dict[str, int]:
+  """A model's size along each growable structure, read from its params."""
+  layer = params["layer_0"]
+  return {"embed": layer["mlp"]["up"].shape[0], "mlp": layer["mlp"]["up"].shape[1],
+          "heads": layer["attention"]["query"].shape[1],
+          "kv_heads": layer["attention"]["key"].shape[1], "layers": num_layers_of(params)}
+
+
 def _current_small(ctx: TransitionContext, params):
   """The previous stage's model at the depth `params` has now (after earlier transitions)."""
   return dataclasses.replace(ctx.previous.model, num_layers=num_layers_of(params))
