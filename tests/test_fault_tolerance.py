@@ -162,8 +162,8 @@ def _biggest_file(directory):
   return max(files, key=os.path.getsize)
 
 
-@pytest.mark.parametrize("damage", ["truncate_array_file",
-                                    pytest.param("delete_meta_item", marks=pytest.mark.slow)])
+@pytest.mark.slow  # Default suite under 15 minutes; .ci/run runs the slow tests.
+@pytest.mark.parametrize("damage", ["truncate_array_file", "delete_meta_item"])
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, small_text_file,
                                                                  caplog, damage):
   model_dir = tmp_path / "run"
@@ -327,6 +327,7 @@ def test_keep_policy_keeps_the_last_n_plus_every_kth(tmp_path, small_text_file):
   assert Checkpointer(str(tmp_path / "run")).all_steps() == [4, 8, 10, 12]
 
 
+@pytest.mark.slow  # Default suite under 15 minutes; .ci/run runs the slow tests.
 def test_the_applied_learning_rate_follows_each_stage_schedule_on_the_trainer_step(
     tmp_path, small_text_file, monkeypatch):
   """Issue 12, bug 1: the learning rate set into the optimizer state (and logged) is the stage's

@@ -250,6 +250,7 @@ def _spec_without(spec, dim):
 
 
 @on_eight_devices
+@pytest.mark.slow  # Default suite under 15 minutes; .ci/run runs the slow tests.
 def test_adafactor_factored_moments_keep_their_params_axes_on_the_dims_they_keep(mesh):
   tx, abstract_params, params, abstract_state = _setup(
       mesh, lambda learning_rate: optax.adafactor(learning_rate, min_dim_size_to_factor=8))

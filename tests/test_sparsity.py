@@ -23,7 +23,7 @@ from jaxlm.sparsity.methods import (cubic_density, densify, gradual_pruning, nm_
                                     static_sparsity)
 from jaxlm.sparsity.topk import nm_mask, topk_mask
 from jaxlm.stages import TransitionContext
-from jaxlm.train_step import make_train_step, sharded_init, state_shardings
+from jaxlm.train_step import init_state, make_train_step, sharded_init, state_shardings
 from conftest import REPO_ROOT
 from test_stage_methods import _batch, _mesh_and_rules
 from test_trainer import _stage
@@ -179,7 +179,7 @@ def test_rigl_keeps_each_density_and_resets_the_moments_of_grown_weights(small_t
 def test_densify_keeps_the_function_and_the_dense_stage_trains_the_pruned_weights(
     small_text_file):
   sparse = _stage(small_text_file, 3, methods=(nm_sparsity(),))
-  state, _ = _train(sparse, 3)
+  state = init_state(sparse, jax.random.key(0))  # SR-STE keeps dense weights: a real mask.
   dense_stage = dataclasses.replace(sparse, methods=(), transition=("densify",))
   handed = densify(state, TransitionContext(sparse, dense_stage, jax.random.key(0)))
   tokens = _batch(sparse)["inputs"]
