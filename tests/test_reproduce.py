@@ -36,7 +36,8 @@ def _family(root, corpus):
                            {"arm": "high", "label": "high LR", "paper": {"eval/loss": 9.25}}]}],
       # A report after the arms: a script whose output (here: where the runs are) is quoted.
       "reports": [{"title": "Where the runs are",
-                   "command": ["-c", "import os, sys; print(sorted(os.listdir(sys.argv[1])))",
+                   "command": ["-c", "import os, sys; print(sorted(f for f in os.listdir(sys.argv[1])"
+                                     " if not f.startswith('.')))",
                                "{runs}"]}],
       "notes": "A toy: nothing to reproduce."}
   (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
@@ -75,6 +76,9 @@ def test_a_family_runs_resumably_and_its_table_and_plots_are_regenerated(
   assert "Nobody 2099, Fig. 1" in readme and "A toy: nothing to reproduce." in readme
   assert "![train loss](plots/train_loss.png)" in readme
   assert "**Where the runs are**\n\n['README.md', 'high', 'low', 'note', 'plots']" in readme
+  # The arms shared one compilation cache beside them (unless the caller chose another).
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    assert os.listdir(runs / "toy-quick" / ".jax_cache")
   assert (runs / "toy-quick" / "note" / "note.txt").read_text() == "made"
   assert (runs / "toy-quick" / "plots" / "eval_loss.png").stat().st_size > 1000
 
