@@ -37,7 +37,9 @@ def test_compute_to_target_interpolates_the_crossing_and_reports_the_saving(tmp_
 def test_compute_to_target_bad_input_is_one_line(tmp_path, capsys):
   base = _run(tmp_path / "base", [(0, 0.0, 5.0)])
   assert compute_to_target.main([f"--baseline={base}", "nonsense"]) == 2
-  assert capsys.readouterr().err.strip() == "error: 'nonsense': expected NAME=VALUE"
+  assert capsys.readouterr().err.strip() == "error: 'nonsense': expected NAME=DIR"
+  assert compute_to_target.main([f"--baseline={base}", "--paper=a45", f"a={base}"]) == 2
+  assert capsys.readouterr().err.strip() == "error: --paper item 'a45': expected NAME:PERCENT"
   assert compute_to_target.main([f"--baseline={base}", "--metric=eval/x", f"a={base}"]) == 2
   assert "no eval/x in metrics.jsonl" in capsys.readouterr().err
 
@@ -48,3 +50,5 @@ def test_metric_at_reads_each_column_at_its_step(tmp_path, capsys):
   assert capsys.readouterr().out.splitlines()[2] == "| a | 3.0000 | - |"
   assert metric_at.main(["--at=ten:eval/loss", f"a={run}"]) == 2
   assert "expected STEP:METRIC" in capsys.readouterr().err
+  assert metric_at.main(["--at=10:eval/loss", f"={run}"]) == 2
+  assert capsys.readouterr().err.strip() == f"error: '={run}': expected NAME=DIR"

@@ -16,7 +16,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from plot_runs import PlotError, read_metrics  # noqa: E402  pylint: disable=wrong-import-position
+from plot_runs import PlotError, named_runs, read_metrics  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def crossing(xs: list[float], ys: list[float], target: float) -> float | None:
@@ -57,13 +57,14 @@ def savings_table(baseline: str, runs: dict[str, str], metric: str = "eval/loss"
   return lines
 
 
-def _pairs(text: str, sep: str) -> dict[str, str]:
+def _paper_savings(text: str) -> dict[str, str]:
+  """--paper=NAME:PERCENT,... as {name: 'PERCENT%'}."""
   pairs = {}
-  for item in filter(None, (text or "").split(",")):
-    if sep not in item:
-      raise PlotError(f"{item!r}: expected NAME{sep}VALUE")
-    name, value = item.split(sep, 1)
-    pairs[name] = value
+  for item in filter(None, text.split(",")):
+    name, sep, percent = item.partition(":")
+    if not sep:
+      raise PlotError(f"--paper item {item!r}: expected NAME:PERCENT")
+    pairs[name] = f"{percent}%"
   return pairs
 
 
@@ -76,11 +77,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--paper", default="", help="NAME:PERCENT,... the papers' savings")
   args = parser.parse_args(argv)
   try:
-    runs = {}
-    for item in args.runs:
-      runs.update(_pairs(item, "="))
-    print("\n".join(savings_table(args.baseline, runs, args.metric, args.x,
-                                  {k: f"{v}%" for k, v in _pairs(args.paper, ":").items()})))
+    print("\n".join(savings_table(args.baseline, named_runs(args.runs), args.metric, args.x,
+                                  _paper_savings(args.paper))))
   except PlotError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -13,7 +13,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from plot_runs import PlotError, read_metrics  # noqa: E402  pylint: disable=wrong-import-position
+from plot_runs import PlotError, named_runs, read_metrics  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def value_at(series: dict, metric: str, step: int) -> float | None:
@@ -46,13 +46,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--at", action="append", required=True, help="STEP:METRIC (repeatable)")
   args = parser.parse_args(argv)
   try:
-    runs = {}
-    for item in args.runs:
-      name, sep, run_dir = item.partition("=")
-      if not sep:
-        raise PlotError(f"{item!r}: expected NAME=DIR")
-      runs[name] = run_dir
-    print("\n".join(table(runs, [_column(c) for c in args.at])))
+    print("\n".join(table(named_runs(args.runs), [_column(c) for c in args.at])))
   except PlotError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -93,6 +93,17 @@ def _panels(keys: set[str], prefix: str | None, suffix: str | None,
   return panels
 
 
+def named_runs(items: list[str]) -> dict[str, str]:
+  """NAME=DIR command-line items as {name: dir}, in order (the report tools' run arguments)."""
+  runs = {}
+  for item in items:
+    name, sep, run_dir = item.partition("=")
+    if not sep or not name or not run_dir:
+      raise PlotError(f"{item!r}: expected NAME=DIR")
+    runs[name] = run_dir
+  return runs
+
+
 def plot_runs(run_dirs: list[str], out_dir: str, x: str = "step",
               names: list[str] | None = None) -> list[str]:
   """Writes the PNGs of PLOTS that any run has data for into out_dir; returns their paths."""
