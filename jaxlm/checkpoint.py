@@ -215,3 +215,19 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def find_step(model_dir: str, step: int | None) -> tuple[Checkpointer, int]:
+  """A read-only Checkpointer on model_dir and the step to read (its newest if None)."""
+  if not os.path.isdir(os.path.join(model_dir, "checkpoints")):
+    raise UserError(f"{model_dir!r} has no checkpoints/ folder; give the MODEL_DIR of a run "
+                    "that has saved a checkpoint")
+  checkpointer = Checkpointer(model_dir, read_only=True)
+  steps = checkpointer.all_steps()
+  chosen = steps[-1] if step is None and steps else step
+  if chosen is None or chosen not in steps:
+    checkpointer.close()
+    raise UserError(f"no checkpoint at step {step} in {model_dir!r}; it has "
+                    f"{steps or 'none yet'}" if step is not None else
+                    f"{model_dir!r} has no checkpoint yet; train it first")
+  return checkpointer, chosen

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxlm.checkpoint import Checkpointer
+from jaxlm.checkpoint import find_step
 from jaxlm.errors import UserError
 from jaxlm.interop import hf_import, load_hf_config
 from jaxlm.tree_names import flatten_names, path_name
@@ -102,13 +102,8 @@ class _RunSource:
       raise UserError(f"cannot restore from {config.path!r}: it has no checkpoints/ folder (nor "
                       "config.json); set RestoreConfig.path to another run's MODEL_DIR or a "
                       "Hugging Face model directory")
-    self._checkpointer = Checkpointer(config.path, read_only=True)
-    step = config.step if config.step is not None else self._checkpointer.latest_step()
-    steps = self._checkpointer.all_steps()
-    if step is None or step not in steps:
-      self._checkpointer.close()
-      raise UserError(f"no checkpoint at step {config.step} in {config.path!r}; it has {steps}")
-    self.step, self.shapes, self._tensors = step, self._checkpointer.saved_shapes(step), None
+    self._checkpointer, self.step = find_step(config.path, config.step)
+    self.shapes, self._tensors = self._checkpointer.saved_shapes(self.step), None
 
   def data_position(self) -> tuple[dict[str, int], int]:
     """(rows of each source drawn before the checkpoint's stage, steps into that stage); at the

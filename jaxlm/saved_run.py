@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from jaxlm import gin_config, parallel
-from jaxlm.checkpoint import Checkpointer, restore_saved_part
+from jaxlm.checkpoint import Checkpointer, find_step, restore_saved_part
 from jaxlm.data.tokenizers import resolve_tokenizer
 from jaxlm.errors import UserError
 from jaxlm.eval_schedule import EvalConfig
@@ -75,22 +75,6 @@ class SavedLeaf:
     for key in self.path:
       value = value[key]
     return np.asarray(jax.device_get(value), dtype=dtype)
-
-
-def find_step(model_dir: str, step: int | None) -> tuple[Checkpointer, int]:
-  """A read-only Checkpointer on model_dir and the step to read (its newest if None)."""
-  if not os.path.isdir(os.path.join(model_dir, "checkpoints")):
-    raise UserError(f"{model_dir!r} has no checkpoints/ folder; give the MODEL_DIR of a run "
-                    "that has saved a checkpoint")
-  checkpointer = Checkpointer(model_dir, read_only=True)
-  steps = checkpointer.all_steps()
-  chosen = steps[-1] if step is None and steps else step
-  if chosen is None or chosen not in steps:
-    checkpointer.close()
-    raise UserError(f"no checkpoint at step {step} in {model_dir!r}; it has "
-                    f"{steps or 'none yet'}" if step is not None else
-                    f"{model_dir!r} has no checkpoint yet; train it first")
-  return checkpointer, chosen
 
 
 def _restore_params(checkpointer: Checkpointer, step: int, abstract, params_for_eval):
