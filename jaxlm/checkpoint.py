@@ -14,6 +14,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
@@ -74,16 +75,32 @@ def _first_line(error: Exception) -> str:
   return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def restore_saved_part(directory: str, step: int, target: dict):
+def restore_saved_part(directory: str, step: int, target: dict, on_host: bool = False):
   """The parts of the state saved at checkpoints/`step` that `target` names (see
-  Checkpointer.restore_part); needs no CheckpointManager, so one tensor can be read at a time."""
+  Checkpointer.restore_part); needs no CheckpointManager, so one tensor can be read at a time.
+  on_host: as numpy arrays in this process (every process reads its own copy), not onto the
+  shardings of `target`'s leaves."""
   restore_args = jax.tree.map(
-      lambda leaf: ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape,
-                                        dtype=leaf.dtype), target)
+      lambda leaf: ocp.RestoreArgs(restore_type=np.ndarray) if on_host else
+      ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape, dtype=leaf.dtype),
+      target)
   with ocp.PyTreeCheckpointer() as checkpointer:
     return checkpointer.restore(
         os.path.join(directory, str(step), "state"),
         args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
+
+
+def restore_saved_leaf(directory: str, step: int, path: tuple[str, ...], abstract,
+                       on_host: bool = False):
+  """One saved tensor, read alone: `path` is its keys from the state's root (("params",
+  "layer_0", "mlp", "up"); dict keys only), `abstract` its ShapeDtypeStruct."""
+  target = abstract
+  for key in reversed(path):
+    target = {key: target}
+  value = restore_saved_part(directory, step, target, on_host)
+  for key in path:
+    value = value[key]
+  return value
 
 
 class Checkpointer:
@@ -136,10 +153,16 @@ class Checkpointer:
   def restore_meta(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
+  def saved_leaves(self, step: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """{"params/embed/embedding": its shape and dtype, ...} of the saved state, from its
+    metadata only."""
+    tree = self._manager.item_metadata(step)["state"]
+    return {name: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype)
+            for name, leaf in flatten_names(tree).items()}
+
   def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
     """{"params/embed/embedding": shape, ...} of the saved state, from its metadata only."""
-    tree = self._manager.item_metadata(step)["state"]
-    return {name: tuple(leaf.shape) for name, leaf in flatten_names(tree).items()}
+    return {name: leaf.shape for name, leaf in self.saved_leaves(step).items()}
 
   def restore_state(self, step: int, target=None):
     """Restore into `target`'s structure, shapes and shardings (ShapeDtypeStructs), or, with no

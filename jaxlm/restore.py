@@ -28,7 +28,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxlm.checkpoint import find_step
+from jaxlm.checkpoint import find_step, restore_saved_leaf
 from jaxlm.errors import UserError
 from jaxlm.interop import hf_import, load_hf_config
 from jaxlm.tree_names import flatten_names, path_name
@@ -103,7 +103,9 @@ class _RunSource:
                       "config.json); set RestoreConfig.path to another run's MODEL_DIR or a "
                       "Hugging Face model directory")
     self._checkpointer, self.step = find_step(config.path, config.step)
-    self.shapes, self._tensors = self._checkpointer.saved_shapes(self.step), None
+    self._leaves = self._checkpointer.saved_leaves(self.step)
+    self.shapes = {name: leaf.shape for name, leaf in self._leaves.items()}
+    self._whole = None  # The whole saved state, read only if a non-param tensor is asked for.
 
   def data_position(self) -> tuple[dict[str, int], int]:
     """(rows of each source drawn before the checkpoint's stage, steps into that stage); at the
@@ -118,9 +120,15 @@ class _RunSource:
     return None if value is None else float(value)
 
   def read(self, name: str) -> np.ndarray:
-    if self._tensors is None:
-      self._tensors = flatten_names(self._checkpointer.restore_state(self.step))
-    return np.asarray(self._tensors[name])
+    """A param is read alone (a weights-only restore never holds the source's optimizer
+    state); optimizer state, whose saved tree has lists, comes from one whole restore."""
+    if name.startswith("params/"):
+      return np.asarray(restore_saved_leaf(self._checkpointer.directory, self.step,
+                                           tuple(name.split("/")), self._leaves[name],
+                                           on_host=True))
+    if self._whole is None:
+      self._whole = flatten_names(self._checkpointer.restore_state(self.step))
+    return np.asarray(self._whole[name])
 
   def close(self) -> None:
     self._checkpointer.close()

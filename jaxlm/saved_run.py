@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from jaxlm import gin_config, parallel
-from jaxlm.checkpoint import Checkpointer, find_step, restore_saved_part
+from jaxlm.checkpoint import Checkpointer, find_step, restore_saved_leaf
 from jaxlm.data.tokenizers import resolve_tokenizer
 from jaxlm.errors import UserError
 from jaxlm.eval_schedule import EvalConfig
@@ -68,12 +68,7 @@ class SavedLeaf:
 
   def __array__(self, dtype=None, copy=None):
     del copy  # A fresh array every time.
-    target = self.abstract
-    for key in reversed(self.path):
-      target = {key: target}
-    value = restore_saved_part(self.directory, self.step, {"params": target})["params"]
-    for key in self.path:
-      value = value[key]
+    value = restore_saved_leaf(self.directory, self.step, ("params", *self.path), self.abstract)
     return np.asarray(jax.device_get(value), dtype=dtype)
 
 

@@ -251,7 +251,8 @@ def test_a_skipped_step_leaves_params_and_optimizer_state_untouched(small_text_f
 
 
 def test_restore_with_an_assignment_map_into_a_model_with_one_extra_layer(tmp_path,
-                                                                          small_text_file):
+                                                                          small_text_file,
+                                                                          monkeypatch):
   source_dir = tmp_path / "source"
   trainer.run(str(source_dir), [_stage(small_text_file, 4)], trainer=QUIET)
   source = _raw_params(source_dir, 4)
@@ -263,9 +264,14 @@ def test_restore_with_an_assignment_map_into_a_model_with_one_extra_layer(tmp_pa
                        jax.random.key(7))
   fresh_params = jax.device_get(fresh.params)
 
-  # Default map: same names load, the new layer_2 stays freshly initialised.
-  restored, report = restore_into(RestoreConfig(path=str(source_dir)), fresh,
-                                  stage.make_optimizer(), str(tmp_path))
+  # Default map: same names load, the new layer_2 stays freshly initialised. Weights only: each
+  # param is read alone, never the source's whole state with its optimizer moments.
+  def whole_state_read(*_):
+    raise AssertionError("a weights-only restore read the whole source state")
+  with monkeypatch.context() as patch:
+    patch.setattr(Checkpointer, "restore_state", whole_state_read)
+    restored, report = restore_into(RestoreConfig(path=str(source_dir)), fresh,
+                                    stage.make_optimizer(), str(tmp_path))
   params = jax.device_get(restored.params)
   for name in ("layer_0", "layer_1", "embed", "lm_head", "final_norm"):
     jax.tree.map(np.testing.assert_array_equal, params[name], source[name])
