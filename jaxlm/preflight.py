@@ -52,8 +52,9 @@ class ResumePoint:
 
 @dataclasses.dataclass
 class Plan:
-  """What the checks found: which stage trains first, and its data. (The restore finds the
-  checkpoint again, and sets aside any newer one that does not read.)"""
+  """What the checks found: every stage's schedule, which stage trains first, and its data.
+  (The restore finds the checkpoint again, and sets aside any newer one that does not read.)"""
+  schedules: list  # Each stage's, given where the one before it (or its restored run) ended.
   first_stage: int | None  # None: every stage is already done.
   datasets: Datasets | None  # Built for `first_stage`.
   rows_before: dict[str, int] | None = None  # Rows of each source drawn before `first_stage`.
@@ -68,7 +69,7 @@ def preflight(model_dir: str, stages: list[Stage], microbatches: int, mesh, rule
   for stage, state in zip(stages, states):
     check_stage(stage, state, microbatches, mesh, rules, eval_domains)
   check_transitions(stages, states)
-  stage_schedules(stages, stage_source_learning_rate)  # Given where the one before it ends.
+  schedules = stage_schedules(stages, stage_source_learning_rate)
   check_model_dir(model_dir, max(_tree_bytes(state) for state in states))
   resume = find_resume_point(model_dir, stages)
   starts = stage_starts(stages)
@@ -76,7 +77,7 @@ def preflight(model_dir: str, stages: list[Stage], microbatches: int, mesh, rule
   if resume is not None and resume.step >= starts[first] + stages[first].num_steps:
     first += 1  # The checkpoint ends its stage; the next one starts from it.
   if first >= len(stages):
-    return Plan(None, None)
+    return Plan(schedules, None, None)
   rows_before = {}  # The data position of every source, as the checkpoint record kept it.
   if resume is not None:
     data = resume.meta.get("data", {})
@@ -84,7 +85,8 @@ def preflight(model_dir: str, stages: list[Stage], microbatches: int, mesh, rule
                            "rows_after_stage", {})
   elif stages[0].restore_from is not None and stages[0].restore_from.continue_data:
     rows_before = branched_data_position(stages[0])
-  return Plan(first, build_stage_data(stages[first], rows_before, eval_domains), rows_before)
+  return Plan(schedules, first, build_stage_data(stages[first], rows_before, eval_domains),
+              rows_before)
 
 
 def branched_data_position(stage: Stage) -> dict[str, int]:

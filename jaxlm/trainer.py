@@ -26,9 +26,8 @@ from jaxlm.eval_schedule import EvalConfig, forgetting
 from jaxlm.ledger import ComputeLedger
 from jaxlm.metrics import PROGRESS_MODES, MetricsWriter, Progress
 from jaxlm.preemption import PreemptionGuard
-from jaxlm.restore import stage_source_learning_rate
 from jaxlm.stage_setup import StageSetup, build_stage, describe, first_state
-from jaxlm.stages import Stage, stage_schedules, stage_starts
+from jaxlm.stages import Stage, stage_starts
 from jaxlm.train_step import TrainState, all_finite, sharded_abstract_state, state_shardings
 from jaxlm.validation import check_choice, check_field_types, check_range
 
@@ -104,8 +103,7 @@ class Trainer:
     self.rules_label = mesh_config.rules if isinstance(mesh_config.rules, str) else self.rules
     self.batch_sharding = parallel.batch_sharding(self.mesh, self.rules)
     self.starts = stage_starts(self.stages)
-    # Each re-warms from where the last ended (or the run it restores from was).
-    self.schedules = stage_schedules(self.stages, stage_source_learning_rate)
+    self.schedules = None  # The pre-flight's (Plan.schedules), set by open().
     self.total_steps = self.starts[-1] + self.stages[-1].num_steps
     self.checkpointer = None  # Opened after the pre-flight checks (it creates checkpoints/).
     self.writer = None  # Opened once the resume step is known.
@@ -133,7 +131,7 @@ class Trainer:
 
   def open(self, plan: preflight.Plan) -> None:
     """After the pre-flight checks: the first writes to MODEL_DIR."""
-    self.plan = plan
+    self.plan, self.schedules = plan, plan.schedules
     config = self.config
     log.info("mesh %s over %d devices (%d processes), rules %s",
              dict(self.mesh.shape), self.mesh.size, jax.process_count(), self.rules_label)
@@ -260,10 +258,8 @@ class Trainer:
     self.checkpointer.save(step, state, force=force, meta={
         "step": step, "stage_index": setup.index, "stage_name": setup.stage.name,
         "seed": self.seed, "learning_rate": float(self.schedules[setup.index](step - setup.start)),
-        "data": {"stage_step": step - setup.start,
-                                    "stage_steps": setup.stage.num_steps,
-                                    "rows_before_stage": self.rows_before,
-                                    "rows_after_stage": self.rows_after},
+        "data": {"stage_step": step - setup.start, "stage_steps": setup.stage.num_steps,
+                 "rows_before_stage": self.rows_before, "rows_after_stage": self.rows_after},
         "skipped_steps": self.nonfinite.skipped, "ledger": self.ledger.record(),
         "eval_baseline": self.baseline, "gin_config": gin.operative_config_str()})
     self.last_saved_step = step
