@@ -16,7 +16,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from plot_runs import PlotError, named_runs, read_metrics  # noqa: E402  pylint: disable=wrong-import-position
+from plot_runs import PlotError, named_runs, print_report, read_metrics  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def crossing(xs: list[float], ys: list[float], target: float) -> float | None:
@@ -76,13 +76,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--x", default="flops", choices=("flops", "tokens"))
   parser.add_argument("--paper", default="", help="NAME:PERCENT,... the papers' savings")
   args = parser.parse_args(argv)
-  try:
-    print("\n".join(savings_table(args.baseline, named_runs(args.runs), args.metric, args.x,
-                                  _paper_savings(args.paper))))
-  except PlotError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  return print_report(lambda: savings_table(args.baseline, named_runs(args.runs), args.metric,
+                                            args.x, _paper_savings(args.paper)))
 
 
 if __name__ == "__main__":

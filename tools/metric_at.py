@@ -13,7 +13,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from plot_runs import PlotError, named_runs, read_metrics  # noqa: E402  pylint: disable=wrong-import-position
+from plot_runs import PlotError, named_runs, print_report, read_metrics  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def value_at(series: dict, metric: str, step: int) -> float | None:
@@ -45,12 +45,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("runs", nargs="+", help="NAME=DIR for each run")
   parser.add_argument("--at", action="append", required=True, help="STEP:METRIC (repeatable)")
   args = parser.parse_args(argv)
-  try:
-    print("\n".join(table(named_runs(args.runs), [_column(c) for c in args.at])))
-  except PlotError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  return print_report(lambda: table(named_runs(args.runs), [_column(c) for c in args.at]))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import sys
+from typing import Callable
 
 X_KEYS = {"step": "step", "tokens": "total/tokens", "flops": "total/flops"}
 X_LABELS = {"step": "step", "tokens": "tokens", "flops": "FLOPs"}
@@ -102,6 +103,16 @@ def named_runs(items: list[str]) -> dict[str, str]:
       raise PlotError(f"{item!r}: expected NAME=DIR")
     runs[name] = run_dir
   return runs
+
+
+def print_report(make_lines: Callable[[], list[str]]) -> int:
+  """A report tool's main: prints the lines, or a PlotError as one line on stderr (exit 2)."""
+  try:
+    print("\n".join(make_lines()))
+  except PlotError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
 
 
 def plot_runs(run_dirs: list[str], out_dir: str, x: str = "step",

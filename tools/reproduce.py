@@ -220,12 +220,9 @@ def run_report(report: dict, runs: str, plots_dir: str) -> tuple[str, list[str]]
 def wall_seconds(family_runs: str, arms) -> float | None:
   """The arms' summed training time (done.json), None unless every training arm recorded it."""
   total = 0.0
-  for arm in arms:
-    done = os.path.join(family_runs, arm.name, "done.json")
-    if not arm.gin:
-      continue
+  for arm in (a for a in arms if a.gin):
     try:
-      with open(done, encoding="utf-8") as f:
+      with open(os.path.join(family_runs, arm.name, "done.json"), encoding="utf-8") as f:
         total += float(json.load(f)["reproduce/wall_seconds"])
     except (OSError, ValueError, KeyError):
       return None
