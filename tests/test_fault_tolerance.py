@@ -68,6 +68,29 @@ def _start_and_wait_for(args, model_dir, step):
   return process
 
 
+def _kill_once_logged(args, model_dir, step):
+  """Starts the run and SIGKILLs it once `step` is logged; returns the dead process."""
+  process = _start_and_wait_for(args, model_dir, step)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  return process
+
+
+def _resume(args):
+  """Runs `args` to the end, which must resume from a checkpoint."""
+  resumed = subprocess.run(args, capture_output=True, text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "resuming from step" in resumed.stderr
+
+
+def _assert_same_saved_state(reference, other, step):
+  """The two runs' checkpoints at `step` are bitwise equal, tensor by tensor; returns other's."""
+  want, got = _raw_state(reference, step), _raw_state(other, step)
+  for name, value in flatten_names(want).items():
+    np.testing.assert_array_equal(flatten_names(got)[name], value, err_msg=name)
+  return got
+
+
 def _raw_state(model_dir, step):
   """The saved train state as nested dicts and lists (restored without a target)."""
   checkpointer = Checkpointer(str(model_dir), read_only=True)
@@ -105,17 +128,12 @@ def test_kill_9_at_a_random_step_then_resume_is_bitwise_identical(tmp_path, refe
   reference, corpus = reference_run
   kill_at = int(np.random.default_rng(seed).integers(3, STEPS // 2))
   model_dir = tmp_path / "run"
-  process = _start_and_wait_for(_cli_args(model_dir, corpus), model_dir, kill_at)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
+  process = _kill_once_logged(_cli_args(model_dir, corpus), model_dir, kill_at)
   assert process.returncode == -signal.SIGKILL
   killed_at = _last_logged_step(model_dir)
   assert killed_at < STEPS  # It really died mid-run.
 
-  result = subprocess.run(_cli_args(model_dir, corpus), capture_output=True, text=True,
-                          timeout=300)
-  assert result.returncode == 0, result.stderr[-2000:]
-  assert "resuming from step" in result.stderr
+  _resume(_cli_args(model_dir, corpus))
   jax.tree.map(np.testing.assert_array_equal, _raw_params(reference, STEPS),
                _raw_params(model_dir, STEPS))
   # The log past the resume point is rewritten as if the run had never stopped.

@@ -8,7 +8,6 @@ Tolerance: 1e-5 on logits of magnitude ~1; observed errors are float32 summation
 differences over the wider contractions, below 2e-6 (printed with -s)."""
 
 import dataclasses
-import signal
 import subprocess
 
 import jax
@@ -320,7 +319,7 @@ msg.ramp_steps = 1
 @pytest.mark.slow  # A minute: a subprocess killed and resumed; .ci/run runs the slow tests.
 def test_a_run_killed_just_after_growth_resumes_bitwise(tmp_path, small_text_file, monkeypatch):
   from conftest import REPO_ROOT  # pylint: disable=import-outside-toplevel
-  from test_fault_tolerance import _raw_state, _start_and_wait_for  # pylint: disable=import-outside-toplevel
+  from test_fault_tolerance import _assert_same_saved_state, _kill_once_logged, _resume  # pylint: disable=import-outside-toplevel
   from test_stage_methods import _toy_args  # pylint: disable=import-outside-toplevel
   gin_file = tmp_path / "growth.gin"
   gin_file.write_text(GROWTH_GIN, encoding="utf-8")
@@ -330,17 +329,10 @@ def test_a_run_killed_just_after_growth_resumes_bitwise(tmp_path, small_text_fil
                         text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
   killed = tmp_path / "killed"
-  process = _start_and_wait_for(_toy_args(killed, small_text_file, gin_file), killed, 5)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  resumed = subprocess.run(_toy_args(killed, small_text_file, gin_file), capture_output=True,
-                           text=True, timeout=300)
-  assert resumed.returncode == 0, resumed.stderr[-2000:]
-  assert "resuming from step" in resumed.stderr
-  want, got = _raw_state(reference, 12), _raw_state(killed, 12)
+  _kill_once_logged(_toy_args(killed, small_text_file, gin_file), killed, 5)
+  _resume(_toy_args(killed, small_text_file, gin_file))
+  got = _assert_same_saved_state(reference, killed, 12)
   assert set(got["method_state"]) == {"msg"}
-  for name, value in flatten_names(want).items():
-    np.testing.assert_array_equal(flatten_names(got)[name], value, err_msg=name)
 
 
 @pytest.mark.slow  # A minute (two 4-run subprocesses); .ci/run runs the slow tests.

@@ -5,7 +5,6 @@ bad input is one line each."""
 
 import dataclasses
 import math
-import signal
 import subprocess
 
 import jax
@@ -257,23 +256,15 @@ def rigl_reference(tmp_path_factory):
 def test_a_sparse_run_killed_mid_way_resumes_bitwise(rigl_reference, monkeypatch, kill_after):
   """Killed once step `kill_after` is logged: step 5 holds the mask update of stage step 4, the
   resume point is the last checkpoint (every 2 steps) at or before the kill."""
-  from test_fault_tolerance import _raw_state, _start_and_wait_for  # pylint: disable=import-outside-toplevel
+  from test_fault_tolerance import _assert_same_saved_state, _kill_once_logged, _resume  # pylint: disable=import-outside-toplevel
   from test_stage_methods import _toy_args  # pylint: disable=import-outside-toplevel
-  from jaxlm.tree_names import flatten_names  # pylint: disable=import-outside-toplevel
   root, corpus, gin_file = rigl_reference
   monkeypatch.chdir(REPO_ROOT)
   killed = root / f"killed_{kill_after}"
-  process = _start_and_wait_for(_toy_args(killed, corpus, gin_file), killed, kill_after)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  resumed = subprocess.run(_toy_args(killed, corpus, gin_file), capture_output=True, text=True,
-                           timeout=300)
-  assert resumed.returncode == 0, resumed.stderr[-2000:]
-  assert "resuming from step" in resumed.stderr
-  want, got = _raw_state(root / "reference", 12), _raw_state(killed, 12)
+  _kill_once_logged(_toy_args(killed, corpus, gin_file), killed, kill_after)
+  _resume(_toy_args(killed, corpus, gin_file))
+  got = _assert_same_saved_state(root / "reference", killed, 12)
   assert set(got["method_state"]) == {"rigl"}
-  for name, value in flatten_names(want).items():
-    np.testing.assert_array_equal(flatten_names(got)[name], value, err_msg=name)
 
 
 @pytest.mark.slow  # Two 8-device subprocess runs; .ci/run runs the slow tests.

@@ -6,7 +6,6 @@ auxiliary losses through the micro-batch scan, after-update), the run-level eval
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -29,7 +28,8 @@ from jaxlm.stages import hand_over, register_transition, transition_context
 from jaxlm.train_step import (abstract_state, init_state, make_train_step, sharded_init,
                               state_shardings)
 from jaxlm.tree_names import flatten_names
-from test_fault_tolerance import _last_logged_step, _raw_state, _records, _start_and_wait_for
+from test_fault_tolerance import (_assert_same_saved_state, _kill_once_logged, _last_logged_step,
+                                  _raw_state, _records, _resume)
 from test_trainer import QUIET, TINY, _data, _stage
 
 WIDE = dataclasses.replace(TINY, mlp_dim=256)
@@ -281,15 +281,8 @@ def test_the_toy_method_is_killed_in_its_stage_and_resumes_bitwise(tmp_path, sma
   assert done.returncode == 0, done.stderr[-2000:]
 
   killed = tmp_path / "killed"
-  process = _start_and_wait_for(_toy_args(killed, small_text_file, gin_file), killed, 9)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
+  _kill_once_logged(_toy_args(killed, small_text_file, gin_file), killed, 9)
   assert 4 < _last_logged_step(killed) < 14  # It died in the method's stage.
-  resumed = subprocess.run(_toy_args(killed, small_text_file, gin_file), capture_output=True,
-                           text=True, timeout=300)
-  assert resumed.returncode == 0, resumed.stderr[-2000:]
-  assert "resuming from step" in resumed.stderr
-  want, got = _raw_state(reference, 14), _raw_state(killed, 14)
+  _resume(_toy_args(killed, small_text_file, gin_file))
+  got = _assert_same_saved_state(reference, killed, 14)
   assert toy_method.is_masked_to_zero(got["params"], got["method_state"]["toy_mask"])
-  for name, value in flatten_names(want).items():
-    np.testing.assert_array_equal(flatten_names(got)[name], value, err_msg=name)
