@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import Callable
 
-from jaxlm import gin_config
+from jaxlm import gin_config, gin_usage
 from jaxlm.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -16,6 +16,10 @@ def add_gin_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
   parser.add_argument("--gin_bindings", action="append", default=[],
                       help="a gin binding such as \"Stage.num_steps = 100\" (repeatable)")
+  parser.add_argument("--gin_defaults", action="append", dest="gin_bindings",
+                      type=gin_usage.SharedDefault,
+                      help="a binding that sets a default shared by several runs (as files "
+                           "under gin/ do): unused, it is a warning, not an error (repeatable)")
   parser.add_argument("--gin_search_paths", action="append", default=[],
                       help="extra folder to resolve gin files and includes in (repeatable)")
 

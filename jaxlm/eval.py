@@ -49,16 +49,19 @@ def held_out_results(run) -> dict[str, float]:
     batch_sharding = parallel.batch_sharding(run.mesh, run.rules)
     eval_sets = evaluate.place_eval_sets(
         datasets.eval, run.tokenizer.byte_lengths(),
-        lambda batch: parallel.global_batch(parallel.host_rows(batch), batch_sharding))
+        lambda batch: parallel.global_batch(parallel.host_rows(batch), batch_sharding),
+        stage.data.max_eval_batches)
     eval_step = make_eval_step(stage, state_shardings(stage, run.mesh, run.rules).params,
                                batch_sharding)
-    return evaluate.evaluate(eval_step, run.params, eval_sets)
+    return evaluate.evaluate(eval_step, run.params, eval_sets, final=True)
 
 
 def table(results: dict[str, float]) -> str:
-  domains = sorted({k.split("/")[1] for k in results if k.count("/") == 2})
+  """The final evaluation's numbers (every eval batch, DataConfig.final_eval_batches)."""
+  top = "eval_final" if "eval_final/loss" in results else "eval"
+  domains = sorted({k.split("/")[1] for k in results if k.count("/") == 2 and k.startswith(top)})
   rows = [("domain", "loss", "perplexity", "bits/byte")]
-  for domain, prefix in [(d, f"eval/{d}/") for d in domains] + [("all", "eval/")]:
+  for domain, prefix in [(d, f"{top}/{d}/") for d in domains] + [("all", f"{top}/")]:
     loss = results[prefix + "loss"]
     rows.append((domain, f"{loss:.4f}", f"{math.exp(min(loss, 700)):.3f}",
                  f"{results[prefix + 'bits_per_byte']:.4f}"))

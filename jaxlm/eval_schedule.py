@@ -8,8 +8,9 @@
 
 Every stage evaluates its own sources (weight-0 ones included) plus `domains`, each tokenized
 with that stage's tokenizer. With `baseline` (the default) each stage is evaluated once before
-its first update, and every later evaluation in the stage logs forgetting/<domain> = loss minus
-that baseline (positive: forgotten), as continual-pretraining papers plot it (Ibrahim et al.
+its first update, and every later evaluation in a stage that follows another (or starts from
+another run) logs forgetting/<domain> = loss minus that baseline (positive: forgotten); a first
+stage has learnt nothing to forget. Continual-pretraining papers plot it this way (Ibrahim et al.
 2024, 2403.08763; the stability gap, Guo et al. 2024, 2406.14833).
 """
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import gin
 
+from jaxlm import gin_usage
 from jaxlm.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +41,8 @@ def resolve_gin_file(name: str, paths: list[str]) -> str:
 def parse(gin_files: list[str], bindings: list[str], extra_search_paths: list[str] = (),
           base_config: str = "") -> None:
   """Parse `base_config` (a saved run's config text), then gin files, then bindings (later ones
-  win), turning gin's errors into UserError."""
+  win), turning gin's errors into UserError. Where each binding was set is kept for
+  gin_usage.check_used; a binding given as gin_usage.SharedDefault may go unused."""
   import jaxlm.trainer  # noqa: F401  Registers every configurable before parsing.
   import jaxlm.kernels.flash_attention  # noqa: F401  FlashBlockSizes, for attention kernels.
   import jaxlm.interop  # noqa: F401  hf_model_config, to start from a Hugging Face model.
@@ -64,6 +66,7 @@ def parse(gin_files: list[str], bindings: list[str], extra_search_paths: list[st
     raise UserError(explain_gin_error(e)) from None
   finally:
     logging.disable(logging.NOTSET)
+  gin_usage.record_sources(files, bindings, lambda name: resolve_gin_file(name, paths))
 
 
 def explain_gin_error(error: Exception) -> str:

@@ -65,6 +65,7 @@ def preflight(model_dir: str, stages: list[Stage], microbatches: int, mesh, rule
   """Run inside the run's mesh and logical-axis rules (the model is traced). `eval_domains`:
   EvalConfig.domains, evaluated in every stage."""
   check_stage_names(stages)
+  check_first_stage(stages[0])
   states = [abstract_state(stage) for stage in stages]  # Traced once, used by every check.
   for stage, state in zip(stages, states):
     check_stage(stage, state, microbatches, mesh, rules, eval_domains)
@@ -101,9 +102,11 @@ def branched_data_position(stage: Stage) -> dict[str, int]:
 def build_stage_data(stage: Stage, rows_before: dict[str, int], eval_domains=()) -> Datasets:
   """This host's data for `stage`, each source continuing after `rows_before` unless the stage
   restarts it, and the eval sets of its sources and of `eval_domains`."""
-  datasets = build_datasets(stage.data, shard_index=jax.process_index(),
-                            shard_count=jax.process_count(),
-                            start_rows=continue_rows(rows_before, stage), eval_domains=eval_domains)
+  with stage.scope():
+    datasets = build_datasets(stage.data, shard_index=jax.process_index(),
+                              shard_count=jax.process_count(),
+                              start_rows=continue_rows(rows_before, stage),
+                              eval_domains=eval_domains)
   check_vocab(stage, datasets.tokenizer)
   return datasets
 
@@ -119,8 +122,14 @@ def check_stage(stage: Stage, state, microbatches: int, mesh, rules, eval_domain
     raise UserError(f"stage {stage.name!r}: DataConfig.batch_size={data.batch_size} must "
                     f"divide into TrainerConfig.microbatches={microbatches} x {batch_devices} "
                     "data-parallel devices")
-  check_vocab(stage, resolve_tokenizer(data.tokenizer))
-  check_sources(data, eval_domains)  # Sources resolve and the mixture names only them; no text is read.
+  with stage.scope():
+    check_vocab(stage, resolve_tokenizer(data.tokenizer))
+    # Sources resolve and the mixture names only them; no text is read.
+    names = check_sources(data, eval_domains)
+  unknown = sorted(set(stage.restart_sources) - {"*", *names})
+  if unknown:
+    raise UserError(f"stage {stage.name!r}: Stage.restart_sources names {unknown}, which the "
+                    f"stage does not read (its sources: {names}); use those names or ['*']")
   state_shardings(stage, mesh, rules)  # Every sharded dimension divides its mesh axes.
   # Tracing the forward pass checks the attention implementation and every shape, compiling
   # nothing.
@@ -207,6 +216,15 @@ def check_transitions(stages: list[Stage], states: list | None = None) -> None:
     ctx = transition_context(previous, stage, jax.random.key(0))  # Only shapes matter here.
     result = jax.eval_shape(lambda state, ctx=ctx: hand_over(state, ctx), before)
     check_transition_result(result, after, ctx)
+
+
+def check_first_stage(stage: Stage) -> None:
+  """A transition maps the previous stage's state: the first stage has none to map."""
+  if stage.transition != ("identity",):
+    raise UserError(f"stage {stage.name!r} is the first stage, so its transition "
+                    f"{list(stage.transition)} would never run; scope it to a later stage "
+                    f"(later/Stage.transition = ...) or start from another run with "
+                    f"Stage.restore_from and a stage after it")
 
 
 def check_stage_names(stages: list[Stage]) -> None:

@@ -35,8 +35,9 @@ class StageSetup:
   tokens_per_step: int
   flops_per_step: float
 
-  def evaluate(self, state: TrainState) -> dict[str, float]:
-    return evaluate.evaluate(self.eval_step, self.params_for_eval(state), self.eval_sets)
+  def evaluate(self, state: TrainState, final: bool = False) -> dict[str, float]:
+    """eval/... on each domain's fixed subset; `final` (a stage's end) adds eval_final/..."""
+    return evaluate.evaluate(self.eval_step, self.params_for_eval(state), self.eval_sets, final)
 
 
 def build_stage(index: int, stage: Stage, start: int, datasets, shardings: TrainState,
@@ -45,7 +46,7 @@ def build_stage(index: int, stage: Stage, start: int, datasets, shardings: Train
   batch that every process holds whole; `schedule`: the stage's (stages.stage_schedules)."""
   data = stage.data
   eval_sets = evaluate.place_eval_sets(datasets.eval, datasets.tokenizer.byte_lengths(),
-                                       to_device)
+                                       to_device, data.max_eval_batches)
   tokens_per_step = data.batch_size * data.seq_len
   return StageSetup(
       index=index, stage=stage, start=start, end=start + stage.num_steps, train=datasets.train,

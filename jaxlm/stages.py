@@ -53,8 +53,14 @@ class Stage:
   # Sources this stage reads from their first row again ("*": all of them); every other source
   # continues where the earlier stages left it.
   restart_sources: tuple[str, ...] = ()
+  # The gin scope the stage was built in (["long"] for @long/Stage()): its schedule, optimizer,
+  # data and the transitions into it are built inside it, so `long/warmup_cosine.x` reaches
+  # stage "long" without binding long/Stage.schedule.
+  gin_scope: tuple[str, ...] = dataclasses.field(init=False, default=(), compare=False,
+                                                 repr=False)
 
   def __post_init__(self):
+    object.__setattr__(self, "gin_scope", tuple(gin.current_scope()))
     if self.name is None:
       object.__setattr__(self, "name", gin.current_scope_str() or "pretrain")
     if isinstance(self.restart_sources, str) or not all(
@@ -90,12 +96,17 @@ class Stage:
     object.__setattr__(self, "model", self.model or ModelConfig())
     object.__setattr__(self, "data", self.data or DataConfig())
 
+  def scope(self):
+    """`with stage.scope():` gin bindings scoped to the stage's scope apply to what is built."""
+    return gin.config_scope(list(self.gin_scope))
+
   def make_schedule(self, previous_lr: float = 0.0):
     """learning rate = f(step within this stage), sized to the stage's length; `previous_lr`
     (where the previous stage ended) reaches factories that take it, for re-warming."""
-    if "previous_lr" in inspect.signature(self.schedule).parameters:
-      return self.schedule(self.num_steps, previous_lr=previous_lr)
-    return self.schedule(self.num_steps)
+    with self.scope():
+      if "previous_lr" in inspect.signature(self.schedule).parameters:
+        return self.schedule(self.num_steps, previous_lr=previous_lr)
+      return self.schedule(self.num_steps)
 
   def make_optimizer(self):
     """The stage's optimizer with its learning rate injected as state: the train step sets it
@@ -103,9 +114,10 @@ class Stage:
     moments kept over a stage boundary re-warm with the new schedule and skipped (non-finite)
     steps cannot shift it."""
     # Only the learning rate is injected; gin still supplies the factory's other arguments.
-    optimizer = self.optimizer
-    return optax.inject_hyperparams(lambda learning_rate: optimizer(learning_rate))(
-        learning_rate=0.0)
+    def build(learning_rate):  # Called whenever optax traces init or update.
+      with self.scope():
+        return self.optimizer(learning_rate)
+    return optax.inject_hyperparams(build)(learning_rate=0.0)
 
 
 def set_learning_rate(opt_state, learning_rate):
@@ -197,8 +209,9 @@ def hand_over(state, ctx: TransitionContext):
   """The previous stage's final state -> the next stage's first (run under jit): its transitions
   in order, a fresh optimizer state unless kept, method states initialised or dropped."""
   following = ctx.following
-  for name in following.transition:
-    state = TRANSITIONS[name](state, ctx)
+  with following.scope():  # `grow/grow_depth.order = ...` reaches the transitions into "grow".
+    for name in following.transition:
+      state = TRANSITIONS[name](state, ctx)
   if not following.keep_optimizer_state:
     state = state.replace(opt_state=following.make_optimizer().init(state.params))
   return state.replace(method_state=init_method_state(

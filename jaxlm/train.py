@@ -32,7 +32,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                       help="keep: glibc malloc keeps freed memory and CPU steps run one at a "
                            "time (faster on CPU, resident memory stays at about one step's "
                            "worth; see jaxlm/host_memory.py); system: glibc's defaults")
+  parser.add_argument("--dry_run", action="store_true",
+                      help="run every start-up check (config, unused bindings, data, MODEL_DIR, "
+                           "checkpoints), then exit without writing anything")
   args = cli.parse_with_gin_flags(parser, argv)
+  if args.dry_run:
+    args.gin_bindings.append("run.dry_run = True")
   if not args.gin_file:
     parser.error("give at least one --gin_file, e.g. --gin_file=experiments/quickstart.gin")
   return args

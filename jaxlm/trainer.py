@@ -18,7 +18,7 @@ import gin
 import jax
 from jax.experimental import multihost_utils
 
-from jaxlm import decoding, flops, parallel, preflight
+from jaxlm import decoding, flops, gin_usage, parallel, preflight
 from jaxlm.cadence import NonfiniteTracker, StepLog
 from jaxlm.checkpoint import Checkpointer
 from jaxlm.errors import TrainingDiverged, UserError
@@ -232,8 +232,9 @@ class Trainer:
       self.write(step, scalars)
       progress.report(step, scalars)
     if self.evaluation.due(step - setup.start, setup.stage.num_steps):
-      results = setup.evaluate(state)
-      results.update(forgetting(results, self.baseline))
+      results = setup.evaluate(state, final=stage_end)
+      if setup.index > 0 or setup.stage.restore_from is not None:  # Else nothing came before.
+        results.update(forgetting(results, self.baseline))
       self.write(step, results)
       progress.message(f"step {step}: eval loss {results['eval/loss']:.4f}, "
                        f"{results['eval/bits_per_byte']:.4f} bits/byte")
@@ -284,9 +285,10 @@ class Trainer:
 @gin.configurable
 def run(model_dir: str = gin.REQUIRED, stages: Sequence[Stage] = gin.REQUIRED, seed: int = 0,
         trainer: TrainerConfig | None = None, mesh: parallel.MeshConfig | None = None,
-        evaluation: EvalConfig | None = None) -> dict[str, float]:
+        evaluation: EvalConfig | None = None, dry_run: bool = False) -> dict[str, float]:
   """Train `stages` in order into model_dir, resuming from its newest intact checkpoint.
-  Returns the last logged metrics, plus "preempted": 1.0 if a signal stopped the run."""
+  Returns the last logged metrics, plus "preempted": 1.0 if a signal stopped the run.
+  `dry_run`: run every pre-flight check (and the unused-binding check), write nothing."""
   if not isinstance(model_dir, str) or not model_dir:
     raise UserError(f"run.model_dir (MODEL_DIR) must be a non-empty path string, got "
                     f"{model_dir!r}; e.g. --gin.MODEL_DIR=\"'/tmp/run'\"")
@@ -304,6 +306,10 @@ def run(model_dir: str = gin.REQUIRED, stages: Sequence[Stage] = gin.REQUIRED, s
     # so changes what another one is still reading) before all have passed.
     plan = preflight.preflight(model_dir, ctx.stages, ctx.config.microbatches, ctx.mesh,
                                ctx.rules, ctx.evaluation.domains)
+    gin_usage.check_used()  # Everything gin builds for the run has been built by now.
+    if dry_run:
+      log.info("dry run: every check passed; nothing was written to %s", model_dir)
+      return {"step": 0, "preempted": 0.0}
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("jaxlm_preflight_done")
     ctx.open(plan)

@@ -4,6 +4,7 @@ no compute), and each transition between stages."""
 
 import os
 import pathlib
+import re
 
 import flax.linen as nn
 import jax
@@ -27,13 +28,21 @@ def test_there_are_gin_files_to_check():
   assert "experiments/quickstart.gin" in GIN_FILES and RUN in GIN_FILES
 
 
+def _with_includes(path: pathlib.Path) -> str:
+  """A gin file's text followed by the texts of the experiment files it includes."""
+  text = path.read_text()
+  for name in re.findall(r"^include '(experiments/[^']+)'", text, re.MULTILINE):
+    text += "\n" + _with_includes(REPO_ROOT / name)
+  return text
+
+
 @pytest.mark.parametrize("gin_file", GIN_FILES)
 def test_gin_file_parses_and_builds_on_abstract_shapes(gin_file, tmp_path, monkeypatch,
                                                       small_text_file):
   monkeypatch.chdir(REPO_ROOT)
   files = [gin_file] if pathlib.Path(gin_file).parts[0] == "experiments" else [RUN, gin_file]
   bindings = [f"MODEL_DIR = '{tmp_path / 'run'}'"]
-  text = (REPO_ROOT / gin_file).read_text()
+  text = _with_includes(REPO_ROOT / gin_file)
   if "shared_corpus" in text and not os.path.isdir(shared_corpora_dir()):
     pytest.skip("reads ../shared/corpora, which is not present")
   if "%HF_DIR" in text:  # Starts from a Hugging Face model.

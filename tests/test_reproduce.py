@@ -30,10 +30,12 @@ def _family(root, corpus):
       "arms": [{"name": "note", "command": [
                    "-c", "import sys; open(sys.argv[1] + '/note.txt', 'w').write('made')",
                    "{model_dir}"]},
-               {"name": "low", "gin": "low.gin"}, {"name": "high", "gin": "high.gin"}],
+               {"name": "low", "gin": "low.gin"},
+               {"name": "high", "gin": "high.gin", "seeds": 2}],
       "tables": [{"title": "Final loss", "metrics": ["eval/loss"], "paper": "Nobody 2099, Fig. 1",
                   "rows": [{"arm": "low", "paper": {"eval/loss": 9.5}},
-                           {"arm": "high", "label": "high LR", "paper": {"eval/loss": 9.25}}]}],
+                           {"arm": "high", "label": "high LR", "paper": {"eval/loss": 9.25},
+                            "versus": "low"}]}],
       # A report after the arms: a script whose output (here: where the runs are) is quoted.
       "reports": [{"title": "Where the runs are",
                    "command": ["-c", "import os, sys; print(sorted(f for f in os.listdir(sys.argv[1])"
@@ -68,14 +70,21 @@ def test_a_family_runs_resumably_and_its_table_and_plots_are_regenerated(
   out = capsys.readouterr().out
   assert "toy/low: done already" in out and "toy/high: done already" in out
   readme = (runs / "toy-quick" / "README.md").read_text()
-  for arm, paper in (("low", "9.5"), ("high LR", "9.25")):
-    final = reproduce.final_metrics(str(runs / "toy-quick" / arm.split()[0]))
-    assert final["step"] == 3
-    row = f"| {arm} | {final['total/tokens']:.4g} | {final['eval/loss']:.4g} | {paper} |"
-    assert row in readme, readme
+  low = reproduce.final_metrics(str(runs / "toy-quick" / "low"))
+  assert low["step"] == 3
+  assert f"| low | {low['total/tokens']:.4g} | {low['eval/loss']:.4g} |  | 9.5 |" in readme, readme
+  # --quick runs the multi-seed path once: "high" (seeds: 2) runs seed 1 too, with its own
+  # initialisation and data order, and its cell is the mean and spread of both.
+  seed1 = runs / "toy-quick" / "seed1" / "high"
+  assert (seed1 / "done.json").exists()
+  assert "run.seed = 1" in (seed1 / "config.gin").read_text()
+  highs = [reproduce.final_metrics(str(d))["eval/loss"] for d in (runs / "toy-quick" / "high", seed1)]
+  assert highs[0] != highs[1]
+  mean, std = reproduce.spread(highs)
+  assert f"| high LR | {low['total/tokens']:.4g} | {mean:.4g} ± {std:.2g} (n=2) | " in readme
   assert "Nobody 2099, Fig. 1" in readme and "A toy: nothing to reproduce." in readme
   assert "![train loss](plots/train_loss.png)" in readme
-  assert "**Where the runs are**\n\n['README.md', 'high', 'low', 'note', 'plots']" in readme
+  assert "**Where the runs are**\n\n['README.md', 'high', 'low', 'note', 'plots', 'seed1']" in readme
   # The arms shared one compilation cache beside them (unless the caller chose another).
   if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     assert os.listdir(runs / "toy-quick" / ".jax_cache")
@@ -88,22 +97,48 @@ def test_the_table_goes_between_the_markers_of_the_family_readme(tmp_path, small
   done are read, not re-run)."""
   experiments = _family(tmp_path, small_text_file)
   runs = tmp_path / "runs" / "toy"
-  for arm, loss in (("low", 5.0), ("high", 4.0)):  # As if both arms had finished.
-    (runs / arm).mkdir(parents=True)
+  # As if both arms had finished two seeds each (--seeds=2).
+  for arm, seed, loss in (("low", 0, 5.0), ("low", 1, 5.1), ("high", 0, 4.0), ("high", 1, 4.2)):
+    run = runs / (f"seed{seed}" if seed else "") / arm
+    run.mkdir(parents=True)
     record = {"step": 3, "eval/loss": loss, "total/tokens": 768.0, "train/loss": loss}
-    (runs / arm / "metrics.jsonl").write_text(json.dumps(record) + "\n")
-    (runs / arm / "done.json").write_text(json.dumps(record))
-  assert reproduce.main(["toy", f"--runs_dir={tmp_path / 'runs'}",
+    (run / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    (run / "done.json").write_text(json.dumps(record))
+  stale = experiments / "toy" / "plots" / "gone" / "forgetting.png"  # A figure no longer drawn.
+  stale.parent.mkdir(parents=True)
+  stale.write_bytes(b"png")
+  assert reproduce.main(["toy", "--seeds=2", f"--runs_dir={tmp_path / 'runs'}",
                          f"--experiments_dir={experiments}"]) == 0
   readme = (experiments / "toy" / "README.md").read_text()
   assert readme.startswith("# Toy\n\nOur words.") and readme.endswith("More words.\n")
   assert "old" not in readme
-  assert "| low | 768 | 5 | 9.5 |" in readme and "| high LR | 768 | 4 | 9.25 |" in readme
+  assert "| low | 768 | 5.05 ± 0.071 (n=2) |  | 9.5 |" in readme, readme
+  assert "| high LR | 768 | 4.1 ± 0.14 (n=2) | -0.95 vs low | 9.25 |" in readme, readme
   assert (experiments / "toy" / "plots" / "train_loss.png").exists()
+  assert not stale.exists()
+
+
+def test_a_difference_inside_the_spread_is_a_tie():
+  assert reproduce.difference_cell([2.00, 2.02], [2.01, 2.03]) == "tie (-0.01, spread 0.028)"
+  assert reproduce.difference_cell([2.00, 2.02], [2.10, 2.12]) == "-0.1"
+  assert reproduce.difference_cell([2.0], [2.1, 2.2]) == "-0.15 (n=1: no spread)"
+
+
+def test_an_arm_cannot_run_more_seeds_than_the_arm_it_restores():
+  manifest = reproduce.Manifest("f", "/x", "F", "tokens", (
+      reproduce.Arm("base", "base.gin", seeds=1),
+      reproduce.Arm("more", "more.gin", ("BASE_RUN = '{runs}/base'",), seeds=3)), ())
+  with pytest.raises(reproduce.ReproduceError, match="'more' runs 3 seeds but restores arm "
+                                                     "'base', which runs 1"):
+    reproduce.seed_counts(manifest, None, quick=False)
+  assert reproduce.seed_counts(manifest, 2, quick=False) == {"base": 2, "more": 2}
+  # --quick: one seed each, except the first arm with several that restores no other.
+  assert reproduce.seed_counts(manifest, None, quick=True) == {"base": 1, "more": 1}
 
 
 @pytest.mark.parametrize("args, expected", [
     (["nope"], "unknown family 'nope'"),
+    (["toy", "--seeds=0"], "--seeds=0: give 1 or more"),
     (["toy", "--only=medium"], "family 'toy' has no arm 'medium'"),
 ])
 def test_bad_input_is_one_line(tmp_path, small_text_file, capsys, args, expected):

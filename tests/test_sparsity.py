@@ -1,7 +1,8 @@
 """Sparse pretraining (jaxlm.sparsity): exact density and N:M structure after every step, masked
-weights exactly zero after 100 updates, ERK's formula, RigL's exact per-matrix density and reset
-moments, exact top-k, densification preserving the function, masks sharded with their params;
-bad input is one line each."""
+weights exactly zero after 100 updates, ERK's formula (dense at density 1), RigL's and SET's
+exact per-matrix counts (ERK-dense and near-dense matrices included) and reset moments, gradual
+pruning's exact final counts at any schedule window, exact top-k, densification preserving the
+function, masks sharded with their params; bad input is one line each."""
 
 import dataclasses
 import math
@@ -17,10 +18,10 @@ from jaxlm import parallel
 from jaxlm.errors import UserError
 from jaxlm.model import forward
 from jaxlm.sparsity import selection
-from jaxlm.sparsity.distribution import layer_densities
+from jaxlm.sparsity.distribution import kept_counts, layer_densities
 from jaxlm.sparsity.methods import (cubic_density, densify, gradual_pruning, nm_sparsity, rigl,
                                     static_sparsity)
-from jaxlm.sparsity.topk import nm_mask, topk_mask
+from jaxlm.sparsity.topk import as_matrix_shape, nm_mask, topk_mask
 from jaxlm.stages import TransitionContext
 from jaxlm.train_step import init_state, make_train_step, sharded_init, state_shardings
 from conftest import REPO_ROOT
@@ -173,6 +174,106 @@ def test_rigl_keeps_each_density_and_resets_the_moments_of_grown_weights(small_t
   for step in (1, 2, 3, 4):  # No update between the update steps.
     for name in before:
       np.testing.assert_array_equal(_masks(history[step], "rigl")[name], before[name])
+
+
+def _small_params(d_model=48, heads=3, kv_heads=1, mlp=256, seed=0):
+  """One layer of a small model's selected matrices (d_model 48, 3 query heads, 1 KV head) as
+  plain random params: no model init, so the mask updates are all a test compiles."""
+  head_dim, rng = d_model // heads, np.random.default_rng(seed)
+  kv = (d_model, kv_heads, head_dim)
+  shapes = {"attention": {"query": (d_model, heads, head_dim), "key": kv, "value": kv,
+                          "out": (heads, head_dim, d_model)},
+            "mlp": {"gate": (d_model, mlp), "up": (d_model, mlp), "down": (mlp, d_model)}}
+  return {"layer_0": {block: {name: jnp.asarray(rng.normal(size=shape), jnp.float32)
+                              for name, shape in matrices.items()}
+                      for block, matrices in shapes.items()}}
+
+
+def _mask_updates(method, params, steps):
+  """[(active weights per matrix, the density metric, masks)] after the method's init and after
+  each of `steps` (stage steps) through its own after_update, with random gradients."""
+  from jaxlm.train_step import TrainState  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(1)
+  state = TrainState(jnp.int32(0), params, optax.adam(1e-3).init(params),
+                     {method.name: jax.jit(method.init)(params, jax.random.key(1))})
+  after_update, metrics = jax.jit(method.after_update), jax.jit(method.metrics)
+  history = []
+  for step in [None, *steps]:
+    if step is not None:
+      grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+      state = after_update(state, grads, jnp.int32(step))
+    masks = jax.device_get(_masks(state, method.name))
+    history.append(({n: int(m.sum()) for n, m in masks.items()},
+                    float(metrics(state)["density"]), masks))
+  return history
+
+
+@pytest.mark.parametrize("grow", ["gradient", "random"])
+def test_rigl_and_set_keep_every_count_exact_where_erk_makes_a_matrix_dense(grow):
+  """Density 0.45 with ERK over the key, value (d_model 48, 1 KV head of 16) and MLP up
+  matrices makes key and value dense. Every update used to drop from them and regrow nothing
+  (in a run: 768 -> 623 weights, overall density 0.45006 -> 0.43594)."""
+  method = rigl(density=0.45, update_every=2, end_fraction=1.0, drop_fraction=0.3, grow=grow,
+                patterns=[r"layer_\d+/attention/(key|value)", r"layer_\d+/mlp/up"])
+  history = _mask_updates(method.for_stage(20), _small_params(), range(1, 10))
+  counts, density, first = history[0]
+  dense = [n for n, mask in first.items() if counts[n] == mask.size]
+  assert dense == ["layer_0/attention/key", "layer_0/attention/value"]  # Not vacuous.
+  for step, (now, now_density, _) in enumerate(history[1:], 1):
+    assert now == counts, step  # Every matrix, exactly, after every step (updates at 2, 4, ...).
+    assert now_density == density, step
+  final = history[-1][2]
+  assert np.any(final["layer_0/mlp/up"] != first["layer_0/mlp/up"])  # The sparse mask moved.
+
+
+@pytest.mark.parametrize("density,fraction", [(1.0, 0.3), (0.95, 0.3), (0.6, 1.0), (0.5, 0.5),
+                                              (0.01, 0.3), (0.002, 1.0)])
+def test_drop_and_grow_keeps_the_count_at_any_density(density, fraction):
+  """The per-matrix update alone, from a dense mask to one weight, up to dropping everything:
+  the count never changes, only the dropped weights' places can."""
+  from jaxlm.sparsity.methods import drop_and_grow  # pylint: disable=import-outside-toplevel
+  update = jax.jit(drop_and_grow)
+  shape = (48, 1, 16)
+  weight = jax.random.normal(jax.random.key(3), shape)
+  count = max(1, round(density * weight.size))
+  mask = topk_mask(jax.random.uniform(jax.random.key(4), shape), count)
+  for i in range(3):
+    growth = jnp.abs(jax.random.normal(jax.random.key(10 + i), shape))
+    new = update(mask, weight, growth, jnp.float32(fraction))
+    assert int(new.sum()) == count, i
+    dropped = int(jnp.sum(mask & ~new))
+    assert dropped <= int(np.floor(np.float32(fraction) * count))
+    mask, weight = new, weight * new
+
+
+@pytest.mark.parametrize("num_steps,start_fraction,end_fraction", [
+    (10, 0.5, 1.0),   # The end is step 10 of steps 0..9: never reached, the last update at 8.
+    (4, 0.25, 0.3),   # Start and end both round to step 1: that update pruned nothing.
+    (10, 0.96, 1.0),  # The start rounds to step 10: no update at all.
+])
+def test_gradual_pruning_reaches_the_final_count_exactly_by_the_last_step(
+    num_steps, start_fraction, end_fraction):
+  method = gradual_pruning(final_density=0.3, start_fraction=start_fraction,
+                           end_fraction=end_fraction, update_every=3, distribution="erk",
+                           patterns=[r"layer_\d+/attention/key", r"layer_\d+/mlp/up"])
+  params = _small_params()
+  history = _mask_updates(method.for_stage(num_steps), params, range(num_steps))
+  chosen = {n: selection.get(params, n) for n in history[0][0]}
+  shapes = {n: as_matrix_shape(w.shape, selection.input_axes(n)) for n, w in chosen.items()}
+  want = kept_counts(layer_densities(shapes, 0.3, "erk"), {n: w.size for n, w in chosen.items()})
+  assert history[-1][0] == want  # Exactly static sparsity's counts at the same density.
+  for (before, _, old), (after, _, new) in zip(history, history[1:]):
+    for name in before:  # Pruning only: counts never rise, a pruned weight never returns.
+      assert after[name] <= before[name] and not np.any(new[name] & ~old[name])
+
+
+def test_erk_at_density_1_is_dense_whatever_the_rounding():
+  """Every layer is over 1 by a rounding error and made dense: the re-solve over no layers
+  divided by zero."""
+  shapes = {"a": (79, 198), "b": (209, 201)}
+  assert layer_densities(shapes, 1.0, "erk") == {"a": 1.0, "b": 1.0}
+  assert kept_counts(layer_densities(shapes, 1.0, "erk"), {"a": 79 * 198, "b": 209 * 201}) == {
+      "a": 79 * 198, "b": 209 * 201}
 
 
 def test_densify_keeps_the_function_and_the_dense_stage_trains_the_pruned_weights(

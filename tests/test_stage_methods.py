@@ -230,6 +230,8 @@ def test_forgetting_is_logged_against_each_stage_baseline_with_the_compute_ledge
   records = _records(tmp_path / "run")
   evals = [r for r in records if "eval/loss" in r]
   assert [r["step"] for r in evals] == [0, 1, 2, 4, 4, 5, 6, 10]
+  # The first stage follows nothing: its evaluations log no forgetting.
+  assert not any(k.startswith("forgetting/") for r in evals[:4] for k in r)
   baseline = evals[4]  # Stage 2's, before its first update.
   assert {"eval/text/loss", "eval/other/loss"} <= set(baseline)
   for r in evals[5:]:

@@ -2,15 +2,19 @@
 boundary), read from each run's metrics.jsonl.
 
     python tools/metric_at.py --at=400:eval/wiki/loss --at=600:eval/stories/loss \
-        dense=runs/spdf_dense sparse=runs/spdf_50
+        dense=runs/spdf_dense sparse=runs/spdf_50_s0,runs/spdf_50_s1
 
-Each --at=STEP:METRIC is one column: the value logged at STEP (the last record of that step;
-"-" where the run did not log it). Bad input is one line on stderr, exit 2.
+Each run is NAME=DIR[,DIR...] (several DIRs: seeds of one arm). Each --at=STEP:METRIC is one
+column: the value logged at STEP (the last record of that step; "-" where the run did not log
+it); for an arm of several seeds, mean ± sample standard deviation over the seeds that logged it,
+with n. Bad input is one line on stderr, exit 2.
 """
 
 import argparse
 import os
 import sys
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from plot_runs import PlotError, named_runs, print_report, read_metrics  # noqa: E402  pylint: disable=wrong-import-position
@@ -22,14 +26,24 @@ def value_at(series: dict, metric: str, step: int) -> float | None:
   return found[-1] if found else None
 
 
-def table(runs: dict[str, str], columns: list[tuple[int, str]]) -> list[str]:
+def cell(values: list[float], seeds: int) -> str:
+  """One arm's values at a step: the value (one seed), or mean ± s.d. (n) over seeds."""
+  if not values:
+    return "-"
+  if seeds == 1:
+    return f"{values[0]:.4f}"
+  spread = f" ± {np.std(values, ddof=1):.4f}" if len(values) > 1 else ""
+  return f"{np.mean(values):.4f}{spread} (n={len(values)})"
+
+
+def table(runs: dict[str, list[str]], columns: list[tuple[int, str]]) -> list[str]:
   lines = ["| run | " + " | ".join(f"{m} at step {s}" for s, m in columns) + " |",
            "|---|" + "---|" * len(columns)]
-  for name, run_dir in runs.items():
-    series = read_metrics(run_dir, "step")
-    cells = [value_at(series, m, s) for s, m in columns]
-    lines.append(f"| {name} | " + " | ".join("-" if c is None else f"{c:.4f}" for c in cells)
-                 + " |")
+  for name, run_dirs in runs.items():
+    seeds = [read_metrics(d, "step") for d in run_dirs]
+    cells = [cell([v for v in (value_at(x, m, s) for x in seeds) if v is not None], len(seeds))
+             for s, m in columns]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return lines
 
 
@@ -42,7 +56,7 @@ def _column(text: str) -> tuple[int, str]:
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("runs", nargs="+", help="NAME=DIR for each run")
+  parser.add_argument("runs", nargs="+", help="NAME=DIR[,DIR...] for each run (DIRs: seeds)")
   parser.add_argument("--at", action="append", required=True, help="STEP:METRIC (repeatable)")
   args = parser.parse_args(argv)
   return print_report(lambda: table(named_runs(args.runs), [_column(c) for c in args.at]))

@@ -11,11 +11,12 @@ A family is a folder experiments/FAMILY/ holding one small gin file per arm and 
      "compare_on": "tokens",                 # or "flops": what arms are compared at
      "bindings": ["DataConfig.seed = 0"],    # applied to every arm (e.g. one shared data order)
      "quick_bindings": ["Stage.num_steps = 3", ...],   # --quick: a few steps per arm
-     "arms": [{"name": "baseline", "gin": "baseline.gin", "bindings": []}, ...],
+     "arms": [{"name": "baseline", "gin": "baseline.gin", "bindings": [], "seeds": 3}, ...],
      "plots": [{"name": "strong_shift", "arms": ["base", "replay_5"]}],   # optional groups
      "tables": [{"title": "Final loss", "metrics": ["eval/loss"],
                  "paper": "Ibrahim et al. 2024 (2403.08763), Table 1",
-                 "rows": [{"arm": "baseline", "paper": {"eval/loss": 2.41}}, ...]}],
+                 "rows": [{"arm": "baseline", "paper": {"eval/loss": 2.41}},
+                          {"arm": "replay", "versus": "baseline"}, ...]}],
      "reports": [{"title": "Mixture law", "command": ["tools/fit_mixture_law.py", ...]}],
      "notes": "how to read the table; where our scale differs from the paper's"}
 
@@ -25,6 +26,16 @@ script run once (data for later arms, written under {model_dir}). In bindings an
 can restore from an earlier one: "BASE_RUN = '{runs}/base'") and, in commands, {plots} the
 plots folder. A report is a python script run after the arms; its output goes into the README
 (a line naming a .png it wrote becomes the image).
+
+Seeds: an arm runs `seeds` times (default 1; `--seeds=N` sets every arm's), seed k with
+`run.seed = k` and `DataConfig.seed = k` (model initialisation and data order; every arm's seed k
+reads the same rows). Seed 0 lives in RUNS/ARM, seed k > 0 in RUNS/seed{k}/ARM, where {runs}
+stands for RUNS/seed{k}: an arm's seed k restores seed k of the arm it names. A table cell over
+several seeds is "mean ± standard deviation (n=K)"; a row with "versus": ARM gets a difference
+column, written as a tie where the difference is smaller than the two arms' summed standard
+deviations. In report commands {runs}/ARM stands for every finished seed of ARM, comma-separated
+(the report tools read NAME=DIR,DIR,... as seeds). --quick runs one seed per arm, except the first
+arm with several, which runs two: the multi-seed path is exercised too.
 
 Each arm trains in its own MODEL_DIR under --runs_dir (default $JAXLM_RUNS_DIR or
 ~/jaxlm_runs; --quick uses FAMILY-quick there), through `python -m jaxlm.train`, so an arm
@@ -39,6 +50,8 @@ import argparse
 import dataclasses
 import json
 import os
+import re
+import statistics
 import subprocess
 import sys
 import time
@@ -63,6 +76,7 @@ class Arm:
   # Instead of training: a python script run once, e.g. scoring data for later arms; {runs}
   # and {model_dir} in it are replaced.
   command: tuple[str, ...] = ()
+  seeds: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +109,7 @@ def load_manifest(experiments_dir: str, family: str) -> Manifest:
     with open(path, encoding="utf-8") as f:
       raw = json.load(f)
     arms = tuple(Arm(a["name"], a.get("gin"), tuple(a.get("bindings", ())),
-                     tuple(a.get("command", ()))) for a in raw["arms"])
+                     tuple(a.get("command", ())), int(a.get("seeds", 1))) for a in raw["arms"])
     manifest = Manifest(family, folder, raw.get("title", family), raw.get("compare_on", "tokens"),
                         arms, tuple(raw.get("tables", ())), tuple(raw.get("bindings", ())),
                         tuple(raw.get("quick_bindings", ())), raw.get("notes", ""),
@@ -116,12 +130,46 @@ def load_manifest(experiments_dir: str, family: str) -> Manifest:
       if name not in names:
         raise ReproduceError(f"{path}: plot group {group.get('name')!r} names arm {name!r}, "
                              f"which is not among the arms {names}")
+  for table in manifest.tables:
+    for row in table.get("rows", ()):
+      if row.get("versus", row["arm"]) not in names:
+        raise ReproduceError(f"{path}: table {table.get('title')!r} compares {row['arm']!r} with "
+                             f"{row['versus']!r}, which is not among the arms {names}")
   for arm in arms:
+    if arm.seeds < 1:
+      raise ReproduceError(f"{path}: arm {arm.name!r} has seeds={arm.seeds}; give 1 or more")
     if (arm.gin is None) == (not arm.command):
       raise ReproduceError(f"{path}: arm {arm.name!r} needs exactly one of 'gin' and 'command'")
     if arm.gin is not None and not os.path.isfile(os.path.join(folder, arm.gin)):
       raise ReproduceError(f"{path}: arm {arm.name!r} names {arm.gin!r}, which is not in {folder}")
   return manifest
+
+
+def seed_dir(family_runs: str, arm: str, seed: int) -> str:
+  """Seed 0 of an arm in RUNS/ARM (as single-seed families always were), seed k in
+  RUNS/seed{k}/ARM."""
+  return os.path.join(family_runs, *([f"seed{seed}"] if seed else []), arm)
+
+
+def seed_counts(manifest: Manifest, seeds: int | None, quick: bool) -> dict[str, int]:
+  """How many seeds each arm runs: the manifest's, or --seeds for all; --quick: one, except the
+  first arm with several (that restores no other arm), which runs two. An arm never runs more seeds than an arm it restores
+  ({runs}/NAME in its bindings or command)."""
+  counts = {a.name: (seeds or a.seeds) for a in manifest.arms}
+  if quick:  # The first such arm that restores no other (whose seeds would be needed too).
+    first = next((a.name for a in manifest.arms if counts[a.name] > 1 and not _arms_named(
+        " ".join((*a.bindings, *a.command)), counts)), None)
+    counts = {name: 2 if name == first else 1 for name in counts}
+  for arm in manifest.arms:
+    for used in _arms_named(" ".join((*arm.bindings, *arm.command)), counts):
+      if counts[used] < counts[arm.name]:
+        raise ReproduceError(f"arm {arm.name!r} runs {counts[arm.name]} seeds but restores arm "
+                             f"{used!r}, which runs {counts[used]}; give {used!r} as many seeds")
+  return counts
+
+
+def _arms_named(text: str, arms) -> list[str]:
+  return [name for name in re.findall(r"\{runs\}/([A-Za-z0-9_.-]+)", text) if name in arms]
 
 
 def final_metrics(model_dir: str) -> dict[str, float]:
@@ -139,10 +187,11 @@ def final_metrics(model_dir: str) -> dict[str, float]:
 
 
 def run_arm(manifest: Manifest, arm: Arm, model_dir: str, quick: bool, index: int,
-            count: int) -> dict[str, float]:
-  """Trains (or resumes) one arm; returns its final metrics. A finished arm is not re-run."""
+            count: int, seed: int = 0) -> dict[str, float]:
+  """Trains (or resumes) one seed of an arm; returns its final metrics. A finished one is not
+  re-run."""
   done = os.path.join(model_dir, "done.json")
-  label = f"[{index}/{count}] {manifest.family}/{arm.name}"
+  label = f"[{index}/{count}] {manifest.family}/{arm.name}" + (f" seed {seed}" if seed else "")
   if os.path.exists(done):
     print(f"{label}: done already ({model_dir})", flush=True)
     with open(done, encoding="utf-8") as f:
@@ -151,12 +200,8 @@ def run_arm(manifest: Manifest, arm: Arm, model_dir: str, quick: bool, index: in
   runs = os.path.dirname(model_dir)
   if arm.command:
     return _run_command_arm(arm, model_dir, runs, label, done)
-  bindings = [b.replace("{runs}", runs) for b in
-              (*manifest.bindings, *arm.bindings, *(manifest.quick_bindings if quick else ()))]
-  bindings += [f"MODEL_DIR = '{model_dir}'", "TrainerConfig.progress = 'log'"]
   command = [sys.executable, "-m", "jaxlm.train",
-             f"--gin_file={os.path.join(manifest.folder, arm.gin)}",
-             *[f"--gin_bindings={b}" for b in bindings]]
+             *arm_flags(manifest, arm, model_dir, quick, seed)]
   start = time.time()
   with open(os.path.join(model_dir, "train.log"), "a", encoding="utf-8") as log:
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
@@ -173,6 +218,20 @@ def run_arm(manifest: Manifest, arm: Arm, model_dir: str, quick: bool, index: in
   with open(done, "w", encoding="utf-8") as f:
     json.dump(metrics, f, indent=1)
   return metrics
+
+
+def arm_flags(manifest: Manifest, arm: Arm, model_dir: str, quick: bool,
+              seed: int = 0) -> list[str]:
+  """jaxlm.train's flags for a training arm. The family's shared bindings (and --quick's) are
+  defaults that some arms do not use (--gin_defaults: a warning); the arm's own must be used.
+  Seed k > 0 sets the model's initialisation and the data order (seed 0 keeps the manifest's)."""
+  runs = os.path.dirname(model_dir)
+  own = [*arm.bindings, f"MODEL_DIR = '{model_dir}'", "TrainerConfig.progress = 'log'",
+         *([f"run.seed = {seed}", f"DataConfig.seed = {seed}"] if seed else [])]
+  return [f"--gin_file={os.path.join(manifest.folder, arm.gin)}",
+          *[f"--gin_defaults={b.replace('{runs}', runs)}" for b in manifest.bindings],
+          *[f"--gin_bindings={b.replace('{runs}', runs)}" for b in own],
+          *[f"--gin_defaults={b}" for b in (manifest.quick_bindings if quick else ())]]
 
 
 def arm_env(runs: str) -> dict[str, str]:
@@ -204,9 +263,19 @@ def _cell(value) -> str:
   return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def run_report(report: dict, runs: str, plots_dir: str) -> tuple[str, list[str]]:
-  """(the report's text output, the PNG files it names) -- or its error as the text."""
-  command = [c.replace("{runs}", runs).replace("{plots}", plots_dir) for c in report["command"]]
+def run_report(report: dict, runs: str, plots_dir: str,
+               seeds: dict[str, list[str]] | None = None) -> tuple[str, list[str]]:
+  """(the report's text output, the PNG files it names) -- or its error as the text.
+  `seeds`: {arm: its finished seeds' dirs}, which {runs}/ARM stands for."""
+  seeds = seeds or {}
+
+  def expand(text: str) -> str:
+    text = re.sub(r"\{runs\}/([A-Za-z0-9_.-]+)",
+                  lambda m: ",".join(seeds[m.group(1)]) if seeds.get(m.group(1)) else m.group(0),
+                  text)
+    return text.replace("{runs}", runs).replace("{plots}", plots_dir)
+
+  command = [expand(c) for c in report["command"]]
   done = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True,
                         check=False)
   if done.returncode != 0:
@@ -217,35 +286,73 @@ def run_report(report: dict, runs: str, plots_dir: str) -> tuple[str, list[str]]
   return "\n".join(line for line in lines if line not in images), images
 
 
-def wall_seconds(family_runs: str, arms) -> float | None:
-  """The arms' summed training time (done.json), None unless every training arm recorded it."""
+def wall_seconds(finished: dict[str, list[str]]) -> float | None:
+  """The training arms' summed time over all their seeds (done.json), None unless every one
+  recorded it."""
   total = 0.0
-  for arm in (a for a in arms if a.gin):
+  for run_dir in (d for dirs in finished.values() for d in dirs):
     try:
-      with open(os.path.join(family_runs, arm.name, "done.json"), encoding="utf-8") as f:
+      with open(os.path.join(run_dir, "done.json"), encoding="utf-8") as f:
         total += float(json.load(f)["reproduce/wall_seconds"])
     except (OSError, ValueError, KeyError):
       return None
   return total
 
 
-def results_markdown(manifest: Manifest, results: dict[str, dict], plots: list[str],
+def spread(values: list[float]) -> tuple[float, float]:
+  """(mean, sample standard deviation; 0 for one value)."""
+  return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _seeds_cell(values: list[float]) -> str:
+  if not values:
+    return "–"
+  if len(values) == 1:
+    return _cell(values[0])
+  mean, std = spread(values)
+  return f"{mean:.4g} ± {std:.2g} (n={len(values)})"
+
+
+def difference_cell(values: list[float], reference: list[float]) -> str:
+  """The arm's mean minus the reference arm's; a tie when it is inside the two arms' summed
+  standard deviations (with one seed on either side there is no spread to judge by)."""
+  if not values or not reference:
+    return "–"
+  (mean, std), (ref_mean, ref_std) = spread(values), spread(reference)
+  difference = mean - ref_mean
+  if min(len(values), len(reference)) < 2:
+    return f"{difference:+.3g} (n=1: no spread)"
+  if abs(difference) < std + ref_std:
+    return f"tie ({difference:+.3g}, spread {std + ref_std:.2g})"
+  return f"{difference:+.3g}"
+
+
+def results_markdown(manifest: Manifest, results: dict[str, list[dict]], plots: list[str],
                      plots_relative_to: str, reports=(), seconds: float | None = None) -> str:
-  """The tables (ours beside the paper's), the compute each arm used, and the plots."""
+  """The tables (ours beside the paper's, mean ± std over each arm's seeds), the compute each
+  arm used, and the plots. `results`: {arm: [final metrics of each seed]}."""
   compute = COMPARE_ON[manifest.compare_on]
   took = "" if seconds is None else f" The arms trained for {seconds / 60:.0f} minutes here."
   lines = [f"Compared at equal {manifest.compare_on} ({compute}); regenerated by "
            f"`python tools/reproduce.py {manifest.family}`.{took}", ""]
   for table in manifest.tables:
     metrics = table.get("metrics", [])
+    rows = table.get("rows", [])
+    versus = [m for m in metrics] if any("versus" in r for r in rows) else []
     lines += [f"**{table.get('title', 'Results')}** — paper: {table.get('paper', '–')}", ""]
-    header = ["arm", compute] + [f"{m} (ours)" for m in metrics] + [f"{m} (paper)" for m in metrics]
+    header = (["arm", compute] + [f"{m} (ours)" for m in metrics]
+              + [f"{m} minus the compared arm's" for m in versus]
+              + [f"{m} (paper)" for m in metrics])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in table.get("rows", []):
-      ours = results.get(row["arm"], {})
+    for row in rows:
+      seeds = results.get(row["arm"], [])
+      values = lambda arm, m: [r[m] for r in results.get(arm, []) if m in r]
       paper = row.get("paper", {})
-      cells = ([row.get("label", row["arm"]), _cell(ours.get(compute))]
-               + [_cell(ours.get(m)) for m in metrics] + [_cell(paper.get(m)) for m in metrics])
+      compared = [(difference_cell(values(row["arm"], m), values(row["versus"], m))
+                   + f" vs {row['versus']}") if "versus" in row else "" for m in versus]
+      cells = ([row.get("label", row["arm"]), _cell(seeds[0].get(compute) if seeds else None)]
+               + [_seeds_cell(values(row["arm"], m)) for m in metrics] + compared
+               + [_cell(paper.get(m)) for m in metrics])
       lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
   for title, text, images in reports:
@@ -258,6 +365,17 @@ def results_markdown(manifest: Manifest, results: dict[str, dict], plots: list[s
     name = name.replace("_", " ").replace(os.sep, ": ")  # "strong shift: eval loss"
     lines.append(f"![{name}]({os.path.relpath(path, plots_relative_to)})")
   return "\n".join(lines).rstrip() + "\n"
+
+
+def remove_stale_plots(plots_dir: str, written) -> None:
+  """PNGs under plots_dir that this regeneration did not write (a figure no longer drawn) go,
+  so the folder holds exactly what the README shows."""
+  keep = {os.path.abspath(p) for p in written}
+  for folder, _, files in os.walk(plots_dir):
+    for name in files:
+      path = os.path.abspath(os.path.join(folder, name))
+      if name.endswith(".png") and path not in keep:
+        os.remove(path)
 
 
 def write_between_markers(readme: str, text: str, title: str) -> None:
@@ -277,9 +395,10 @@ def write_between_markers(readme: str, text: str, title: str) -> None:
 
 
 def reproduce(family: str, quick: bool = False, only: str | None = None,
-              runs_dir: str | None = None, experiments_dir: str | None = None) -> str:
-  """Runs the family's arms (all, or `only`), then writes its table and plots; returns the
-  markdown written."""
+              runs_dir: str | None = None, experiments_dir: str | None = None,
+              seeds: int | None = None) -> str:
+  """Runs the family's arms (all, or `only`), each over its seeds, then writes its table and
+  plots; returns the markdown written."""
   experiments_dir = experiments_dir or os.path.join(REPO, "experiments")
   manifest = load_manifest(experiments_dir, family)
   arms = manifest.arms
@@ -290,23 +409,32 @@ def reproduce(family: str, quick: bool = False, only: str | None = None,
                            f"{[a.name for a in manifest.arms]}")
   runs_dir = runs_dir or os.environ.get("JAXLM_RUNS_DIR") or os.path.expanduser("~/jaxlm_runs")
   family_runs = os.path.join(runs_dir, family + ("-quick" if quick else ""))
-  for i, arm in enumerate(arms, 1):
-    run_arm(manifest, arm, os.path.join(family_runs, arm.name), quick, i, len(arms))
-  finished = {a.name: os.path.join(family_runs, a.name) for a in manifest.arms
-              if a.gin and os.path.exists(os.path.join(family_runs, a.name, "done.json"))}
-  results = {name: final_metrics(path) for name, path in finished.items()}
+  counts = seed_counts(manifest, seeds, quick)
+  # Seed by seed: every arm's seed 0 first (the single-seed table), then the further seeds.
+  jobs = [(arm, k) for k in range(max(counts.values())) for arm in arms if k < counts[arm.name]]
+  for i, (arm, k) in enumerate(jobs, 1):
+    run_arm(manifest, arm, seed_dir(family_runs, arm.name, k), quick, i, len(jobs), k)
+  finished = {}  # arm -> its finished seeds' MODEL_DIRs, in seed order.
+  for arm in manifest.arms:
+    dirs = [seed_dir(family_runs, arm.name, k) for k in range(counts[arm.name])]
+    done = [d for d in dirs if os.path.exists(os.path.join(d, "done.json"))]
+    if done:
+      finished[arm.name] = done
+  trained = {name: dirs for name, dirs in finished.items()
+             if next(a for a in manifest.arms if a.name == name).gin}
+  results = {name: [final_metrics(d) for d in dirs] for name, dirs in trained.items()}
   out = family_runs if quick else manifest.folder
   plots = []
-  for group in manifest.plots or ({"name": "", "arms": list(finished)},):
-    members = [name for name in group["arms"] if name in finished]
+  for group in manifest.plots or ({"name": "", "arms": list(trained)},):
+    members = {name: trained[name] for name in group["arms"] if name in trained}
     if members:
-      plots += plot_runs.plot_runs([finished[n] for n in members],
-                                   os.path.join(out, "plots", group["name"]),
-                                   x=manifest.compare_on, names=members)
-  reports = [(r["title"], *run_report(r, family_runs, os.path.join(out, "plots")))
+      plots += plot_runs.plot_runs(members, os.path.join(out, "plots", group["name"]),
+                                   x=manifest.compare_on, targets=group.get("targets"))
+  reports = [(r["title"], *run_report(r, family_runs, os.path.join(out, "plots"), finished))
              for r in manifest.reports]
-  text = results_markdown(manifest, results, plots, out, reports,
-                         wall_seconds(family_runs, manifest.arms))
+  remove_stale_plots(os.path.join(out, "plots"),
+                     {*plots, *(image for _, _, images in reports for image in images)})
+  text = results_markdown(manifest, results, plots, out, reports, wall_seconds(trained))
   write_between_markers(os.path.join(out, "README.md"), text, manifest.title)
   return text
 
@@ -317,11 +445,16 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("family", help="a folder of experiments/ with a manifest.json")
   parser.add_argument("--quick", action="store_true", help="a few steps per arm (smoke test)")
   parser.add_argument("--only", default=None, help="run only this arm")
+  parser.add_argument("--seeds", type=int, default=None,
+                      help="seeds per arm (default: each arm's manifest 'seeds', else 1)")
   parser.add_argument("--runs_dir", default=None, help="where each arm's MODEL_DIR goes")
   parser.add_argument("--experiments_dir", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
   try:
-    print(reproduce(args.family, args.quick, args.only, args.runs_dir, args.experiments_dir))
+    if args.seeds is not None and args.seeds < 1:
+      raise ReproduceError(f"--seeds={args.seeds}: give 1 or more")
+    print(reproduce(args.family, args.quick, args.only, args.runs_dir, args.experiments_dir,
+                    args.seeds))
   except (ReproduceError, plot_runs.PlotError) as e:
     print(f"reproduce: error: {e}", file=sys.stderr)
     return 2

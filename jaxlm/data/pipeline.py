@@ -67,7 +67,10 @@ class DataConfig:
   seq_len: int = 256
   batch_size: int = 16  # The global batch: all hosts together.
   eval_batch_size: int | None = None  # None: batch_size.
-  max_eval_batches: int | None = 16  # Per domain; None: the whole validation set.
+  max_eval_batches: int | None = 16  # Per domain, every evaluation; None: the whole split.
+  # The evaluation at each stage's end (eval_final/...): "same" as every other, None for the
+  # whole validation split of each domain, or this many batches (at least max_eval_batches).
+  final_eval_batches: int | str | None = "same"
   seed: int = 0
 
   def __post_init__(self):
@@ -79,6 +82,20 @@ class DataConfig:
     check_range("DataConfig.seed", self.seed, low=0, integer=True)
     check_range("DataConfig.valid_fraction", self.valid_fraction, low=0, high=1, low_open=True,
                 high_open=True)
+    final = self.final_eval_batches
+    if isinstance(final, str) and final != "same":
+      raise UserError(f"DataConfig.final_eval_batches={final!r}: give 'same', None (the whole "
+                      "validation split) or a number of batches")
+    if not isinstance(final, str):
+      check_range("DataConfig.final_eval_batches", final, low=1, integer=True, optional=True)
+      if final is not None and (self.max_eval_batches is None or final < self.max_eval_batches):
+        raise UserError(f"DataConfig.final_eval_batches={final} must be at least "
+                        f"max_eval_batches={self.max_eval_batches}: the final evaluation "
+                        "includes every other's batches")
+
+  def eval_batches_to_build(self) -> int | None:
+    """Batches per domain the eval sets hold: the final evaluation's (None: all)."""
+    return self.max_eval_batches if self.final_eval_batches == "same" else self.final_eval_batches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,14 +125,15 @@ def _eval_domain_sources(eval_domains: Sequence[Any]) -> list:
   return source_lib.as_sources(list(eval_domains), "EvalConfig.domains") if eval_domains else []
 
 
-def check_sources(config: DataConfig, eval_domains: Sequence[Any] = ()) -> None:
+def check_sources(config: DataConfig, eval_domains: Sequence[Any] = ()) -> list[str]:
   """The sources (and evaluation-only domains) resolve (paths exist, names are unique) and the
   mixture names only them, without reading or tokenizing any text: what a run checks for every
-  stage at start-up."""
+  stage at start-up. Returns the training sources' names."""
   found = _sources_of(config)
   _eval_domain_sources(eval_domains)
   if config.mixture is not None:
     normalize_weights(config.mixture, [s.name for s in found])
+  return [s.name for s in found]
 
 
 def _weights(config: DataConfig, found: list, train_rows: dict[str, PackedRows]):
@@ -151,7 +169,8 @@ def _train_and_valid(source, config: DataConfig, tokenizer):
 def _eval_batches(valid, name: str, config: DataConfig, tokenizer) -> list[Batch]:
   rows = PackedRows(valid, config.seq_len, tokenizer.bos_id, tokenizer.eos_id,
                     getattr(tokenizer, "pad_id", 0), name=f"the valid split of source {name!r}")
-  return eval_batches(rows, config.eval_batch_size or config.batch_size, config.max_eval_batches)
+  return eval_batches(rows, config.eval_batch_size or config.batch_size,
+                      config.eval_batches_to_build())
 
 
 def build_datasets(config: DataConfig, shard_index: int = 0, shard_count: int = 1, *,

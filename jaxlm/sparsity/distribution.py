@@ -4,7 +4,8 @@ et al. 1911.11134 §3, after Mocanu et al. 1707.04780).
 ERK gives layer l density proportional to (n_in + n_out) / (n_in * n_out) (a matrix seen as its
 input by its output dimensions), so small layers stay denser: density_l = eps * r_l with eps
 chosen so the kept weights total density * all weights. A layer whose density_l would exceed 1 is
-made dense and eps is solved again over the rest (jaxpruner's and RigL's re-solve)."""
+made dense and eps is solved again over the rest (jaxpruner's and RigL's re-solve). Every
+density is in (0, 1], and 1 for every layer at density 1."""
 
 import numpy as np
 
@@ -32,6 +33,8 @@ def layer_densities(shapes: dict[str, tuple[int, int]], density: float,
   dense: set[str] = set()
   while True:
     rest = [n for n in shapes if n not in dense]
+    if not rest:  # Density 1 (or a hair below): every layer over 1 by a rounding error.
+      return {n: 1.0 for n in shapes}
     epsilon = (budget - sum(sizes[n] for n in dense)) / sum(ratio[n] * sizes[n] for n in rest)
     over = [n for n in rest if epsilon * ratio[n] > 1.0]
     if not over:

@@ -189,9 +189,10 @@ def nm_sparsity(n: int = 2, m: int = 4, decay: float = 2e-4,
 
 
 def cubic_density(step, final_density: float, start: int, end: int):
-  """Zhu & Gupta's (1710.01878) cubic schedule as a density: 1 before `start`, final after
-  `end`, 1 - (1 - final) (1 - (1 - p)^3) between, p the fraction of [start, end] done."""
-  p = jnp.clip((step - start) / max(end - start, 1), 0.0, 1.0)
+  """Zhu & Gupta's (1710.01878) cubic schedule as a density: 1 before `start`, final from
+  `end` on (also where `end` == `start`), 1 - (1 - final) (1 - (1 - p)^3) between, p the
+  fraction of [start, end] done."""
+  p = jnp.where(step >= end, 1.0, jnp.clip((step - start) / max(end - start, 1), 0.0, 1.0))
   return 1.0 - (1.0 - final_density) * (1.0 - (1.0 - p) ** 3)
 
 
@@ -210,14 +211,21 @@ def gradual_pruning(final_density: float = 0.25, start_fraction: float = 0.25,
                     distribution: str = "uniform", patterns=selection.DEFAULT_PATTERNS) -> Method:
   """Gradual magnitude pruning, cubic between `start_fraction` and `end_fraction` of the stage
   ("The Journey Matters", 2501.12486: 25% -> 75% is their best schedule); the masks are
-  recomputed from |w| every `update_every` steps (pruned weights are zero, so pruning only
-  grows). Each matrix follows the schedule to its own final density (`distribution`)."""
+  recomputed from the active weights' |w| every `update_every` steps and at the end, so a
+  pruned weight never returns. Each matrix follows the schedule to its own final density
+  (`distribution`) and holds exactly static sparsity's count for it (`kept_counts`) from the end
+  on; an end at or past the stage's last step is that last step, so the stage always gets
+  there."""
   check_density("gradual_pruning.final_density", final_density)
   _check_choice("gradual_pruning.distribution", distribution, DISTRIBUTIONS)
   _window("gradual_pruning", 100, start_fraction, end_fraction)
 
   def for_stage(num_steps):
     start, end = _window("gradual_pruning", num_steps, start_fraction, end_fraction)
+    # Stage steps are 0 .. num_steps - 1: an end at num_steps (end_fraction=1) would never be
+    # reached, nor a start rounded up to it.
+    end = min(end, num_steps - 1)
+    start = min(start, end)
 
     def init_masks(chosen):
       return {n: jnp.ones(p.shape, bool) for n, p in chosen.items()}
@@ -226,17 +234,42 @@ def gradual_pruning(final_density: float = 0.25, start_fraction: float = 0.25,
       del grads
       chosen = {n: selection.get(params, n) for n in masks}
       final = layer_densities(_matrix_shapes(chosen), final_density, distribution)
+      final_counts = kept_counts(final, {n: w.size for n, w in chosen.items()})
       due = (step >= start) & (step <= end) & (((step - start) % update_every == 0)
                                                | (step == end))
 
       def prune():
-        counts = {n: jnp.maximum(1, jnp.rint(cubic_density(step, final[n], start, end) * w.size))
-                  for n, w in chosen.items()}
-        return {n: topk_mask(jnp.abs(w), counts[n].astype(jnp.int32)) for n, w in chosen.items()}
+        def count(n, w):  # The schedule in float32, never below the exact final count.
+          scheduled = jnp.rint(cubic_density(step, final[n], start, end) * w.size)
+          return jnp.where(step >= end, final_counts[n],
+                           jnp.maximum(final_counts[n], scheduled.astype(jnp.int32)))
+        counts = {n: count(n, w) for n, w in chosen.items()}
+        # Among the active weights only: a pruned weight is zero, but so may be an active one,
+        # and a tie at zero must not bring the pruned one back.
+        return {n: topk_mask(jnp.abs(w), counts[n], eligible=masks[n]) for n, w in chosen.items()}
       return jax.lax.cond(due, prune, lambda: masks)
 
     return sparse_method("gradual_pruning", patterns, init_masks, update)
   return Method("gradual_pruning", for_stage=for_stage)
+
+
+def drop_and_grow(mask, weight, growth, fraction):
+  """One matrix's RigL/SET mask update: drop floor(`fraction` x active) of the active weights
+  with the smallest |`weight`| and grow as many with the largest `growth` score (non-negative)
+  among all weights not kept. The count of active weights is exactly unchanged: the drop keeps
+  active - drop of `active` eligible weights, and at least `drop` weights are not kept.
+
+  The just-dropped weights are eligible to grow again, as in RigL (Evci et al. 1911.11134,
+  Algorithm 1 grows from the weights outside theta minus I_drop; the authors' code lowers the
+  grow score of the kept weights only). Growing from the weights inactive *before* the drop
+  instead loses weights whenever fewer than `drop` are inactive: every update of a dense
+  matrix (ERK makes small ones dense) or of one above 1 / (1 + fraction) density. A dropped
+  weight grown back is in both masks, so `sparse_method` keeps its value and moments (the
+  authors' default, reinit_when_same=False)."""
+  active = jnp.sum(mask, dtype=jnp.int32)
+  drop = jnp.floor(fraction * active).astype(jnp.int32)
+  kept = topk_mask(jnp.abs(weight), active - drop, eligible=mask)
+  return kept | topk_mask(growth, drop, eligible=~kept)
 
 
 @gin.configurable
@@ -246,8 +279,10 @@ def rigl(density: float = 0.2, distribution: str = "erk", update_every: int = 10
   """RigL (Evci et al. 1911.11134): a random mask of `density` (per matrix by `distribution`);
   every `update_every` steps until `end_fraction` of the stage, drop the smallest-|w| fraction
   of each matrix's active weights (`drop_fraction`, cosine-decayed to 0 at the end) and grow as
-  many inactive ones with the largest |gradient| (grow="random": SET, Mocanu et al.
-  1707.04780), at zero with their Adam moments reset. Per-matrix density stays exact."""
+  many with the largest |gradient| (grow="random": SET, Mocanu et al. 1707.04780) among the
+  weights not kept, the ones just dropped included (`drop_and_grow`); newly grown weights start
+  at zero with their Adam moments reset. Each matrix keeps exactly its initial number of active
+  weights through every update, whatever its density: a matrix ERK makes dense stays dense."""
   check_density("rigl.density", density)
   _check_choice("rigl.distribution", distribution, DISTRIBUTIONS)
   _check_choice("rigl.grow", grow, GROW)
@@ -269,13 +304,8 @@ def rigl(density: float = 0.2, distribution: str = "erk", update_every: int = 10
         chosen = {n: selection.get(params, n) for n in masks}
         growth = (_scores(chosen, "random", seed + 1, step) if grow == "random" else
                   {n: jnp.abs(selection.get(grads, n)) for n in masks})
-        out = {}
-        for n, mask in masks.items():
-          active = jnp.sum(mask)
-          drop = jnp.floor(fraction * active).astype(jnp.int32)
-          kept = topk_mask(jnp.abs(chosen[n]), active - drop, eligible=mask)
-          out[n] = kept | topk_mask(growth[n], drop, eligible=~mask)
-        return out
+        return {n: drop_and_grow(mask, chosen[n], growth[n], fraction)
+                for n, mask in masks.items()}
       return jax.lax.cond(due, regrow, lambda: masks)
 
     return sparse_method("rigl", patterns, init_masks, update, mode="straight_through",
