@@ -35,9 +35,17 @@ def small_text_file(tmp_path):
   return path
 
 
+def as_defaults(flags):
+  """--gin.NAME=VALUE flags as --gin_defaults: settings a test harness shares between runs,
+  some of which a given run (a multi-stage gin file) overrides in every stage."""
+  return [f"--gin_defaults={f[len('--gin.'):].replace('=', ' = ', 1)}" if f.startswith("--gin.")
+          else f for f in flags]
+
+
 def quick_run_args(model_dir, text_file, *extra):
-  """CLI arguments for a few-step run of the quickstart experiment on a small text file."""
-  return [
+  """CLI arguments for a few-step run of the quickstart experiment on a small text file (the
+  shared settings as --gin_defaults; `extra` as given)."""
+  return [*as_defaults([
       "--gin_file=experiments/quickstart.gin",
       f"--gin.MODEL_DIR='{model_dir}'",
       "--gin.Stage.num_steps=6",
@@ -52,8 +60,7 @@ def quick_run_args(model_dir, text_file, *extra):
       "--gin.TrainerConfig.checkpoint_every=3",
       "--gin.TrainerConfig.sample_tokens=16",
       "--gin.TrainerConfig.peak_flops_per_device=1e12",
-      *extra,
-  ]
+  ]), *extra]
 
 
 @pytest.fixture(scope="session")

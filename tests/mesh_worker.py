@@ -10,6 +10,7 @@ import sys
 
 import jax
 
+from conftest import as_defaults  # tests/ is this script's folder, so it is on sys.path.
 from jaxlm import train
 
 COMMON = [
@@ -33,6 +34,8 @@ COMMON = [
     "--gin.TrainerConfig.tensorboard=False",
     "--gin.TrainerConfig.peak_flops_per_device=1e12",
 ]
+# Shared by runs whose own gin files override some of them in every stage: defaults, not errors.
+COMMON = as_defaults(COMMON)
 
 
 def main() -> int:

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import load_tool
 from jaxlm.continual.document_scores import best_documents, scored_documents
+from jaxlm.data.sources import documents_source
 from jaxlm.data.pipeline import DataConfig, build_datasets
 from jaxlm.errors import UserError
 
@@ -49,6 +50,11 @@ def test_the_best_fraction_is_kept_in_file_order(scored):
                                        valid_fraction=0.5))
   assert datasets.train.num_rows > 0
   assert best_documents(["a", "b", "c", "d"], [3.0, 1.0, 2.0, 0.5], 0.5) == ["b", "d"]
+  # Given the source that was scored, the subset takes its name and its validation documents.
+  scored_source = documents_source(documents, name="french", valid_documents=["held out"])
+  subset = scored_documents(scores=str(out), keep_fraction=0.6, source=scored_source)
+  assert subset.name == "french" and list(subset.read_valid()) == ["held out"]
+  assert list(subset.read()) == list(source.read())
   text.write_text(text.read_text(encoding="utf-8") + "more\n", encoding="utf-8")
   with pytest.raises(UserError, match="changed since; score it again"):
     scored_documents(scores=str(out), keep_fraction=0.5)

@@ -84,7 +84,7 @@ def test_an_unused_macro_and_a_shadowed_default_are_refused(tmp_path, small_text
                         "run.stages = [@only/Stage()]\n"
                         "only/Stage.num_steps = 6\n")
   argv = [f"--gin_file={experiment}", *quick_run_args(tmp_path / "b", small_text_file)[1:]]
-  argv.remove("--gin.Stage.num_steps=6")
+  argv.remove("--gin_defaults=Stage.num_steps = 6")
   line = _error(capsys, argv)
   assert ("gin binding Stage.num_steps (experiments/quickstart.gin, line 8) is never used: every "
           "call of Stage in scope 'unscoped' gets num_steps from the code or from a binding in a "

@@ -349,8 +349,11 @@ def test_grown_params_carry_their_logical_axes_and_train_sharded_on_8_devices(
   assert jax.tree.structure(grown.params) == jax.tree.structure(logical_axes(large))
   gin_file = tmp_path / "growth.gin"
   gin_file.write_text(GROWTH_GIN.replace("large/Stage.num_steps = 8", "large/Stage.num_steps = 6")
+                      .replace("msg.ramp_steps = 1\n", "")
                       + "large/Stage.keep_optimizer_state = True\n", encoding="utf-8")
-  flags = [f"--gin_file={gin_file}", "--gin.warmup_cosine.warmup_steps=1"]
+  # The "grow" run drops the msg method, so its ramp is a default both runs share.
+  flags = [f"--gin_file={gin_file}", "--gin.warmup_cosine.warmup_steps=1",
+           "--gin_defaults=msg.ramp_steps = 1"]
   grow = flags + ["--gin.large/Stage.transition=['grow_width', 'grow_depth']",
                   "--gin.large/Stage.methods=[]"]
   one = _run_worker(tmp_path / "one", small_text_file, 1, {

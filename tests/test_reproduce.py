@@ -31,6 +31,9 @@ def _family(root, corpus):
                    "-c", "import sys; open(sys.argv[1] + '/note.txt', 'w').write('made')",
                    "{model_dir}"]},
                {"name": "low", "gin": "low.gin"},
+               # The same code path with other numbers: --quick skips it.
+               {"name": "lower", "gin": "low.gin", "bindings": ["warmup_cosine.peak_lr = 5e-4"],
+                "quick": False},
                {"name": "high", "gin": "high.gin", "seeds": 2}],
       "tables": [{"title": "Final loss", "metrics": ["eval/loss"], "paper": "Nobody 2099, Fig. 1",
                   "rows": [{"arm": "low", "paper": {"eval/loss": 9.5}},
@@ -89,6 +92,7 @@ def test_a_family_runs_resumably_and_its_table_and_plots_are_regenerated(
   if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     assert os.listdir(runs / "toy-quick" / ".jax_cache")
   assert (runs / "toy-quick" / "note" / "note.txt").read_text() == "made"
+  assert not (runs / "toy-quick" / "lower").exists()
   assert (runs / "toy-quick" / "plots" / "eval_loss.png").stat().st_size > 1000
 
 
@@ -98,7 +102,8 @@ def test_the_table_goes_between_the_markers_of_the_family_readme(tmp_path, small
   experiments = _family(tmp_path, small_text_file)
   runs = tmp_path / "runs" / "toy"
   # As if both arms had finished two seeds each (--seeds=2).
-  for arm, seed, loss in (("low", 0, 5.0), ("low", 1, 5.1), ("high", 0, 4.0), ("high", 1, 4.2)):
+  for arm, seed, loss in (("low", 0, 5.0), ("low", 1, 5.1), ("high", 0, 4.0), ("high", 1, 4.2),
+                          ("lower", 0, 5.5), ("lower", 1, 5.6)):
     run = runs / (f"seed{seed}" if seed else "") / arm
     run.mkdir(parents=True)
     record = {"step": 3, "eval/loss": loss, "total/tokens": 768.0, "train/loss": loss}

@@ -15,6 +15,7 @@ A family is a folder experiments/FAMILY/ holding one small gin file per arm and 
      "plots": [{"name": "strong_shift", "arms": ["base", "replay_5"]}],   # optional groups
      "tables": [{"title": "Final loss", "metrics": ["eval/loss"],
                  "paper": "Ibrahim et al. 2024 (2403.08763), Table 1",
+                 "compare": ["eval/loss"],   # optional: what "versus" rows are compared on
                  "rows": [{"arm": "baseline", "paper": {"eval/loss": 2.41}},
                           {"arm": "replay", "versus": "baseline"}, ...]}],
      "reports": [{"title": "Mixture law", "command": ["tools/fit_mixture_law.py", ...]}],
@@ -35,7 +36,8 @@ several seeds is "mean ± standard deviation (n=K)"; a row with "versus": ARM ge
 column, written as a tie where the difference is smaller than the two arms' summed standard
 deviations. In report commands {runs}/ARM stands for every finished seed of ARM, comma-separated
 (the report tools read NAME=DIR,DIR,... as seeds). --quick runs one seed per arm, except the first
-arm with several, which runs two: the multi-seed path is exercised too.
+arm with several, which runs two: the multi-seed path is exercised too; it skips the arms marked
+"quick": false, whose code path another arm already runs with other numbers (lengths, ratios).
 
 Each arm trains in its own MODEL_DIR under --runs_dir (default $JAXLM_RUNS_DIR or
 ~/jaxlm_runs; --quick uses FAMILY-quick there), through `python -m jaxlm.train`, so an arm
@@ -77,6 +79,7 @@ class Arm:
   # and {model_dir} in it are replaced.
   command: tuple[str, ...] = ()
   seeds: int = 1
+  quick: bool = True  # False: --quick skips it (its code path is another arm's, other numbers).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +112,8 @@ def load_manifest(experiments_dir: str, family: str) -> Manifest:
     with open(path, encoding="utf-8") as f:
       raw = json.load(f)
     arms = tuple(Arm(a["name"], a.get("gin"), tuple(a.get("bindings", ())),
-                     tuple(a.get("command", ())), int(a.get("seeds", 1))) for a in raw["arms"])
+                     tuple(a.get("command", ())), int(a.get("seeds", 1)),
+                     bool(a.get("quick", True))) for a in raw["arms"])
     manifest = Manifest(family, folder, raw.get("title", family), raw.get("compare_on", "tokens"),
                         arms, tuple(raw.get("tables", ())), tuple(raw.get("bindings", ())),
                         tuple(raw.get("quick_bindings", ())), raw.get("notes", ""),
@@ -136,6 +140,11 @@ def load_manifest(experiments_dir: str, family: str) -> Manifest:
         raise ReproduceError(f"{path}: table {table.get('title')!r} compares {row['arm']!r} with "
                              f"{row['versus']!r}, which is not among the arms {names}")
   for arm in arms:
+    skipped = [n for n in _arms_named(" ".join((*arm.bindings, *arm.command)), names)
+               if not next(a for a in arms if a.name == n).quick]
+    if arm.quick and skipped:
+      raise ReproduceError(f"{path}: arm {arm.name!r} restores {skipped[0]!r}, which --quick "
+                           "skips (\"quick\": false); let --quick run both or neither")
     if arm.seeds < 1:
       raise ReproduceError(f"{path}: arm {arm.name!r} has seeds={arm.seeds}; give 1 or more")
     if (arm.gin is None) == (not arm.command):
@@ -338,7 +347,8 @@ def results_markdown(manifest: Manifest, results: dict[str, list[dict]], plots: 
   for table in manifest.tables:
     metrics = table.get("metrics", [])
     rows = table.get("rows", [])
-    versus = [m for m in metrics] if any("versus" in r for r in rows) else []
+    # "compare": the metrics a "versus" row is compared on (default: all of them).
+    versus = list(table.get("compare", metrics)) if any("versus" in r for r in rows) else []
     lines += [f"**{table.get('title', 'Results')}** — paper: {table.get('paper', '–')}", ""]
     header = (["arm", compute] + [f"{m} (ours)" for m in metrics]
               + [f"{m} minus the compared arm's" for m in versus]
@@ -407,6 +417,8 @@ def reproduce(family: str, quick: bool = False, only: str | None = None,
     if not arms:
       raise ReproduceError(f"family {family!r} has no arm {only!r}; arms: "
                            f"{[a.name for a in manifest.arms]}")
+  if quick and only is None:
+    arms = tuple(a for a in arms if a.quick)
   runs_dir = runs_dir or os.environ.get("JAXLM_RUNS_DIR") or os.path.expanduser("~/jaxlm_runs")
   family_runs = os.path.join(runs_dir, family + ("-quick" if quick else ""))
   counts = seed_counts(manifest, seeds, quick)

@@ -85,9 +85,11 @@ def best_documents(documents: list[str], losses, keep_fraction: float) -> list[s
 
 @gin.configurable
 def scored_documents(scores: str = gin.REQUIRED, keep_fraction: float = 0.1,
-                     name: str | None = None) -> TextSource:
+                     name: str | None = None, source: TextSource | None = None) -> TextSource:
   """The best-scored keep_fraction of the documents a scores file scored (lowest reference
-  loss first kept), validated on the scored source's valid file when it had one."""
+  loss first kept), validated on the scored source's valid file when it had one. `source`: the
+  source that was scored (e.g. @french/shared_corpus()), when the config builds it anyway: the
+  subset takes its name and is validated on its validation documents."""
   if not 0 < keep_fraction <= 1:
     raise UserError(f"scored_documents.keep_fraction must be in (0, 1], got {keep_fraction!r}")
   header, losses = read_scores(scores)
@@ -103,6 +105,8 @@ def scored_documents(scores: str = gin.REQUIRED, keep_fraction: float = 0.1,
       raise UserError(f"{scores} scores {len(losses)} documents but {path} has "
                       f"{len(documents)}; score it again")
     return best_documents(documents, losses, keep_fraction)
+  if source is not None:
+    return TextSource(name or source.name, train, source.read_valid)
   valid = header.get("valid_path")
   source_name = name or header.get("name", "scored")
   if valid is None:

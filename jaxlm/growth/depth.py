@@ -11,7 +11,8 @@
 - zero_copies=True: every repeated layer after its source's first copy has zero output
   projections (attention `out`, MLP `down`), so it adds nothing to the residual stream: exact
   identity insertion (the function is the small model's; the copies still train, since their
-  inputs and the gradients into their zeroed projections are not zero).
+  inputs and the gradients into their zeroed projections are not zero). Needs the same
+  norm_eps in both models (grow_depth_transition checks it).
 Embeddings, the final norm and the head are kept as they are (copied, for G_stack).
 """
 

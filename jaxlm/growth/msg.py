@@ -114,15 +114,22 @@ def msg_grow(state, ctx: TransitionContext):
     if getattr(large, field) < getattr(small, field):
       raise UserError(f"MSG grows: ModelConfig.{field} {getattr(small, field)} -> "
                       f"{getattr(large, field)} shrinks")
+  # MSG (2305.02869) grows the sizes only: these would otherwise fail as a pytree mismatch, or
+  # (vocabulary) pass with the wrong embedding shape.
+  for field in ("vocab_size", "tie_embeddings", "attention_bias"):
+    if getattr(small, field) != getattr(large, field):
+      raise UserError(f"MSG keeps ModelConfig.{field} ({getattr(small, field)!r} -> "
+                      f"{getattr(large, field)!r}); change it in a separate transition")
   if (large.num_heads // large.num_kv_heads != small.num_heads // small.num_kv_heads
       or large.resolved_head_dim != small.resolved_head_dim):
     raise UserError("MSG adds whole heads: head_dim and num_heads / num_kv_heads must stay "
                     f"({small.resolved_head_dim}, {small.num_heads // small.num_kv_heads})")
-  if large.d_model > small.d_model and not math.isclose(
-      large.norm_eps, small.norm_eps * small.d_model / large.d_model, rel_tol=1e-6):
+  # Also when d_model stays (then the same epsilon): else mask 0 is not the small model.
+  if not math.isclose(large.norm_eps, small.norm_eps * small.d_model / large.d_model,
+                      rel_tol=1e-6):
     raise UserError(f"MSG from d_model {small.d_model} to {large.d_model} is exact only with "
                     f"the large model's ModelConfig.norm_eps = {small.norm_eps} x "
-                    f"{small.d_model}/{large.d_model}; set it")
+                    f"{small.d_model}/{large.d_model} (it is {large.norm_eps}); set it")
   fresh = init_params(large, ctx.rng)
   wide = dataclasses.replace(large, num_layers=small.num_layers)
   maps = {k: AxisMap(m.source, np.ones(m.size), zero_side=None)  # New entries: all fresh.

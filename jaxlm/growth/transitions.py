@@ -13,9 +13,11 @@ state; otherwise the next stage initialises a fresh one, as G_stack, bert2BERT a
 """
 
 import dataclasses
+import math
 
 import gin
 
+from jaxlm.errors import UserError
 from jaxlm.growth.depth import depth_sources, grow_depth
 from jaxlm.growth.width import check_width, grow_tree, grow_width, width_maps
 from jaxlm.model import init_params, logical_axes
@@ -61,6 +63,13 @@ def grow_width_transition(state, ctx: TransitionContext, mlp: str = "fpi", heads
 def grow_depth_transition(state, ctx: TransitionContext, order: str = "stack",
                           zero_copies: bool = False):
   """Layers copied to the next stage's depth (jaxlm.growth.depth)."""
+  previous, following = ctx.previous.model, ctx.following.model
+  if (zero_copies and previous.d_model == following.d_model  # Else the width's to check.
+      and not math.isclose(previous.norm_eps, following.norm_eps, rel_tol=1e-6)):
+    # Identity insertion (G_stack 2405.15319 with zeroed copies) is exact only at the same eps.
+    raise UserError(f"grow_depth.zero_copies keeps the function only with the same "
+                    f"ModelConfig.norm_eps, but it changes {previous.norm_eps} -> "
+                    f"{following.norm_eps}; set the large model's norm_eps = {previous.norm_eps}")
   sources = depth_sources(num_layers_of(state.params), ctx.following.model.num_layers, order)
   grow = lambda tree: grow_depth(tree, sources, zero_copies)
   return state.replace(params=grow(state.params),

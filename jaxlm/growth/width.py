@@ -18,14 +18,17 @@ the residual width d_model, as pure functions on param pytrees.
   one. Exact when the large model's norm_eps is eps * D_old / D_new (`exact_norm_eps`; checked).
   d_model="copy": bert2BERT-style copies of dimensions (readers divided). Under RMSNorm it is
   exact only when every dimension is copied equally often (D_new a multiple of D_old: the RMS
-  of the duplicated stream is the old RMS); otherwise the duplicated dimensions weigh more in
-  the RMS and it is approximate (|dlogit| 0.33 for 32 -> 48 in tests/test_growth.py).
+  of the duplicated stream is the old RMS) and norm_eps stays (not checked); otherwise the
+  duplicated dimensions weigh more in the RMS and it is approximate (|dlogit| 0.33 for
+  32 -> 48 in tests/test_growth.py).
+When d_model does not grow, the large model's norm_eps must be the small one's (checked).
 """
 
 import dataclasses
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.errors import UserError
@@ -72,6 +75,13 @@ def check_width(small: ModelConfig, large: ModelConfig, mlp: str, heads: str,
     raise UserError(f"head growth keeps the GQA ratio num_heads/num_kv_heads ({ratio}), but the "
                     f"large model has {large.num_heads}/{large.num_kv_heads} = {new_ratio}; "
                     f"set num_heads = {ratio} x num_kv_heads")
+  if large.d_model == small.d_model and not math.isclose(large.norm_eps, small.norm_eps,
+                                                         rel_tol=1e-6):
+    # Growing d_model is checked below; an unchanged d_model needs the same epsilon, or the
+    # FPI/zero growth of bert2BERT (2110.07143) is not function-preserving (|dlogit| ~5e-4).
+    raise UserError(f"width growth keeps d_model {small.d_model}, so it is exact only with the "
+                    f"same ModelConfig.norm_eps, but it changes {small.norm_eps} -> "
+                    f"{large.norm_eps}; set the large model's norm_eps = {small.norm_eps}")
   if large.d_model > small.d_model and d_model == "exact":
     want = exact_norm_eps(small, large.d_model)
     if not math.isclose(large.norm_eps, want, rel_tol=1e-6):
@@ -105,10 +115,12 @@ def width_maps(small: ModelConfig, large: ModelConfig, mlp: str = "fpi", heads: 
   return maps
 
 
-def _norm_scale(x, amap: AxisMap | None, exact: bool):
+def _norm_scale(x, amap: AxisMap | None, exact: bool, moments: bool = False):
   if amap is None:
     return x
   grown = x[np.maximum(amap.source, 0)]
+  if moments:  # A moment's new entries are zero (as for every other leaf), not dimension 0's.
+    return jnp.where(amap.is_new, jnp.zeros_like(grown), grown)
   if exact:  # RMS over D_new dims = sqrt(D_old / D_new) x RMS over the old ones.
     grown = grown * np.float32(math.sqrt(np.sum(~amap.is_new) / amap.size))
   return grown
@@ -125,7 +137,7 @@ def grow_tree(tree, axes, maps: dict[str, AxisMap], fresh=None, d_model: str = "
   def grow(path, x, leaf_axes, new=None):
     weight = str(path[-1].key)
     if weight == NORM_SCALE:
-      return _norm_scale(x, maps.get("embed"), d_model == "exact" and not moments)
+      return _norm_scale(x, maps.get("embed"), d_model == "exact" and not moments, moments)
     return grow_leaf(x, tuple(leaf_axes), maps, weight, None if moments else new)
 
   if fresh is None:
