@@ -25,6 +25,7 @@ from jaxlm.model import ModelConfig, init_params
 from jaxlm.stages import Stage
 from jaxlm.train_step import init_state
 from test_growth import EXACT, _ctx, _logit_error, _trained_like, _wider
+from test_growth import test_width_growth_documented_as_exact_keeps_the_logits as check_exact_width_growth
 
 # One KV group of two heads: head growth starts from num_kv_heads 1.
 BASE = ModelConfig(vocab_size=32, d_model=16, num_layers=2, num_heads=2, num_kv_heads=1,
@@ -81,15 +82,7 @@ def _first_fast(cases):
 @pytest.mark.parametrize("name,small,sizes,modes",
                          _first_fast(WIDTH_ORDER), ids=[c[0] for c in WIDTH_ORDER])
 def test_exact_width_growth_keeps_the_logits_on_uneven_shapes(name, small, sizes, modes):
-  large = _wider(small, **sizes)
-  if modes.get("d_model") == "copy":
-    large = dataclasses.replace(large, norm_eps=small.norm_eps)  # Copies keep the RMS itself.
-  params = _trained_like(small)
-  grown = grow_width(params, small, large, init_params(large, jax.random.key(3)), **modes)
-  assert _shapes(grown) == _shapes_of(large)
-  error = _logit_error(params, small, grown, large)
-  print(f"{name}: max |dlogit| {error:.2e}")
-  assert error < EXACT
+  check_exact_width_growth(name, small, sizes, modes)  # test_growth's check, on these shapes.
 
 
 @pytest.mark.parametrize("small_layers,large_layers,order,sources", _first_fast([
