@@ -61,15 +61,19 @@ def evaluate(eval_step, params, eval_sets: dict[str, EvalSet],
                    (s.batches if final else s.batches[:s.subset])]
           for domain, s in eval_sets.items()}
   sums = {domain: [(float(n), float(t)) for n, t in batches] for domain, batches in sums.items()}
-  results = {}
-  for prefix, part in (("eval", lambda s: slice(s.subset)), ("eval_final", lambda s: slice(None))):
-    if prefix == "eval_final" and not final:
-      continue
-    pooled, pooled_bytes = [], 0.0
-    for domain, s in eval_sets.items():
-      domain_sums, domain_bytes = sums[domain][part(s)], sum(s.batch_bytes[part(s)])
-      results.update(_summary(f"{prefix}/{domain}", domain_sums, domain_bytes))
-      pooled, pooled_bytes = pooled + domain_sums, pooled_bytes + domain_bytes
-    results.update(_summary(prefix, pooled, pooled_bytes))
-    results[f"{prefix}/targets"] = sum(t for _, t in pooled)
+  results = _report("eval", sums, eval_sets, lambda s: slice(s.subset))
+  if final:
+    results.update(_report("eval_final", sums, eval_sets, lambda s: slice(None)))
+  return results
+
+
+def _report(prefix: str, sums: dict, eval_sets: dict[str, EvalSet], part) -> dict[str, float]:
+  """Each domain's and the pooled summary over the batches `part(eval set)` selects."""
+  results, pooled, pooled_bytes = {}, [], 0.0
+  for domain, s in eval_sets.items():
+    domain_sums, domain_bytes = sums[domain][part(s)], sum(s.batch_bytes[part(s)])
+    results.update(_summary(f"{prefix}/{domain}", domain_sums, domain_bytes))
+    pooled, pooled_bytes = pooled + domain_sums, pooled_bytes + domain_bytes
+  results.update(_summary(prefix, pooled, pooled_bytes))
+  results[f"{prefix}/targets"] = sum(t for _, t in pooled)
   return results

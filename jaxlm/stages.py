@@ -62,7 +62,7 @@ class Stage:
   def __post_init__(self):
     object.__setattr__(self, "gin_scope", tuple(gin.current_scope()))
     if self.name is None:
-      object.__setattr__(self, "name", gin.current_scope_str() or "pretrain")
+      object.__setattr__(self, "name", "/".join(self.gin_scope) or "pretrain")
     if isinstance(self.restart_sources, str) or not all(
         isinstance(s, str) for s in self.restart_sources):
       raise UserError(f"Stage.restart_sources (stage {self.name!r}) must be a list of source "

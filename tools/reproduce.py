@@ -140,8 +140,9 @@ def load_manifest(experiments_dir: str, family: str) -> Manifest:
         raise ReproduceError(f"{path}: table {table.get('title')!r} compares {row['arm']!r} with "
                              f"{row['versus']!r}, which is not among the arms {names}")
   for arm in arms:
+    quick = {a.name: a.quick for a in arms}
     skipped = [n for n in _arms_named(" ".join((*arm.bindings, *arm.command)), names)
-               if not next(a for a in arms if a.name == n).quick]
+               if not quick[n]]
     if arm.quick and skipped:
       raise ReproduceError(f"{path}: arm {arm.name!r} restores {skipped[0]!r}, which --quick "
                            "skips (\"quick\": false); let --quick run both or neither")
@@ -432,8 +433,8 @@ def reproduce(family: str, quick: bool = False, only: str | None = None,
     done = [d for d in dirs if os.path.exists(os.path.join(d, "done.json"))]
     if done:
       finished[arm.name] = done
-  trained = {name: dirs for name, dirs in finished.items()
-             if next(a for a in manifest.arms if a.name == name).gin}
+  training_arms = {a.name for a in manifest.arms if a.gin}
+  trained = {name: dirs for name, dirs in finished.items() if name in training_arms}
   results = {name: [final_metrics(d) for d in dirs] for name, dirs in trained.items()}
   out = family_runs if quick else manifest.folder
   plots = []
