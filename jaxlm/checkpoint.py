@@ -157,6 +157,8 @@ class Checkpointer:
     """{"params/embed/embedding": its shape and dtype, ...} of the saved state, from its
     metadata only."""
     tree = self._manager.item_metadata(step)["state"]
+    if not tree:  # Orbax gives an empty tree when the state's _METADATA file is gone.
+      raise ValueError(f"checkpoint {step} has no readable tree metadata (state/_METADATA)")
     return {name: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype)
             for name, leaf in flatten_names(tree).items()}
 

@@ -181,7 +181,8 @@ def _biggest_file(directory):
 
 
 @pytest.mark.slow  # Default suite under 15 minutes; .ci/run runs the slow tests.
-@pytest.mark.parametrize("damage", ["truncate_array_file", "delete_meta_item"])
+@pytest.mark.parametrize("damage", ["truncate_array_file", "delete_meta_item",
+                                    "delete_tree_metadata", "garble_record", "damage_manifest"])
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, small_text_file,
                                                                  caplog, damage):
   model_dir = tmp_path / "run"
@@ -190,9 +191,14 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, small_
   if damage == "truncate_array_file":
     victim = _biggest_file(newest / "state")
     os.truncate(victim, os.path.getsize(victim) // 2)
-  else:
-    import shutil
+  elif damage == "delete_meta_item":
     shutil.rmtree(newest / "meta")
+  elif damage == "delete_tree_metadata":  # A crash during a copy, or a partial sync.
+    os.remove(newest / "state" / "_METADATA")
+  elif damage == "garble_record":
+    (newest / "meta" / "metadata").write_text('{"stage_index": ', encoding="utf-8")
+  else:
+    (newest / "state" / "manifest.ocdbt").write_bytes(b"\0" * 16)
   with caplog.at_level("INFO", logger="jaxlm"):
     result = trainer.run(str(model_dir), [_stage(small_text_file, 8)], trainer=QUIET)
   assert "checkpoint 8 is unreadable" in caplog.text and "falling back" in caplog.text
