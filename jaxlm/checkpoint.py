@@ -1,5 +1,6 @@
-"""Checkpoints through orbax: the train state (params, optimizer state, step) plus a JSON record
-(stage, seed, data position, skipped-step count, the operative gin config).
+"""Checkpoints through orbax: the train state (params, optimizer state, step) plus its RunRecord
+(stage, seed, data position, skipped-step count, the operative gin config), a versioned JSON
+record written and read only here.
 
 Saves are asynchronous (the device-to-host copy is synchronous, so the next step may donate the
 state's buffers) and atomic: orbax writes into a temporary directory and renames it when
@@ -7,6 +8,7 @@ complete, so a crash mid-save never leaves a checkpoint that looks complete. Che
 never pickled; they are tensorstore arrays and JSON.
 """
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -25,6 +27,74 @@ from jaxlm.validation import check_range
 
 log = logging.getLogger("jaxlm")
 CORRUPT_DIR = "corrupt_checkpoints"
+
+
+RECORD_VERSION = 1  # Records without a version are jaxlm's first layout (same keys).
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPosition:
+  """Where the checkpoint's stage stands in its data: the rows of each source drawn before the
+  stage began and by its end (a later stage continues from there), and steps into the stage."""
+  stage_step: int = 0
+  stage_steps: int = 0
+  rows_before_stage: dict[str, int] = dataclasses.field(default_factory=dict)
+  rows_after_stage: dict[str, int] = dataclasses.field(default_factory=dict)
+
+  def rows_at_checkpoint(self) -> tuple[dict[str, int], int]:
+    """(rows drawn before the stage, steps into it); at the stage's end, the rows drawn after
+    it and 0 (a branch from there starts afresh on the next rows)."""
+    if self.stage_steps and self.stage_step == self.stage_steps:
+      return dict(self.rows_after_stage), 0
+    return dict(self.rows_before_stage), self.stage_step
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+  """What a checkpoint says about itself besides its tensors. A training checkpoint names its
+  stage; one converted from elsewhere (tools/convert.py) has no stage (`stage_index` None) and
+  `gin_config` holds only its model's bindings: a restore source, not a run to resume."""
+  step: int
+  gin_config: str  # The operative gin config (a conversion: the ModelConfig bindings).
+  stage_index: int | None = None
+  stage_name: str | None = None
+  seed: int = 0
+  learning_rate: float | None = None  # The schedule's value at `step`.
+  data: DataPosition = DataPosition()
+  skipped_steps: int = 0  # Non-finite steps skipped so far.
+  ledger: dict = dataclasses.field(default_factory=dict)  # ComputeLedger.record().
+  eval_baseline: dict = dataclasses.field(default_factory=dict)  # Forgetting's reference losses.
+  converted_from: str | None = None  # The Hugging Face directory a conversion read.
+  version: int = RECORD_VERSION
+
+  @property
+  def is_conversion(self) -> bool:
+    return self.stage_index is None
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, raw: dict, where: str = "checkpoint") -> "RunRecord":
+    """Raises ValueError for a record that is not one (damaged), UserError for a newer layout."""
+    if not isinstance(raw, dict):
+      raise ValueError(f"the {where} record is not a JSON object")
+    raw = dict(raw)
+    version = raw.pop("version", 0)
+    if version > RECORD_VERSION:
+      raise UserError(f"the {where} record has layout version {version}, newer than this "
+                      f"jaxlm's {RECORD_VERSION}; upgrade jaxlm (pip install -U jaxlm)")
+    if version == 0 and raw.get("format") == "huggingface":  # tools/convert.py's first layout.
+      raw = {"step": 0, "gin_config": raw["model_gin"], "converted_from": raw["converted_from"]}
+    raw["data"] = DataPosition(**raw.get("data", {}))
+    raw["ledger"] = raw.get("ledger") or {}
+    try:
+      record = cls(**raw)
+    except TypeError as e:  # A missing or an unknown key.
+      raise ValueError(f"the {where} record does not have the expected fields ({e})") from None
+    if not isinstance(record.gin_config, str) or not isinstance(record.step, int):
+      raise ValueError(f"the {where} record has no gin config or step")
+    return record
 
 
 class _DropReadOnlyNotices(logging.Filter):
@@ -145,13 +215,14 @@ class Checkpointer:
   def should_save(self, step: int) -> bool:
     return self._manager.should_save(step)
 
-  def save(self, step: int, state, meta: dict, force: bool = False) -> bool:
+  def save(self, step: int, state, record: RunRecord, force: bool = False) -> bool:
     """Save if the cadence says so (or `force`); returns whether a save started."""
     return self._manager.save(step, force=force, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record.to_json())))
 
-  def restore_meta(self, step: int) -> dict:
-    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  def restore_record(self, step: int) -> RunRecord:
+    raw = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return RunRecord.from_json(raw, f"checkpoint {step}")
 
   def saved_leaves(self, step: int) -> dict[str, jax.ShapeDtypeStruct]:
     """{"params/embed/embedding": its shape and dtype, ...} of the saved state, from its
@@ -178,10 +249,10 @@ class Checkpointer:
     optimizer state."""
     return restore_saved_part(self.directory, step, target)
 
-  def save_in_parts(self, step: int, parts, meta: dict) -> None:
+  def save_in_parts(self, step: int, parts, record: RunRecord) -> None:
     """Save a state that is never whole in memory: `parts` yields disjoint sub-trees (e.g.
     {"params": {"layer_0": {"mlp": {"up": array}}}}), each written before the next is made
-    (orbax's partial save), then `meta`. For conversions (tools/convert.py), not training."""
+    (orbax's partial save), then `record`. For conversions (tools/convert.py), not training."""
     try:
       from orbax.checkpoint.experimental.v1 import partial  # pylint: disable=import-outside-toplevel
     except ImportError:
@@ -198,22 +269,22 @@ class Checkpointer:
       raise RuntimeError(f"orbax's partial save wrote no state/ item in {path}; this orbax "
                          "version lays checkpoints out differently")
     ocp.Checkpointer(ocp.JsonCheckpointHandler()).save(os.path.join(path, "meta"),
-                                                       args=ocp.args.JsonSave(meta))
+                                                       args=ocp.args.JsonSave(record.to_json()))
     self._manager.reload()
 
-  def restore_latest(self, make_target) -> tuple[int, dict, object] | None:
-    """(step, meta, state) of the newest checkpoint that reads back, or None if there is none.
+  def restore_latest(self, make_target) -> tuple[int, RunRecord, object] | None:
+    """(step, record, state) of the newest checkpoint that reads back, or None if there is none.
 
-    `make_target(step, meta)` gives the restore target for a checkpoint's record, or raises
+    `make_target(step, record)` gives the restore target for a checkpoint's record, or raises
     UserError if the checkpoint does not fit the run (then nothing is moved). A checkpoint that
     fails to read (a truncated or missing file) is reported and moved to corrupt_checkpoints/
     (kept, never deleted), and the previous one is tried.
     """
     for step in reversed(self.all_steps()):
       try:
-        meta = self.restore_meta(step)
-        target = make_target(step, meta)
-        return step, meta, self.restore_state(step, target)
+        record = self.restore_record(step)
+        target = make_target(step, record)
+        return step, record, self.restore_state(step, target)
       except UserError:
         raise
       except Exception as e:  # pylint: disable=broad-except  (tensorstore/orbax raise many types)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import parallel
-from jaxlm.checkpoint import Checkpointer
+from jaxlm.checkpoint import Checkpointer, RunRecord
 from jaxlm.data.pipeline import Datasets, build_datasets, check_sources
 from jaxlm.data.tokenizers import resolve_tokenizer
 from jaxlm.errors import UserError
@@ -47,7 +47,7 @@ FIX_MISMATCH = ("use a new MODEL_DIR, restore the config it was trained with (it
 class ResumePoint:
   step: int
   stage_index: int
-  meta: dict
+  record: RunRecord
 
 
 @dataclasses.dataclass
@@ -81,9 +81,8 @@ def preflight(model_dir: str, stages: list[Stage], microbatches: int, mesh, rule
     return Plan(schedules, None, None)
   rows_before = {}  # The data position of every source, as the checkpoint record kept it.
   if resume is not None:
-    data = resume.meta.get("data", {})
-    rows_before = data.get("rows_before_stage" if first == resume.stage_index else
-                           "rows_after_stage", {})
+    data = resume.record.data
+    rows_before = data.rows_before_stage if first == resume.stage_index else data.rows_after_stage
   elif stages[0].restore_from is not None and stages[0].restore_from.continue_data:
     rows_before = branched_data_position(stages[0])
   return Plan(schedules, first, build_stage_data(stages[first], rows_before, eval_domains),
@@ -180,16 +179,28 @@ def find_resume_point(model_dir: str, stages: list[Stage]) -> ResumePoint | None
   try:
     for step in reversed(checkpointer.all_steps()):
       try:
-        meta = checkpointer.restore_meta(step)
+        record = checkpointer.restore_record(step)
         saved = checkpointer.saved_shapes(step)
-        index = int(meta["stage_index"])
+      except UserError:
+        raise
       except Exception:  # pylint: disable=broad-except  (orbax raises many types)
         continue  # Reported once, when the restore sets it aside.
+      index = stage_index_of(record, step, checkpointer.directory)
       check_fit(step, index, saved, stages, checkpointer.directory)
-      return ResumePoint(step, index, meta)
+      return ResumePoint(step, index, record)
   finally:
     checkpointer.close()
   return None
+
+
+def stage_index_of(record: RunRecord, step: int, where: str) -> int:
+  """The stage the checkpoint was written in; a converted checkpoint has none to resume."""
+  if record.is_conversion:
+    raise UserError(f"the checkpoint at step {step} in {where} was converted from "
+                    f"{record.converted_from!r} (params only), so it is a restore source, not a "
+                    "run to resume: train in a new MODEL_DIR with Stage.restore_from = "
+                    "@RestoreConfig() and RestoreConfig.path naming this directory")
+  return record.stage_index
 
 
 def check_fit(step: int, index: int, saved: dict, stages: list[Stage], where: str) -> None:

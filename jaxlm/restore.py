@@ -110,14 +110,10 @@ class _RunSource:
   def data_position(self) -> tuple[dict[str, int], int]:
     """(rows of each source drawn before the checkpoint's stage, steps into that stage); at the
     stage's end, the rows drawn after it, and 0."""
-    data = self._checkpointer.restore_meta(self.step).get("data", {})
-    if "stage_steps" in data and data.get("stage_step") == data["stage_steps"]:
-      return dict(data.get("rows_after_stage", {})), 0
-    return dict(data.get("rows_before_stage", {})), int(data.get("stage_step", 0))
+    return self._checkpointer.restore_record(self.step).data.rows_at_checkpoint()
 
   def learning_rate(self) -> float | None:
-    value = self._checkpointer.restore_meta(self.step).get("learning_rate")
-    return None if value is None else float(value)
+    return self._checkpointer.restore_record(self.step).learning_rate
 
   def read(self, name: str) -> np.ndarray:
     """A param is read alone (a weights-only restore never holds the source's optimizer

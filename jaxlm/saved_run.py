@@ -20,9 +20,11 @@ import jax
 import numpy as np
 
 from jaxlm import gin_config, parallel
-from jaxlm.checkpoint import Checkpointer, find_step, restore_saved_leaf
-from jaxlm.data.tokenizers import resolve_tokenizer
+from jaxlm.checkpoint import Checkpointer, RunRecord, find_step, restore_saved_leaf
+from jaxlm.data.pipeline import DataConfig
+from jaxlm.data.tokenizers import HuggingFaceTokenizer, resolve_tokenizer
 from jaxlm.errors import UserError
+from jaxlm.model import ModelConfig
 from jaxlm.eval_schedule import EvalConfig
 from jaxlm.stages import Stage, configured_stages, stage_starts
 from jaxlm.train_step import make_params_for_eval, sharded_abstract_state
@@ -89,13 +91,29 @@ def stages_from_config(config_text: str, gin_files=(), gin_bindings=(), search_p
   return configured_stages()
 
 
+def converted_stage(model_dir: str, record: RunRecord, gin_files=(), gin_bindings=(),
+                    search_paths=()) -> Stage:
+  """The one stage a converted checkpoint (tools/convert.py) is read with: its model's saved
+  bindings, and the tokenizer.json the conversion copied beside it, if any."""
+  gin_config.parse(list(gin_files), list(gin_bindings), list(search_paths),
+                   base_config=record.gin_config)
+  tokenizer_file = os.path.join(model_dir, "tokenizer.json")
+  tokenizer = HuggingFaceTokenizer(tokenizer_file) if os.path.exists(tokenizer_file) else None
+  return Stage(num_steps=1, name="converted", model=ModelConfig(),
+               data=DataConfig(tokenizer=tokenizer))
+
+
 def load_saved_run(model_dir: str, step: int | None = None, gin_files=(), gin_bindings=(),
                    search_paths=(), lazy_params: bool = False) -> SavedRun:
   checkpointer, step = find_step(model_dir, step)
   try:
-    meta = checkpointer.restore_meta(step)
-    stages = stages_from_config(meta["gin_config"], gin_files, gin_bindings, search_paths)
-    index = int(meta["stage_index"])
+    record = checkpointer.restore_record(step)
+    if record.is_conversion:
+      stages, index = [converted_stage(model_dir, record, gin_files, gin_bindings,
+                                       search_paths)], 0
+    else:
+      stages = stages_from_config(record.gin_config, gin_files, gin_bindings, search_paths)
+      index = record.stage_index
     if index >= len(stages):
       raise UserError(f"the checkpoint at step {step} was written in stage {index}, but the "
                       f"saved config has {len(stages)} stages")

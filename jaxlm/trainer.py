@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 
 from jaxlm import decoding, flops, gin_usage, parallel, preflight
 from jaxlm.cadence import NonfiniteTracker, StepLog
-from jaxlm.checkpoint import Checkpointer
+from jaxlm.checkpoint import Checkpointer, DataPosition, RunRecord
 from jaxlm.errors import TrainingDiverged, UserError
 from jaxlm.eval_schedule import EvalConfig, forgetting
 from jaxlm.ledger import ComputeLedger
@@ -143,8 +143,8 @@ class Trainer:
         every_secs=config.checkpoint_every_secs, keep_last=config.keep_checkpoints,
         keep_every=config.keep_checkpoint_every)
 
-  def _restore_target(self, step: int, meta: dict) -> TrainState:
-    index = int(meta["stage_index"])
+  def _restore_target(self, step: int, record: RunRecord) -> TrainState:
+    index = preflight.stage_index_of(record, step, self.checkpointer.directory)
     preflight.check_fit(step, index, self.checkpointer.saved_shapes(step), self.stages,
                         self.checkpointer.directory)
     stage = self.stages[index]
@@ -155,13 +155,13 @@ class Trainer:
     if found is None:
       self.writer = MetricsWriter(self.model_dir, self.config.tensorboard, resume_step=0)
       return self.stage_state(None, 0), 0
-    step, meta, state = found
-    self.nonfinite.skipped = int(meta.get("skipped_steps", 0))
-    self.ledger = ComputeLedger.from_record(meta.get("ledger"))
-    self.baseline = meta.get("eval_baseline", {})
+    step, record, state = found
+    self.nonfinite.skipped = record.skipped_steps
+    self.ledger = ComputeLedger.from_record(record.ledger)
+    self.baseline = record.eval_baseline
     self.writer = MetricsWriter(self.model_dir, self.config.tensorboard, resume_step=step)
-    log.info("resuming from step %d (stage %d, %r)", step, meta["stage_index"], meta["stage_name"])
-    return state, int(meta["stage_index"])
+    log.info("resuming from step %d (stage %d, %r)", step, record.stage_index, record.stage_name)
+    return state, record.stage_index
 
   def stage_state(self, state: TrainState | None, index: int) -> TrainState:
     shardings = state_shardings(self.stages[index], self.mesh, self.rules)
@@ -256,13 +256,13 @@ class Trainer:
       raise TrainingDiverged(f"params are not finite at step {step}; refusing to save a "
                              f"checkpoint ({self._last_checkpoint()})")
     setup = self.setup
-    self.checkpointer.save(step, state, force=force, meta={
-        "step": step, "stage_index": setup.index, "stage_name": setup.stage.name,
-        "seed": self.seed, "learning_rate": float(self.schedules[setup.index](step - setup.start)),
-        "data": {"stage_step": step - setup.start, "stage_steps": setup.stage.num_steps,
-                 "rows_before_stage": self.rows_before, "rows_after_stage": self.rows_after},
-        "skipped_steps": self.nonfinite.skipped, "ledger": self.ledger.record(),
-        "eval_baseline": self.baseline, "gin_config": gin.operative_config_str()})
+    self.checkpointer.save(step, state, force=force, record=RunRecord(
+        step=step, stage_index=setup.index, stage_name=setup.stage.name, seed=self.seed,
+        learning_rate=float(self.schedules[setup.index](step - setup.start)),
+        data=DataPosition(step - setup.start, setup.stage.num_steps, self.rows_before,
+                          self.rows_after),
+        skipped_steps=self.nonfinite.skipped, ledger=self.ledger.record(),
+        eval_baseline=self.baseline, gin_config=gin.operative_config_str()))
     self.last_saved_step = step
 
   def _last_checkpoint(self) -> str:

@@ -6,7 +6,7 @@ import re
 import jax.numpy as jnp
 import pytest
 
-from jaxlm.checkpoint import Checkpointer
+from jaxlm.checkpoint import RECORD_VERSION, Checkpointer, DataPosition, RunRecord
 from jaxlm.errors import UserError
 
 
@@ -14,7 +14,7 @@ def _save_steps(model_dir, steps, **policy):
   checkpointer = Checkpointer(str(model_dir), every_steps=1, **policy)
   for step in steps:
     state = {"params": {"w": jnp.full((2, 3), float(step))}, "step": jnp.asarray(step)}
-    assert checkpointer.save(step, state, meta={"step": step})
+    assert checkpointer.save(step, state, RunRecord(step=step, gin_config="", stage_index=0))
   checkpointer.close()
   return Checkpointer(str(model_dir), read_only=True)
 
@@ -45,4 +45,21 @@ def test_policies_that_would_delete_everything_are_refused(tmp_path, policy, mes
 def test_saved_shapes_come_from_metadata(tmp_path):
   checkpointer = _save_steps(tmp_path / "run", [7], keep_last=None)
   assert checkpointer.saved_shapes(7) == {"params/w": (2, 3), "step": ()}
-  assert checkpointer.restore_meta(7) == {"step": 7}
+  assert checkpointer.restore_record(7) == RunRecord(step=7, gin_config="", stage_index=0)
+
+
+def test_the_record_reads_its_own_json_and_the_first_layouts():
+  record = RunRecord(step=9, gin_config="x = 1", stage_index=1, stage_name="b", seed=3,
+                     learning_rate=1e-3, data=DataPosition(4, 8, {"a": 16}, {"a": 32}),
+                     skipped_steps=2, ledger={"flops": 1.0, "tokens": 5})
+  assert RunRecord.from_json(record.to_json()) == record
+  unversioned = {k: v for k, v in record.to_json().items()
+                 if k not in ("version", "converted_from")}
+  assert RunRecord.from_json(unversioned) == record  # Written before records had a version.
+  first_conversion = {"converted_from": "/hf", "format": "huggingface", "model_gin": "y = 2"}
+  assert RunRecord.from_json(first_conversion) == RunRecord(step=0, gin_config="y = 2",
+                                                            converted_from="/hf")
+  with pytest.raises(UserError, match="layout version 99, newer than this jaxlm's"):
+    RunRecord.from_json({**record.to_json(), "version": RECORD_VERSION + 98})
+  with pytest.raises(ValueError, match="does not have the expected fields"):
+    RunRecord.from_json({"step": 1})

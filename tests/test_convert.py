@@ -16,11 +16,14 @@ pytest.importorskip("safetensors")
 
 # pylint: disable=wrong-import-position
 from jaxlm import parallel, trainer
+from jaxlm.data.tokenizers import HuggingFaceTokenizer
+from jaxlm.errors import UserError
 from jaxlm.interop import import_hf
 from jaxlm.model.transformer import forward
 from jaxlm.restore import RestoreConfig, restore_into
 from jaxlm.saved_run import load_saved_run
 from jaxlm.train_step import sharded_init, state_shardings
+from hf_fixtures import write_hf_model
 from test_trainer import QUIET, _stage
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
@@ -81,6 +84,45 @@ def test_jaxlm_to_hf_of_a_trained_run_loads_in_transformers(quick_trained_run, t
   with torch.no_grad():
     got = model(torch.from_numpy(tokens).long()).logits.numpy()
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def _hf_tensors(directory):
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  tensors = {}
+  for name in sorted(os.listdir(directory)):
+    if name.endswith(".safetensors"):
+      tensors.update(load_file(os.path.join(directory, name)))
+  return tensors
+
+
+def test_hf_to_jaxlm_then_jaxlm_to_hf_through_the_cli_is_bitwise(tmp_path, small_text_file):
+  source, converted, back = (str(tmp_path / name) for name in ("hf", "converted", "back"))
+  write_hf_model(source, small_text_file)
+  assert convert.main(["hf_to_jaxlm", source, converted]) == 0
+  assert convert.main(["jaxlm_to_hf", converted, back]) == 0
+  want, got = _hf_tensors(source), _hf_tensors(back)
+  assert sorted(got) == sorted(want)
+  for name, tensor in want.items():
+    assert got[name].dtype == tensor.dtype and got[name].tobytes() == tensor.tobytes(), name
+  with open(os.path.join(source, "tokenizer.json"), "rb") as f:
+    with open(os.path.join(back, "tokenizer.json"), "rb") as g:
+      assert f.read() == g.read()
+  # The source named its tokenizer by path, so its config.json has no special-token ids; the
+  # converted run knows its tokenizer and adds them.
+  tokenizer = HuggingFaceTokenizer(source)
+  ids = {f"{kind}_token_id": getattr(tokenizer, f"{kind}_id") for kind in ("bos", "eos", "pad")}
+  with open(os.path.join(source, "config.json")) as f, open(os.path.join(back, "config.json")) as g:
+    assert json.load(g) == {**json.load(f), **ids}
+
+
+def test_a_converted_checkpoint_is_a_restore_source_not_a_run_to_resume(hf_dir, tmp_path,
+                                                                         small_text_file):
+  converted = str(tmp_path / "converted")
+  assert convert.main(["hf_to_jaxlm", hf_dir, converted]) == 0
+  with pytest.raises(UserError, match="converted from .* so it is a restore source, not a run "
+                                      "to resume: train in a new MODEL_DIR"):
+    trainer.run(converted, [_stage(small_text_file, 2, model=import_hf(hf_dir)[0])],
+                trainer=QUIET)
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):

@@ -112,7 +112,7 @@ def test_imported_configs(models):
 def test_hub_config_format_reads_the_same():
   """Files on the Hub carry rope_theta and rope_scaling (keyed 'type' or 'rope_type') at the
   top level; transformers 5 writes rope_parameters. Both give one ModelConfig."""
-  base = dict(architectures=["LlamaForCausalLM"], hidden_size=64, num_attention_heads=4,
+  base = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, num_attention_heads=4,
               num_key_value_heads=2, num_hidden_layers=2, intermediate_size=96, vocab_size=128,
               max_position_embeddings=128, rms_norm_eps=1e-5)
   new = model_config_from_hf({**base, "rope_parameters": LLAMA3})
@@ -176,6 +176,15 @@ def test_refuses_unsupported_architecture(models, tmp_path):
   path = _copy(models, "llama_mha", tmp_path)
   _edit_config(path, architectures=["GPT2LMHeadModel"])
   with pytest.raises(UserError, match=r"architectures=\['GPT2LMHeadModel'\].*LlamaForCausalLM"):
+    import_hf(str(path))
+
+
+@pytest.mark.parametrize("model_type", ["gpt_neox", "mistral", None])
+def test_refuses_a_model_type_that_is_not_its_architectures(models, tmp_path, model_type):
+  path = _copy(models, "llama_mha", tmp_path)
+  _edit_config(path, model_type=model_type)
+  with pytest.raises(UserError, match=f"model_type={model_type!r} with architectures="
+                                      r"\['LlamaForCausalLM'\]; jaxlm imports model_type"):
     import_hf(str(path))
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxlm import parallel, trainer
-from jaxlm.checkpoint import Checkpointer
+from jaxlm.checkpoint import Checkpointer, DataPosition
 from jaxlm.data.pipeline import DataConfig, build_datasets
 from jaxlm.data.sources import text_files
 from jaxlm.data.tokenizers import ByteTokenizer
@@ -105,12 +105,12 @@ def test_two_stages_hand_over_with_the_identity_transition(tmp_path, small_text_
   result = trainer.run(str(tmp_path / "run"), stages, trainer=QUIET)
   assert result["step"] == 8
   assert math.isfinite(result["eval/loss"])
-  meta = Checkpointer(str(tmp_path / "run")).restore_meta(8)
+  record = Checkpointer(str(tmp_path / "run")).restore_record(8)
   # 4 steps of 4 rows each: stage 2 starts after stage 1's 16 rows of the source.
-  assert (meta["stage_index"], meta["stage_name"], meta["data"]) == (1, "second", {
-      "stage_step": 4, "stage_steps": 4, "rows_before_stage": {"text": 16},
-      "rows_after_stage": {"text": 32}})
-  assert "warmup_cosine" in meta["gin_config"]  # The operative gin config travels along.
+  assert (record.stage_index, record.stage_name, record.data) == (1, "second", DataPosition(
+      stage_step=4, stage_steps=4, rows_before_stage={"text": 16},
+      rows_after_stage={"text": 32}))
+  assert "warmup_cosine" in record.gin_config  # The operative gin config travels along.
 
 
 def test_identity_transition_refuses_a_changed_model(tmp_path, small_text_file):

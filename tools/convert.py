@@ -14,7 +14,8 @@ of tokenizer.json when the source has one. Start a run from it with
     RestoreConfig.path = "OUT_DIR"
     huggingface_tokenizer.path = "OUT_DIR/tokenizer.json"
 
-(OUT_DIR is a restore source, not a MODEL_DIR to train in: its record has no stage.)
+(OUT_DIR is a restore source, not a MODEL_DIR to train in: its record has no stage. It
+converts back with jaxlm_to_hf, bit for bit.)
 jaxlm_to_hf reads a run's checkpoint with the model of the stage that wrote it
 (jaxlm.saved_run.load_saved_run), reading each tensor from the checkpoint only when its shard
 is written, and writes config.json, sharded safetensors with their index, and the run's
@@ -37,7 +38,7 @@ MODEL_GIN = "model.gin"
 def hf_to_jaxlm(src: str, out_dir: str) -> list[str]:
   """Returns the paths written. Every tensor is checked from the safetensors metadata first;
   then each is read, converted and saved before the next (peak host memory: one tensor)."""
-  from jaxlm.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  from jaxlm.checkpoint import Checkpointer, RunRecord  # pylint: disable=import-outside-toplevel
   from jaxlm.interop import gin_model_text, load_hf_config  # pylint: disable=import-outside-toplevel
   from jaxlm.interop.hf_import import HFParams  # pylint: disable=import-outside-toplevel
   if os.path.isdir(os.path.join(out_dir, "checkpoints")):
@@ -50,7 +51,7 @@ def hf_to_jaxlm(src: str, out_dir: str) -> list[str]:
   try:
     checkpointer.save_in_parts(
         0, ({"params": _nested(path, source.read(path))} for path in source.shapes),
-        {"converted_from": os.path.abspath(src), "format": "huggingface", "model_gin": gin_text})
+        RunRecord(step=0, gin_config=gin_text, converted_from=os.path.abspath(src)))
   finally:
     checkpointer.close()
   written = [os.path.join(out_dir, "checkpoints", "0")]

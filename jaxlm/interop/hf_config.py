@@ -13,8 +13,11 @@ import gin
 from jaxlm.errors import UserError
 from jaxlm.model.config import ModelConfig
 
-# One decoder (RMSNorm, rotary, GQA, SwiGLU) under three names; what differs is in the config.
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# One decoder (RMSNorm, rotary, GQA, SwiGLU) under three names, each with its model_type; what
+# differs is in the config.
+MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+               "Qwen2ForCausalLM": "qwen2"}
+ARCHITECTURES = tuple(MODEL_TYPES)
 # Fields that describe the network; a gin model file sets these (dtype, remat... are the run's).
 GIN_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
               "mlp_dim", "max_seq_len", "rope_theta", "rope_scaling", "rope_scaling_factor",
@@ -68,6 +71,11 @@ def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
     raise UserError(f"config.json architectures={archs}; jaxlm imports exactly one of "
                     f"{list(ARCHITECTURES)}")
   arch = archs[0]
+  if hf.get("model_type") != MODEL_TYPES[arch]:
+    # transformers builds the model from model_type: another one is another network.
+    raise UserError(f"config.json model_type={hf.get('model_type')!r} with architectures={archs}; "
+                    f"jaxlm imports model_type {sorted(set(MODEL_TYPES.values()))} with its "
+                    "own architecture")
   if hf.get("hidden_act", "silu") != "silu":
     raise UserError(f"config.json hidden_act={hf['hidden_act']!r}; jaxlm's MLP is SwiGLU (silu)")
   if hf.get("mlp_bias"):
