@@ -19,13 +19,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.model import ModelConfig
+from jaxlm.model.anatomy import anatomy
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-  d, k = cfg.d_model, cfg.resolved_head_dim
-  attention = d * k * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)  # q, o and k, v.
-  mlp = 3 * d * cfg.mlp_dim  # gate, up, down.
-  return cfg.num_layers * (attention + mlp) + d * cfg.vocab_size  # + the output head.
+  """Weights each token is multiplied by: the blocks' matrices and the output head, as the
+  model's anatomy lists them (whatever its MLP)."""
+  return sum(part.size for part in anatomy(cfg).matmuls)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

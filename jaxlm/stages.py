@@ -89,12 +89,14 @@ class Stage:
     if len(names) != len(methods) or len(set(names)) != len(names):
       raise UserError(f"Stage.methods (stage {self.name!r}) must be Methods with distinct names "
                       f"(e.g. [@nm_sparsity()]), got {self.methods!r}")
-    # A method scheduled over the stage (gradual pruning) learns the stage's length here.
-    methods = tuple(m.for_stage(self.num_steps) if m.for_stage else m for m in methods)
-    object.__setattr__(self, "methods", methods)
     # Resolve defaults now so every stage object fully describes itself.
     object.__setattr__(self, "model", self.model or ModelConfig())
     object.__setattr__(self, "data", self.data or DataConfig())
+    # A method that needs the model's anatomy or the stage's length (a schedule over the stage)
+    # is made for them here.
+    methods = tuple(m.for_stage(self.model, self.num_steps) if m.for_stage else m
+                    for m in methods)
+    object.__setattr__(self, "methods", methods)
 
   def scope(self):
     """`with stage.scope():` gin bindings scoped to the stage's scope apply to what is built."""

@@ -26,6 +26,7 @@ from jaxlm.growth.subcloning import activation_stats, kept_layers, subclone
 from jaxlm.growth.transitions import grow_depth_transition, grow_width_transition
 from jaxlm.growth.width import exact_norm_eps, grow_width
 from jaxlm.model import ModelConfig, forward, init_params, logical_axes
+from jaxlm.model.anatomy import anatomy
 from jaxlm.stages import Stage, TransitionContext, hand_over
 from jaxlm.train_step import init_state
 from jaxlm.tree_names import flatten_names
@@ -117,7 +118,7 @@ def test_depth_maps(order, small_layers, large_layers, sources):
 def test_stacking_copies_layers_exactly_and_identity_insertion_keeps_the_logits():
   params = _trained_like(GQA)
   deep = dataclasses.replace(GQA, num_layers=4)
-  stacked = grow_depth(params, depth_sources(2, 4, "stack"))
+  stacked = grow_depth(params, depth_sources(2, 4, "stack"), anatomy(GQA))
   for l in range(4):
     for name, leaf in flatten_names(stacked[f"layer_{l}"]).items():
       np.testing.assert_array_equal(leaf, flatten_names(params[f"layer_{l % 2}"])[name])
@@ -126,7 +127,7 @@ def test_stacking_copies_layers_exactly_and_identity_insertion_keeps_the_logits(
                                   flatten_names(params[key]).popitem()[1])
   assert _logit_error(params, GQA, stacked, deep) > 1e-2  # Stacking itself is not exact.
   for order in ("stack", "interleave"):
-    inserted = grow_depth(params, depth_sources(2, 4, order), zero_copies=True)
+    inserted = grow_depth(params, depth_sources(2, 4, order), anatomy(GQA), zero_copies=True)
     assert _logit_error(params, GQA, inserted, deep) == 0.0  # x + 0 is x, bitwise.
 
 
@@ -142,7 +143,7 @@ def test_ligo_without_noise_is_stacking_and_its_operator_trains():
   method = ligo_lib.ligo(source=GQA, noise_std=0.0)
   state = init_state(Stage(model=GQA, num_steps=1), jax.random.key(0)).replace(params=params)
   grown = ligo_lib.ligo_grow(state, _ctx(GQA, deep, (method,), "ligo_grow"))
-  stacked = grow_depth(params, depth_sources(2, 4))
+  stacked = grow_depth(params, depth_sources(2, 4), anatomy(GQA))
   for name, leaf in flatten_names(stacked).items():
     np.testing.assert_array_equal(flatten_names(grown.params)[name], leaf)
   # With width growth the operator maps every axis ([I; noise] rows), shapes of the large model.
@@ -156,7 +157,7 @@ def test_ligo_without_noise_is_stacking_and_its_operator_trains():
   stepped = ligo_lib.ligo(source=GQA).after_update(noisy, grads, 0)
   own = stepped.method_state["ligo"]
   assert not np.array_equal(own["operator"]["depth"]["mlp/up"], after["operator"]["depth"]["mlp/up"])
-  rebuilt = ligo_lib.materialize(own["operator"], own["small"], logical_axes(GQA))
+  rebuilt = ligo_lib.materialize(own["operator"], own["small"], anatomy(GQA))
   for name, leaf in flatten_names(rebuilt).items():
     np.testing.assert_array_equal(flatten_names(stepped.params)[name], leaf)
   for name, leaf in flatten_names(own["small"]).items():  # The small model is frozen.
@@ -166,9 +167,10 @@ def test_ligo_without_noise_is_stacking_and_its_operator_trains():
 def test_msg_is_the_small_model_at_mask_0_and_plain_weights_at_mask_1():
   params = _trained_like(GQA)
   large = _wider(GQA, d_model=64, mlp_dim=96, num_heads=8, num_kv_heads=4, num_layers=3)
-  method = msg_lib.msg(ramp_steps=5)
+  ctx = _ctx(GQA, large, (msg_lib.msg(ramp_steps=5),), "msg_grow")
+  method = ctx.following.methods[0]  # Made for the large model by its stage.
   state = init_state(Stage(model=GQA, num_steps=1), jax.random.key(0)).replace(params=params)
-  grown = msg_lib.msg_grow(state, _ctx(GQA, large, (method,), "msg_grow"))
+  grown = msg_lib.msg_grow(state, ctx)
   flags = grown.method_state["msg"]
   assert {k: int(v.sum()) for k, v in flags.items()} == {"mlp": 48, "embed": 32, "heads": 4,
                                                          "layers": 1}

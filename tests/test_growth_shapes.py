@@ -22,6 +22,7 @@ from jaxlm.growth.subcloning import activation_stats, kept_layers, subclone
 from jaxlm.growth.transitions import grow_depth_transition, grow_width_transition
 from jaxlm.growth.width import grow_width
 from jaxlm.model import ModelConfig, init_params
+from jaxlm.model.anatomy import anatomy
 from jaxlm.stages import Stage
 from jaxlm.train_step import init_state
 from test_growth import EXACT, _ctx, _logit_error, _trained_like, _wider
@@ -94,7 +95,7 @@ def test_identity_insertion_to_non_multiples_is_bitwise(small_layers, large_laye
   large = dataclasses.replace(BASE, num_layers=large_layers)
   assert depth_sources(small_layers, large_layers, order) == sources
   params = _trained_like(small)
-  inserted = grow_depth(params, sources, zero_copies=True)
+  inserted = grow_depth(params, sources, anatomy(small), zero_copies=True)
   assert _shapes(inserted) == _shapes_of(large)
   assert _logit_error(params, small, inserted, large) == 0.0
 
@@ -111,9 +112,10 @@ MSG_CASES = [
 @pytest.mark.parametrize("name,small,sizes", _first_fast(MSG_CASES), ids=[c[0] for c in MSG_CASES])
 def test_msg_is_the_small_model_at_mask_0_on_uneven_shapes(name, small, sizes):
   large = _wider(small, **sizes)
-  method = msg_lib.msg(ramp_steps=2)
+  ctx = _ctx(small, large, (msg_lib.msg(ramp_steps=2),), "msg_grow")
+  method = ctx.following.methods[0]  # Made for the large model by its stage.
   params = _trained_like(small)
-  grown = msg_lib.msg_grow(_state(small, params), _ctx(small, large, (method,), "msg_grow"))
+  grown = msg_lib.msg_grow(_state(small, params), ctx)
   assert _shapes(grown.params) == _shapes_of(large)
   flags = grown.method_state["msg"]
   assert {k: int(v.sum()) for k, v in flags.items()} == {
@@ -223,7 +225,7 @@ def test_ligo_without_noise_is_its_depth_order_at_non_multiples(small_layers, la
   params = _trained_like(small)
   method = ligo_lib.ligo(source=small, noise_std=0.0, order=order)
   grown = ligo_lib.ligo_grow(_state(small, params), _ctx(small, large, (method,), "ligo_grow"))
-  expected = grow_depth(params, depth_sources(small_layers, large_layers, order))
+  expected = grow_depth(params, depth_sources(small_layers, large_layers, order), anatomy(small))
   assert jax.tree.structure(grown.params) == jax.tree.structure(expected)
   for leaf, want in zip(jax.tree.leaves(grown.params), jax.tree.leaves(expected)):
     np.testing.assert_array_equal(leaf, want)

@@ -16,7 +16,8 @@ import pytest
 
 from jaxlm import parallel
 from jaxlm.errors import UserError
-from jaxlm.model import forward
+from jaxlm.model import ModelConfig, forward
+from jaxlm.model.anatomy import anatomy
 from jaxlm.sparsity import selection
 from jaxlm.sparsity.distribution import kept_counts, layer_densities
 from jaxlm.sparsity.methods import (cubic_density, densify, gradual_pruning, nm_sparsity, rigl,
@@ -121,7 +122,7 @@ def test_nm_sparsity_is_exactly_n_of_m_after_every_step_with_sr_ste(small_text_f
   def check(state, step):
     for name, mask in _masks(state, "nm_sparsity").items():
       w = selection.get(state.params, name)
-      inputs = selection.input_axes(name)
+      inputs = selection.input_axes(anatomy(stage.model), name)
       np.testing.assert_array_equal(mask, nm_mask(w, 2, 4, inputs))  # Of the current weights.
       moved = np.moveaxis(np.asarray(mask), inputs, range(len(inputs)))
       groups = moved.reshape(-1, 4, math.prod(moved.shape[len(inputs):]))
@@ -176,9 +177,13 @@ def test_rigl_keeps_each_density_and_resets_the_moments_of_grown_weights(small_t
       np.testing.assert_array_equal(_masks(history[step], "rigl")[name], before[name])
 
 
+# The model _small_params draws from (d_model 48, 3 query heads, 1 KV head, MLP 256).
+SMALL = ModelConfig(d_model=48, num_heads=3, num_kv_heads=1, mlp_dim=256, num_layers=1)
+
+
 def _small_params(d_model=48, heads=3, kv_heads=1, mlp=256, seed=0):
-  """One layer of a small model's selected matrices (d_model 48, 3 query heads, 1 KV head) as
-  plain random params: no model init, so the mask updates are all a test compiles."""
+  """One layer of SMALL's selected matrices as plain random params: no model init, so the mask
+  updates are all a test compiles."""
   head_dim, rng = d_model // heads, np.random.default_rng(seed)
   kv = (d_model, kv_heads, head_dim)
   shapes = {"attention": {"query": (d_model, heads, head_dim), "key": kv, "value": kv,
@@ -215,7 +220,7 @@ def test_rigl_and_set_keep_every_count_exact_where_erk_makes_a_matrix_dense(grow
   (in a run: 768 -> 623 weights, overall density 0.45006 -> 0.43594)."""
   method = rigl(density=0.45, update_every=2, end_fraction=1.0, drop_fraction=0.3, grow=grow,
                 patterns=[r"layer_\d+/attention/(key|value)", r"layer_\d+/mlp/up"])
-  history = _mask_updates(method.for_stage(20), _small_params(), range(1, 10))
+  history = _mask_updates(method.for_stage(SMALL, 20), _small_params(), range(1, 10))
   counts, density, first = history[0]
   dense = [n for n, mask in first.items() if counts[n] == mask.size]
   assert dense == ["layer_0/attention/key", "layer_0/attention/value"]  # Not vacuous.
@@ -257,9 +262,10 @@ def test_gradual_pruning_reaches_the_final_count_exactly_by_the_last_step(
                            end_fraction=end_fraction, update_every=3, distribution="erk",
                            patterns=[r"layer_\d+/attention/key", r"layer_\d+/mlp/up"])
   params = _small_params()
-  history = _mask_updates(method.for_stage(num_steps), params, range(num_steps))
+  history = _mask_updates(method.for_stage(SMALL, num_steps), params, range(num_steps))
   chosen = {n: selection.get(params, n) for n in history[0][0]}
-  shapes = {n: as_matrix_shape(w.shape, selection.input_axes(n)) for n, w in chosen.items()}
+  shapes = {n: as_matrix_shape(w.shape, selection.input_axes(anatomy(SMALL), n))
+            for n, w in chosen.items()}
   want = kept_counts(layer_densities(shapes, 0.3, "erk"), {n: w.size for n, w in chosen.items()})
   assert history[-1][0] == want  # Exactly static sparsity's counts at the same density.
   for (before, _, old), (after, _, new) in zip(history, history[1:]):

@@ -5,9 +5,9 @@ of the large axis, the small index it copies (or -1: a new index with no source)
 factor a copy is multiplied by where the axis is *read* (the weight's input side: divide by the
 copy count, so duplicated activations sum to the original, Net2Net/bert2BERT FPI).
 
-Every weight reads some axes and writes others: `query` [embed, heads, head_dim] reads the
-residual (`embed`) and writes heads; `out` [heads, head_dim, embed] reads heads and writes the
-residual. New indices take zeros on one side and the large model's fresh initialisation on the
+Every weight reads some axes and writes others, as the model's anatomy declares
+(jaxlm/model/anatomy.py): `query` [embed, heads, head_dim] reads the residual (`embed`) and
+writes heads; `out` [heads, head_dim, embed] reads heads and writes the residual. New indices take zeros on one side and the large model's fresh initialisation on the
 other (`AxisMap.zero_side`): new MLP units or heads have zero *readers* (their output weights),
 so they add nothing yet still receive gradients; new residual dimensions have zero *writers*
 (embedding columns, output projections), so the residual stream keeps zeros there, which an
@@ -19,21 +19,13 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-# The side of each weight an axis is on: "read" (contracted with the incoming activation) or
-# "write" (indexes the activation it produces). Keyed by the weight's name (last path element).
-_WRITES = {
-    "embedding": ("embed",),
-    "query": ("heads",), "key": ("kv_heads",), "value": ("kv_heads",),
-    "query_bias": ("heads",), "key_bias": ("kv_heads",), "value_bias": ("kv_heads",),
-    "out": ("embed",), "gate": ("mlp",), "up": ("mlp",), "down": ("embed",),
-}
-NORM_SCALE = "scale"
+from jaxlm.model.anatomy import Part
 
-
-def side_of(weight: str, axis: str) -> str:
-  """'write' or 'read' for `axis` of the weight named `weight`. A tied embedding table is also
-  read (as the output head): width.check_width refuses growing it with copies."""
-  return "write" if axis in _WRITES.get(weight, ()) else "read"
+def side_of(part: Part, axis: str) -> str:
+  """'read' when `part` (its anatomy entry) contracts `axis` with its input, else 'write'. A
+  tied embedding table is also read (as the output head): width.check_width refuses growing it
+  with copies."""
+  return "read" if axis in part.reads else "write"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,19 +78,20 @@ def _along(values: np.ndarray, axis: int, ndim: int):
   return values.reshape(shape)
 
 
-def grow_leaf(x, axes: tuple, maps: dict[str, AxisMap], weight: str, fresh=None):
-  """The small leaf `x` (logical `axes`) grown by `maps` ({axis name: AxisMap}). `fresh`: the
-  large model's own initialisation of this leaf (zeros for optimizer moments), used for new
-  indices on their non-zero side; None means zeros."""
+def grow_leaf(x, part: Part, maps: dict[str, AxisMap], fresh=None):
+  """The small leaf `x` grown by `maps` ({axis name: AxisMap}) along the logical axes of `part`
+  (the large model's anatomy entry for it). `fresh`: the large model's own initialisation of
+  this leaf (zeros for optimizer moments), used for new indices on their non-zero side; None
+  means zeros. Norm gains are width.grow_tree's."""
   zero = np.zeros(x.shape[:0], bool)
   zero_mask, fresh_mask = zero, zero
   y = x
-  for axis, name in enumerate(axes):
+  for axis, name in enumerate(part.axes):
     amap = maps.get(name)
-    if amap is None or weight == NORM_SCALE:
+    if amap is None:
       continue
     y = jnp.take(y, np.maximum(amap.source, 0), axis=axis)
-    side = side_of(weight, name)
+    side = side_of(part, name)
     if side == "read":
       y = y * _along(amap.read_scale, axis, x.ndim).astype(y.dtype)
     new = _along(amap.is_new, axis, x.ndim)

@@ -1,7 +1,7 @@
 """Depth growth: which small layer each layer of the deeper model copies.
 
     layers = depth_sources(small_layers=6, large_layers=24, order="stack")   # [0..5] x 4
-    params = grow_depth(params, layers, zero_copies=False)
+    params = grow_depth(params, layers, anatomy(config), zero_copies=False)
 
 - order="stack": layer l copies layer l mod L, the whole stack repeated (G_stack, Du et al.
   2405.15319, "Stacking Your Transformers"; StackBERT, Gong et al. 2019). Needs L_new a
@@ -17,6 +17,7 @@ Embeddings, the final norm and the head are kept as they are (copied, for G_stac
 """
 
 from jaxlm.errors import UserError
+from jaxlm.model.anatomy import Anatomy
 
 ORDERS = ("stack", "interleave")
 
@@ -36,20 +37,26 @@ def depth_sources(small_layers: int, large_layers: int, order: str = "stack") ->
   return [l * small_layers // large_layers for l in range(large_layers)]
 
 
-def _zero_outputs(layer):
-  return {**layer, "attention": {**layer["attention"], "out": layer["attention"]["out"] * 0},
-          "mlp": {**layer["mlp"], "down": layer["mlp"]["down"] * 0}}
+def _zeroed(block, writers):
+  """`block` with the leaves at `writers` (paths inside the block) multiplied by zero."""
+  block = dict(block)
+  for path in writers:
+    head, *rest = path
+    block[head] = _zeroed(block[head], [tuple(rest)]) if rest else block[head] * 0
+  return block
 
 
-def grow_depth(tree, sources: list[int], zero_copies: bool = False):
-  """A params-shaped `tree` (params or an optimizer moment) with layer l copying `layer_
-  {sources[l]}`; with `zero_copies`, repeats after a source's first copy write nothing."""
-  out = {k: v for k, v in tree.items() if not k.startswith("layer_")}
+def grow_depth(tree, sources: list[int], parts: Anatomy, zero_copies: bool = False):
+  """A params-shaped `tree` (params or an optimizer moment) of a model of `parts`' kind, with
+  block l copying block sources[l]; with `zero_copies`, repeats after a source's first copy
+  have their residual writers (the anatomy's attention out and MLP down) zero."""
+  out = {k: v for k, v in tree.items() if parts.block_index(k) is None}
+  writers = [part.path[1:] for part in parts.residual_writers(0)]
   seen = set()
   for l, source in enumerate(sources):
-    layer = tree[f"layer_{source}"]
+    block = tree[parts.block_key(source)]
     if zero_copies and source in seen:
-      layer = _zero_outputs(layer)
+      block = _zeroed(block, writers)
     seen.add(source)
-    out[f"layer_{l}"] = layer
+    out[parts.block_key(l)] = block
   return out

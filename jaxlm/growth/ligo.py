@@ -33,19 +33,19 @@ import optax
 
 from jaxlm.errors import UserError
 from jaxlm.growth.depth import depth_sources
-from jaxlm.growth.transitions import sizes_of
 from jaxlm.methods.hooks import Method
 from jaxlm.model import ModelConfig, init_params, logical_axes
+from jaxlm.model.anatomy import Anatomy, Part, anatomy
 from jaxlm.stages import TransitionContext, register_transition
 
 NAME = "ligo"
 WIDTH_AXES = ("embed", "mlp", "heads", "kv_heads")
 
 
-def init_operator(small: dict, large: dict, small_layer, rng, noise_std: float | None,
+def init_operator(small: dict, large: dict, types: list[str], rng, noise_std: float | None,
                   order: str = "stack") -> dict:
   """B = [I; N(0, noise_std^2)] per grown axis (noise_std None: 1/sqrt(old)), W = `order`'s
-  layer copy map per weight type of `small_layer` (one small layer's params)."""
+  layer copy map per weight type (`types`: a block's params, named inside the block)."""
   width = {}
   for i, axis in enumerate(a for a in WIDTH_AXES if large[a] > small[a]):
     std = small[axis] ** -0.5 if noise_std is None else noise_std
@@ -54,13 +54,12 @@ def init_operator(small: dict, large: dict, small_layer, rng, noise_std: float |
     width[axis] = jnp.concatenate([jnp.eye(small[axis]), noise])
   sources = depth_sources(small["layers"], large["layers"], order)
   stacking = jax.nn.one_hot(jnp.asarray(sources), small["layers"])
-  types = [p for p, _ in _flat(small_layer)]
   return {"width": width, "depth": {t: stacking for t in types}}
 
 
-def _flat(layer) -> list[tuple[str, jax.Array]]:
-  return [("/".join(str(k.key) for k in path), leaf)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(layer)]
+def block_types(parts: Anatomy) -> dict[str, Part]:
+  """{a block's param named inside the block ("attention/query"): its anatomy entry}."""
+  return {"/".join(p.path[1:]): p for p in parts.block_parts(0)}
 
 
 def _widen(x, axes, width: dict):
@@ -70,24 +69,29 @@ def _widen(x, axes, width: dict):
   return x
 
 
-def materialize(operator: dict, small, small_axes):
-  """The large model's params: the operator applied to the small model's."""
+def materialize(operator: dict, small, parts: Anatomy):
+  """The large model's params: the operator applied to the small model's (`parts`: its
+  anatomy)."""
   width, depth = operator["width"], operator["depth"]
   out = {}
-  for name, value in small.items():
-    if not name.startswith("layer_"):
-      out[name] = jax.tree.map(lambda x, a: _widen(x, tuple(a), width), value, small_axes[name])
-  layers = sorted((k for k in small if k.startswith("layer_")), key=lambda k: int(k[6:]))
-  axes = dict(_flat(small_axes["layer_0"]))
-  stacked = {t: jnp.stack([_widen(dict(_flat(small[n]))[t], tuple(axes[t]), width)
-                           for n in layers]) for t in axes}
-  mixed = {t: jnp.tensordot(depth[t], stacked[t], axes=([1], [0])) for t in axes}
+  for key, value in small.items():
+    if parts.block_index(key) is None:
+      out[key] = jax.tree_util.tree_map_with_path(
+          lambda path, x, key=key: _widen(x, parts[(key, *(str(k.key) for k in path))].axes,
+                                          width), value)
+  blocks, types = parts.blocks_in(small), block_types(parts)
+  stacked = {t: jnp.stack([_widen(part.get({part.path[0]: small[b]}), part.axes, width)
+                           for b in blocks]) for t, part in types.items()}
+  mixed = {t: jnp.tensordot(depth[t], stacked[t], axes=([1], [0])) for t in types}
   for l in range(next(iter(depth.values())).shape[0]):
-    layer = {}
+    block = {}
     for t, value in mixed.items():
-      module, leaf = t.split("/")
-      layer.setdefault(module, {})[leaf] = value[l]
-    out[f"layer_{l}"] = layer
+      *modules, leaf = types[t].path[1:]
+      node = block
+      for module in modules:
+        node = node.setdefault(module, {})
+      node[leaf] = value[l]
+    out[parts.block_key(l)] = block
   return out
 
 
@@ -105,18 +109,18 @@ def ligo(source: ModelConfig = gin.REQUIRED, learning_rate: float = 1e-3,
   `learning_rate`: Adam's on the operator; `noise_std`: of B's new rows (None: 1/sqrt(old));
   `order`: the depth init ('stack' or 'interleave')."""
   tx = optax.adam(learning_rate)
-  small_axes = logical_axes(source)
+  small_axes, parts = logical_axes(source), anatomy(source)
   small_sizes = {"embed": source.d_model, "mlp": source.mlp_dim, "heads": source.num_heads,
                  "kv_heads": source.num_kv_heads, "layers": source.num_layers}
 
   def start(small_params, large_sizes, rng):
-    operator = init_operator(small_sizes, large_sizes, small_params["layer_0"], rng, noise_std,
-                             order)
+    operator = init_operator(small_sizes, large_sizes, list(block_types(parts)), rng,
+                             noise_std, order)
     return {"small": small_params, "operator": operator, "optimizer": tx.init(operator)}
 
   def init(params, rng):  # Shapes only, in practice: ligo_grow writes the real state.
     small_rng, rng = jax.random.split(rng)
-    return start(init_params(source, small_rng), sizes_of(params), rng)
+    return start(init_params(source, small_rng), parts.sizes(params), rng)
 
   def state_axes(param_axes):
     del param_axes
@@ -125,7 +129,7 @@ def ligo(source: ModelConfig = gin.REQUIRED, learning_rate: float = 1e-3,
   def after_update(state, grads, step):
     del step
     own = state.method_state[NAME]
-    build = lambda op: materialize(op, own["small"], small_axes)
+    build = lambda op: materialize(op, own["small"], parts)
     _, pullback = jax.vjp(build, own["operator"])
     (operator_grads,) = pullback(grads)
     updates, optimizer = tx.update(operator_grads, own["optimizer"], own["operator"])
@@ -162,5 +166,5 @@ def ligo_grow(state, ctx: TransitionContext):
   sizes = {"embed": large.d_model, "mlp": large.mlp_dim, "heads": large.num_heads,
            "kv_heads": large.num_kv_heads, "layers": large.num_layers}
   own = methods[0].start(state.params, sizes, ctx.rng)
-  params = materialize(own["operator"], own["small"], logical_axes(small))
+  params = materialize(own["operator"], own["small"], anatomy(small))
   return state.replace(params=params, method_state={**state.method_state, NAME: own})

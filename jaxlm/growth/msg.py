@@ -31,10 +31,10 @@ import numpy as np
 
 from jaxlm.errors import UserError
 from jaxlm.growth.axis_maps import AxisMap
-from jaxlm.growth.transitions import sizes_of
 from jaxlm.growth.width import grow_tree, width_maps
 from jaxlm.methods.hooks import Method
-from jaxlm.model import init_params, logical_axes
+from jaxlm.model import init_params
+from jaxlm.model.anatomy import Anatomy, anatomy
 from jaxlm.stages import TransitionContext, register_transition
 from jaxlm.tree_names import map_param_shaped
 
@@ -51,29 +51,35 @@ def mask_values(new: dict, step, ramp_steps: int, phases: tuple[str, ...]) -> di
   return masks
 
 
-def masked_params(params, new: dict, masks: dict):
-  """What the loss sees: new structure scaled by its mask (see the module docstring)."""
-  m_mlp, m_heads, m_embed = masks["mlp"], masks["heads"], masks["embed"]
+def masked_params(params, parts: Anatomy, masks: dict):
+  """What the loss sees: new structure scaled by its mask (see the module docstring). `parts`:
+  the large model's anatomy; the embedding's columns, every residual writer's (attention out,
+  MLP down) rows and columns of the masked structures, and its whole block by the layer mask."""
+  m_embed = masks["embed"]
   # MSG's norm rescaling: the gain times sqrt(live dimensions / all), live = sum of the mask.
   gain = jnp.sqrt(jnp.sum(m_embed) / m_embed.shape[0])
-  out = {}
-  for name, value in params.items():
-    if name == "embed":
-      out[name] = {"embedding": value["embedding"] * m_embed[None, :]}
-    elif name == "final_norm":
-      out[name] = {"scale": value["scale"] * gain}
-    elif name.startswith("layer_"):
-      m_layer = masks["layers"][int(name[6:])]
-      attention, mlp = dict(value["attention"]), dict(value["mlp"])
-      attention["out"] = attention["out"] * (m_heads[:, None, None] * m_embed[None, None, :]
-                                             * m_layer)
-      mlp["down"] = mlp["down"] * (m_mlp[:, None] * m_embed[None, :] * m_layer)
-      out[name] = {**value, "attention": attention, "mlp": mlp,
-                   "attention_norm": {"scale": value["attention_norm"]["scale"] * gain},
-                   "mlp_norm": {"scale": value["mlp_norm"]["scale"] * gain}}
-    else:
-      out[name] = value
-  return out
+  writers = {p.name for block in range(parts.num_blocks) for p in parts.residual_writers(block)}
+
+  def mask(path, value):
+    part = parts[tuple(str(k.key) for k in path)]
+    if part.kind == "norm":
+      return value * gain
+    if part.kind == "embedding":
+      return value * _along(m_embed, part.axes.index("embed"), value.ndim)
+    if part.name not in writers:
+      return value
+    factor = None
+    for axis, name in enumerate(part.axes):
+      if name in ("mlp", "heads", "embed"):
+        m = _along(masks[name], axis, value.ndim)
+        factor = m if factor is None else factor * m
+    return value * (factor * masks["layers"][part.block])
+
+  return jax.tree_util.tree_map_with_path(mask, params)
+
+
+def _along(vector, axis: int, ndim: int):
+  return vector.reshape([-1 if i == axis else 1 for i in range(ndim)])
 
 
 def _new_flags(small_sizes: dict, large_sizes: dict) -> dict:
@@ -91,15 +97,20 @@ def msg(ramp_steps: int = 50, phases=PHASES) -> Method:
   if not isinstance(ramp_steps, int) or ramp_steps < 1:
     raise UserError(f"msg.ramp_steps={ramp_steps!r} must be a whole number of steps >= 1")
 
-  def init(params, rng):  # Nothing new until the msg_grow transition says what is.
-    del rng
-    sizes = sizes_of(params)
-    return _new_flags(sizes, sizes)
+  def for_stage(model, num_steps):
+    del num_steps
+    parts = anatomy(model)
 
-  def params_for_loss(params, state, step):
-    return masked_params(params, state, mask_values(state, step, ramp_steps, phases))
+    def init(params, rng):  # Nothing new until the msg_grow transition says what is.
+      del rng
+      sizes = parts.sizes(params)
+      return _new_flags(sizes, sizes)
 
-  return Method(NAME, init=init, params_for_loss=params_for_loss)
+    def params_for_loss(params, state, step):
+      return masked_params(params, parts, mask_values(state, step, ramp_steps, phases))
+
+    return Method(NAME, init=init, params_for_loss=params_for_loss)
+  return Method(NAME, for_stage=for_stage)
 
 
 @register_transition("msg_grow")
@@ -134,14 +145,14 @@ def msg_grow(state, ctx: TransitionContext):
   wide = dataclasses.replace(large, num_layers=small.num_layers)
   maps = {k: AxisMap(m.source, np.ones(m.size), zero_side=None)  # New entries: all fresh.
           for k, m in width_maps(small, wide, "zero", "zero", "exact").items()}
-  grown = grow_tree(state.params, logical_axes(wide), maps,
+  grown = grow_tree(state.params, anatomy(wide), maps,
                     {k: v for k, v in fresh.items() if k in state.params}, d_model="copy")
   params = {**fresh, **grown}  # Layers beyond the small depth: fresh, masked to identity.
   flags = _new_flags({"mlp": small.mlp_dim, "embed": small.d_model, "heads": small.num_heads,
-                      "layers": small.num_layers}, sizes_of(params))
+                      "layers": small.num_layers}, anatomy(large).sizes(params))
 
   def grow_moments(tree):  # Kept when the stage keeps its optimizer state: new entries zero.
-    wide_tree = grow_tree(tree, logical_axes(wide), maps, moments=True)
+    wide_tree = grow_tree(tree, anatomy(wide), maps, moments=True)
     return {**jax.tree.map(jnp.zeros_like, fresh), **wide_tree}
   return state.replace(params=params, method_state={**state.method_state, NAME: flags},
                        opt_state=map_param_shaped(state.opt_state, state.params, grow_moments))

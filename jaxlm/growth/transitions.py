@@ -20,26 +20,21 @@ import gin
 from jaxlm.errors import UserError
 from jaxlm.growth.depth import depth_sources, grow_depth
 from jaxlm.growth.width import check_width, grow_tree, grow_width, width_maps
-from jaxlm.model import init_params, logical_axes
+from jaxlm.model import ModelConfig, init_params
+from jaxlm.model.anatomy import anatomy
 from jaxlm.stages import TransitionContext, register_transition
 from jaxlm.tree_names import map_param_shaped
 
 
-def num_layers_of(params) -> int:
-  return sum(1 for k in params if k.startswith("layer_"))
-
-
-def sizes_of(params) -> dict[str, int]:
-  """A model's size along each growable structure, read from its params."""
-  layer = params["layer_0"]
-  return {"embed": layer["mlp"]["up"].shape[0], "mlp": layer["mlp"]["up"].shape[1],
-          "heads": layer["attention"]["query"].shape[1],
-          "kv_heads": layer["attention"]["key"].shape[1], "layers": num_layers_of(params)}
+def num_layers_of(params, config: ModelConfig) -> int:
+  """Blocks in `params`, a model of `config`'s kind at whatever depth it has now."""
+  return len(anatomy(config).blocks_in(params))
 
 
 def _current_small(ctx: TransitionContext, params):
   """The previous stage's model at the depth `params` has now (after earlier transitions)."""
-  return dataclasses.replace(ctx.previous.model, num_layers=num_layers_of(params))
+  previous = ctx.previous.model
+  return dataclasses.replace(previous, num_layers=num_layers_of(params, previous))
 
 
 @register_transition("grow_width")  # The gin-configurable function is what is registered.
@@ -52,9 +47,9 @@ def grow_width_transition(state, ctx: TransitionContext, mlp: str = "fpi", heads
   check_width(small, large, mlp, heads, d_model)
   params = grow_width(state.params, small, large, init_params(large, ctx.rng), mlp, heads,
                       d_model)
-  maps, axes = width_maps(small, large, mlp, heads, d_model), logical_axes(large)
+  maps, parts = width_maps(small, large, mlp, heads, d_model), anatomy(large)
   opt_state = map_param_shaped(state.opt_state, state.params,
-                              lambda m: grow_tree(m, axes, maps, moments=True))
+                              lambda m: grow_tree(m, parts, maps, moments=True))
   return state.replace(params=params, opt_state=opt_state)
 
 
@@ -70,7 +65,7 @@ def grow_depth_transition(state, ctx: TransitionContext, order: str = "stack",
     raise UserError(f"grow_depth.zero_copies keeps the function only with the same "
                     f"ModelConfig.norm_eps, but it changes {previous.norm_eps} -> "
                     f"{following.norm_eps}; set the large model's norm_eps = {previous.norm_eps}")
-  sources = depth_sources(num_layers_of(state.params), ctx.following.model.num_layers, order)
-  grow = lambda tree: grow_depth(tree, sources, zero_copies)
+  sources = depth_sources(num_layers_of(state.params, previous), following.num_layers, order)
+  grow = lambda tree: grow_depth(tree, sources, anatomy(previous), zero_copies)
   return state.replace(params=grow(state.params),
                        opt_state=map_param_shaped(state.opt_state, state.params, grow))

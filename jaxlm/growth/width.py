@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.errors import UserError
-from jaxlm.growth.axis_maps import (NORM_SCALE, AxisMap, copy_map, group_copy_map, grow_leaf,
-                                    pad_map)
-from jaxlm.model import ModelConfig, logical_axes
+from jaxlm.growth.axis_maps import AxisMap, copy_map, group_copy_map, grow_leaf, pad_map
+from jaxlm.model import ModelConfig
+from jaxlm.model.anatomy import Anatomy, Part, anatomy
 
 MLP_MODES = ("fpi", "aki", "zero")
 HEAD_MODES = ("fpi", "zero")
@@ -126,27 +126,23 @@ def _norm_scale(x, amap: AxisMap | None, exact: bool, moments: bool = False):
   return grown
 
 
-def grow_tree(tree, axes, maps: dict[str, AxisMap], fresh=None, d_model: str = "exact",
-              moments: bool = False):
-  """Every leaf of the param-shaped `tree` grown by `maps` (`axes`: the large model's logical
-  axes; `fresh`: its fresh params, or None for zeros). `moments`: an optimizer moment tree,
-  which takes the index maps only (copies unscaled, new entries zero)."""
+def grow_tree(tree, parts: Anatomy, maps: dict[str, AxisMap], fresh=None,
+              d_model: str = "exact", moments: bool = False):
+  """Every leaf of the param-shaped `tree` grown by `maps` (`parts`: the large model's anatomy
+  at the tree's depth; `fresh`: its fresh params, or None for zeros). `moments`: an optimizer
+  moment tree, which takes the index maps only (copies unscaled, new entries zero)."""
   if moments:
     maps = {k: dataclasses.replace(m, read_scale=np.ones(m.size)) for k, m in maps.items()}
 
-  def grow(path, x, leaf_axes, new=None):
-    weight = str(path[-1].key)
-    if weight == NORM_SCALE:
+  def grow(path, x, new=None):
+    part = parts[tuple(str(k.key) for k in path)]
+    if part.kind == "norm":
       return _norm_scale(x, maps.get("embed"), d_model == "exact" and not moments, moments)
-    return grow_leaf(x, tuple(leaf_axes), maps, weight, None if moments else new)
+    return grow_leaf(x, part, maps, None if moments else new)
 
   if fresh is None:
-    return jax.tree_util.tree_map_with_path(grow, tree, axes)
-  return jax.tree_util.tree_map_with_path(grow, tree, axes, fresh)
-
-
-def _layer_names(params):
-  return sorted((k for k in params if k.startswith("layer_")), key=lambda k: int(k[6:]))
+    return jax.tree_util.tree_map_with_path(grow, tree)
+  return jax.tree_util.tree_map_with_path(grow, tree, fresh)
 
 
 def grow_width(params, small: ModelConfig, large: ModelConfig, fresh, mlp: str = "fpi",
@@ -155,20 +151,27 @@ def grow_width(params, small: ModelConfig, large: ModelConfig, fresh, mlp: str =
   the large model's own initialisation (of the same depth as `params`)."""
   check_width(small, large, mlp, heads, d_model)
   maps = width_maps(small, large, mlp, heads, d_model)
-  axes = logical_axes(dataclasses.replace(large, num_layers=small.num_layers))
-  grown = grow_tree(params, axes, maps, fresh, d_model)
-  if mlp == "aki" and "mlp" in maps:  # New units of layer l come from layer l + 1.
-    names = _layer_names(params)
+  parts = anatomy(dataclasses.replace(large, num_layers=small.num_layers))
+  grown = grow_tree(params, parts, maps, fresh, d_model)
+  if mlp == "aki" and "mlp" in maps:  # New units of block l come from block l + 1.
     new_units = np.arange(large.mlp_dim) >= small.mlp_dim
-    for name, above in zip(names[:-1], names[1:]):
-      grown[name] = _units_from(grown[name], grown[above], new_units)
+    for l in range(small.num_layers - 1):
+      for part in parts.block_parts(l):
+        if "mlp" in part.axes:
+          above = dataclasses.replace(part, path=(parts.block_key(l + 1), *part.path[1:]))
+          grown = _set(grown, part.path, _units_from(part, part.get(grown), above.get(grown),
+                                                     new_units))
   return grown
 
 
-def _units_from(layer, above, new_units):
-  """`layer` with the MLP units flagged in `new_units` taken from `above`."""
-  mlp, src = dict(layer["mlp"]), above["mlp"]
-  mlp["gate"] = mlp["gate"].at[:, new_units].set(src["gate"][:, new_units])
-  mlp["up"] = mlp["up"].at[:, new_units].set(src["up"][:, new_units])
-  mlp["down"] = mlp["down"].at[new_units].set(src["down"][new_units])
-  return {**layer, "mlp": mlp}
+def _units_from(part: Part, leaf, above, new_units):
+  """`leaf` with the MLP units flagged in `new_units` (along its "mlp" axis) taken from the same
+  part of the block above."""
+  axis = part.axes.index("mlp")
+  return jnp.where(new_units.reshape([-1 if i == axis else 1 for i in range(leaf.ndim)]),
+                   above, leaf)
+
+
+def _set(tree, path, value):
+  head, *rest = path
+  return {**tree, head: _set(tree[head], rest, value) if rest else value}

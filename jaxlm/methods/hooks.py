@@ -11,8 +11,9 @@ up to six pure functions, every one optional. The step calls them in list order:
                                                   # logged as train/aux/<name> (MoE balancing)
     after_update(state, grads, step) -> state     # re-apply masks, periodic mask updates
     metrics(state) -> {name: scalar}              # logged as train/<method name>/<name>
-    for_stage(num_steps) -> Method                # the method for a stage of that length
-                                                  # (schedules over the stage), at Stage build
+    for_stage(model, num_steps) -> Method         # the method for a stage's model (its
+                                                  # anatomy) and length (schedules over the
+                                                  # stage), made when the Stage is built
 
 `step` is the step within the stage (what its schedule sees), `state` the whole TrainState,
 whose `method_state[name]` holds what the method keeps between steps: it is sharded by

@@ -10,7 +10,7 @@ same way). The kernels never import the model; both take the mask from `jaxlm.ma
 import functools
 import math
 from collections.abc import Callable, Iterator, Mapping
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jaxlm.errors import UserError
 from jaxlm.masking import MASK_VALUE, attention_mask
 from jaxlm.model.config import ModelConfig
-from jaxlm.model.layers import apply_rope, param_with_axes
+from jaxlm.model.layers import Role, apply_rope, param_with_axes
 
 
 def xla_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, *, causal: bool = True):
@@ -194,6 +194,14 @@ class Attention(nn.Module):
   collection (`key`, `value`: [B, kv_heads, S, head_dim]) at `cache_slots.index`, and its queries
   attend to every slot written so far. Without, nothing touches the cache (training)."""
   config: ModelConfig
+  PARTS: ClassVar[dict] = {
+      "query": Role("attention.query", reads=("embed",)),
+      "key": Role("attention.key", reads=("embed",)),
+      "value": Role("attention.value", reads=("embed",)),
+      "out": Role("attention.out", reads=("heads", "head_dim")),
+      "query_bias": Role("attention.query_bias", matmul=False),
+      "key_bias": Role("attention.key_bias", matmul=False),
+      "value_bias": Role("attention.value_bias", matmul=False)}
 
   @nn.compact
   def __call__(self, x_BLD, positions_BL, segment_ids_BL, cache_slots: CacheSlots | None = None):

@@ -15,7 +15,7 @@ ROPE_SCALINGS = (None, "llama3")
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """A decoder-only transformer: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+  """A decoder-only transformer: RMSNorm, RoPE, grouped-query attention, an MLP (SwiGLU).
 
   `dtype` is the compute dtype; parameters are always stored in float32 (`param_dtype`) so that
   optimizer updates stay exact in mixed precision.
@@ -27,6 +27,7 @@ class ModelConfig:
   num_kv_heads: int = 4
   head_dim: int | None = None  # None: d_model // num_heads.
   mlp_dim: int = 384
+  mlp: str = "swiglu"  # The block's MLP: a name in jaxlm.model.layers.MLP_KINDS.
   max_seq_len: int = 1024
   rope_theta: float = 10_000.0
   # Llama 3.1's frequency-dependent stretch of the rotary wavelengths (transformers'

@@ -4,13 +4,16 @@ Every parameter carries logical axis names through `nn.with_logical_partitioning
 (jaxlm/parallel.py) maps them onto mesh axes. Nothing here names a mesh axis.
 """
 
+import dataclasses
 import functools
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm.errors import UserError
 from jaxlm.model.config import ModelConfig
 
 
@@ -18,9 +21,22 @@ def param_with_axes(module: nn.Module, name: str, init, shape, axes, dtype):
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class Role:
+  """What one param of a module is, for the code that transforms params without knowing their
+  keys (growth, sparsity, FLOPs, interop; jaxlm/model/anatomy.py). Every module that owns params
+  declares a `PARTS = {param key: Role}`."""
+  kind: str  # "embedding", "head", "norm", "attention.query", ..., "mlp.up", "mlp.gate", "mlp.down"
+  # The logical axes contracted with the incoming activation (the weight's input side); every
+  # other axis indexes the activation it writes.
+  reads: tuple[str, ...] = ()
+  matmul: bool = True  # Multiplies every token's activation: counted in FLOPs, sparsified.
+
+
 class Embed(nn.Module):
   """Token embedding; with tied embeddings the Decoder also uses the table as the output head."""
   config: ModelConfig
+  PARTS: ClassVar[dict] = {"embedding": Role("embedding", reads=("vocab",), matmul=False)}
 
   def setup(self):
     cfg = self.config
@@ -39,6 +55,7 @@ class Embed(nn.Module):
 class RMSNorm(nn.Module):
   """Root-mean-square norm (Zhang & Sennrich 2019, 1910.07467); statistics in float32."""
   config: ModelConfig
+  PARTS: ClassVar[dict] = {"scale": Role("norm", reads=("embed",), matmul=False)}
 
   @nn.compact
   def __call__(self, x_BLD):
@@ -127,6 +144,9 @@ swiglu.defvjp(_swiglu_forward, _swiglu_backward)
 class SwiGLU(nn.Module):
   """Gated MLP with SiLU (Shazeer 2020, 2002.05202): down(silu(x W_gate) * (x W_up))."""
   config: ModelConfig
+  PARTS: ClassVar[dict] = {"gate": Role("mlp.gate", reads=("embed",)),
+                           "up": Role("mlp.up", reads=("embed",)),
+                           "down": Role("mlp.down", reads=("mlp",))}
 
   @nn.compact
   def __call__(self, x_BLD):
@@ -144,3 +164,25 @@ class SwiGLU(nn.Module):
     gate_up_BL2F = jnp.einsum("bld,dtf->bltf", x_BLD, w_gate_up_D2F)
     h_BLF = nn.with_logical_constraint(swiglu(gate_up_BL2F), ("batch", "length", "mlp"))
     return jnp.einsum("blf,fd->bld", h_BLF, w_down.astype(dtype))
+
+
+# A block's MLP is chosen by ModelConfig.mlp among these: a module taking (config) and mapping
+# x_BLD -> y_BLD, with a PARTS table whose matrices carry the logical axes "embed" and "mlp".
+MLP_KINDS: dict[str, type] = {"swiglu": SwiGLU}
+
+
+def register_mlp(name: str, module: type) -> None:
+  """Make `ModelConfig.mlp = name` build `module` in every block (a new architecture in a test or
+  an experiment; the MoE layer)."""
+  if not isinstance(getattr(module, "PARTS", None), dict):
+    raise TypeError(f"MLP {module.__name__} declares no PARTS = {{param key: Role}}")
+  MLP_KINDS[name] = module
+
+
+def mlp_kind(config: ModelConfig) -> type:
+  try:
+    return MLP_KINDS[config.mlp]
+  except KeyError:
+    raise UserError(f"ModelConfig.mlp={config.mlp!r} is not an MLP jaxlm knows; choose one of "
+                    f"{sorted(MLP_KINDS)} (or register one with jaxlm.model.layers.register_mlp)"
+                    ) from None

@@ -12,13 +12,15 @@ and for decoding with a KV cache (jaxlm/generate.py samples with it):
     logits_BV, cache = decode_step(params, config, cache, tokens_B1, positions_B1)
 """
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jaxlm.model.attention import Attention, CacheSlots, uninitialized_cache
 from jaxlm.model.config import ModelConfig
-from jaxlm.model.layers import Embed, RMSNorm, SwiGLU, param_with_axes
+from jaxlm.model.layers import Embed, RMSNorm, Role, mlp_kind, param_with_axes
 
 _REMAT_POLICY = {
     "full": None,  # Save nothing: recompute the whole block in the backward pass.
@@ -27,7 +29,8 @@ _REMAT_POLICY = {
 
 
 class Block(nn.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); the MLP is the kind
+  ModelConfig.mlp names."""
   config: ModelConfig
 
   @nn.compact
@@ -35,13 +38,15 @@ class Block(nn.Module):
     x_BLD = x_BLD + Attention(self.config, name="attention")(
         RMSNorm(self.config, name="attention_norm")(x_BLD), positions_BL, segment_ids_BL,
         cache_slots)
-    x_BLD = x_BLD + SwiGLU(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x_BLD))
+    mlp = mlp_kind(self.config)(self.config, name="mlp")
+    x_BLD = x_BLD + mlp(RMSNorm(self.config, name="mlp_norm")(x_BLD))
     return nn.with_logical_constraint(x_BLD, ("batch", "length", "embed"))
 
 
 class Decoder(nn.Module):
   """Token ids [B, L] -> next-token logits [B, L, V] (float32)."""
   config: ModelConfig
+  PARTS: ClassVar[dict] = {"lm_head": Role("head", reads=("embed",))}
 
   @nn.compact
   def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, features_only=False,

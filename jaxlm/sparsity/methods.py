@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jaxlm.errors import UserError
 from jaxlm.methods.hooks import Method
 from jaxlm.model import count_params
+from jaxlm.model.anatomy import Anatomy, anatomy
 from jaxlm.sparsity import selection
 from jaxlm.sparsity.distribution import (DISTRIBUTIONS, check_density, kept_counts,
                                          layer_densities)
@@ -64,12 +65,12 @@ def _st_backward(saved, g):
 straight_through.defvjp(_st_forward, _st_backward)
 
 
-def _matrix_shapes(chosen: dict) -> dict[str, tuple[int, int]]:
-  return {n: as_matrix_shape(p.shape, selection.input_axes(n)) for n, p in chosen.items()}
+def _matrix_shapes(chosen: dict, parts: Anatomy) -> dict[str, tuple[int, int]]:
+  return {n: as_matrix_shape(p.shape, selection.input_axes(parts, n)) for n, p in chosen.items()}
 
 
-def _counts(chosen: dict, density: float, distribution: str) -> dict[str, int]:
-  densities = layer_densities(_matrix_shapes(chosen), density, distribution)
+def _counts(chosen: dict, parts: Anatomy, density: float, distribution: str) -> dict[str, int]:
+  densities = layer_densities(_matrix_shapes(chosen, parts), density, distribution)
   return kept_counts(densities, {n: math.prod(p.shape) for n, p in chosen.items()})
 
 
@@ -78,23 +79,24 @@ def _check_choice(label: str, value, choices):
     raise UserError(f"{label}={value!r}; choose one of {list(choices)}")
 
 
-def sparse_method(name: str, patterns, init_masks, update=None, mode: str = "mask",
-                  decay: float = 0.0, regrow: bool = False) -> Method:
-  """The frame every algorithm shares. `init_masks(chosen params) -> masks`;
+def sparse_method(name: str, parts: Anatomy, patterns, init_masks, update=None,
+                  mode: str = "mask", decay: float = 0.0, regrow: bool = False) -> Method:
+  """The frame every algorithm shares, for the model of `parts` (its anatomy): `patterns`
+  (None: its block matrices) choose what is masked. `init_masks(chosen params) -> masks`;
   `update(masks, params, grads, step) -> masks` after each update (None: static); `mode`:
   "mask" (the loss sees W * mask, pruned weights get no gradient), "straight_through" (their
   gradient passes, RigL's dense gradient), "srste" (straight-through plus `decay`, dense weights
   kept between steps). `regrow`: weights a mask update adds start at zero with zero Adam
   moments (RigL)."""
-  patterns = tuple(patterns)
+  patterns = None if patterns is None else tuple(patterns)
 
   def init(params, rng):
     del rng  # Random scores come from each algorithm's own seed, folded with the step.
-    return {"masks": init_masks(selection.select(params, patterns)),
+    return {"masks": init_masks(selection.select(params, parts, patterns)),
             "n_avg": jnp.float32(0.0), "steps": jnp.int32(0)}
 
   def state_axes(param_axes):
-    names = selection.select(param_axes, patterns)
+    names = selection.select(param_axes, parts, patterns)
     return {"masks": selection.mask_axes(param_axes, names), "n_avg": None, "steps": None}
 
   def params_for_loss(params, state, step):
@@ -150,42 +152,52 @@ def _scores(chosen: dict, score: str, seed: int, step=0) -> dict:
 
 @gin.configurable
 def static_sparsity(density: float = 0.5, distribution: str = "uniform",
-                    score: str = "magnitude", patterns=selection.DEFAULT_PATTERNS,
-                    seed: int = 0) -> Method:
+                    score: str = "magnitude", patterns=None, seed: int = 0) -> Method:
   """A fixed mask chosen at the start of the stage by |w| or at random, per-matrix density from
   `distribution` (SPDF, Thangarasa et al. 2303.10464, uses a static random mask)."""
   check_density("static_sparsity.density", density)
   _check_choice("static_sparsity.distribution", distribution, DISTRIBUTIONS)
   _check_choice("static_sparsity.score", score, SCORES)
 
-  def init_masks(chosen):
-    counts, scores = _counts(chosen, density, distribution), _scores(chosen, score, seed)
-    return {n: topk_mask(scores[n], counts[n]) for n in chosen}
+  def for_stage(model, num_steps):
+    del num_steps
+    parts = anatomy(model)
 
-  return sparse_method("static_sparsity", patterns, init_masks)
+    def init_masks(chosen):
+      counts = _counts(chosen, parts, density, distribution)
+      scores = _scores(chosen, score, seed)
+      return {n: topk_mask(scores[n], counts[n]) for n in chosen}
+
+    return sparse_method("static_sparsity", parts, patterns, init_masks)
+  return Method("static_sparsity", for_stage=for_stage)
 
 
 @gin.configurable
-def nm_sparsity(n: int = 2, m: int = 4, decay: float = 2e-4,
-                patterns=selection.DEFAULT_PATTERNS) -> Method:
+def nm_sparsity(n: int = 2, m: int = 4, decay: float = 2e-4, patterns=None) -> Method:
   """N:M sparsity along each matrix's input dimension with SR-STE (Zhou et al. 2102.04010): the
   dense weights are kept and trained, the loss sees the N largest of every M, and the pruned
   ones decay by `decay` x W through the straight-through gradient."""
   check_nm("nm_sparsity", n, m, m)
 
-  def projection(chosen):
-    out = {}
-    for name, w in chosen.items():
-      inputs = selection.input_axes(name)
-      check_nm(name, n, m, math.prod(w.shape[i] for i in inputs))
-      out[name] = nm_mask(w, n, m, inputs)
-    return out
+  def for_stage(model, num_steps):
+    del num_steps
+    parts = anatomy(model)
 
-  def update(masks, params, grads, step):  # The projection of the updated dense weights.
-    del grads, step
-    return projection({name: selection.get(params, name) for name in masks})
+    def projection(chosen):
+      out = {}
+      for name, w in chosen.items():
+        inputs = selection.input_axes(parts, name)
+        check_nm(name, n, m, math.prod(w.shape[i] for i in inputs))
+        out[name] = nm_mask(w, n, m, inputs)
+      return out
 
-  return sparse_method("nm_sparsity", patterns, projection, update, mode="srste", decay=decay)
+    def update(masks, params, grads, step):  # The projection of the updated dense weights.
+      del grads, step
+      return projection({name: selection.get(params, name) for name in masks})
+
+    return sparse_method("nm_sparsity", parts, patterns, projection, update, mode="srste",
+                         decay=decay)
+  return Method("nm_sparsity", for_stage=for_stage)
 
 
 def cubic_density(step, final_density: float, start: int, end: int):
@@ -208,7 +220,7 @@ def _window(label: str, num_steps: int, start_fraction: float, end_fraction: flo
 @gin.configurable
 def gradual_pruning(final_density: float = 0.25, start_fraction: float = 0.25,
                     end_fraction: float = 0.75, update_every: int = 10,
-                    distribution: str = "uniform", patterns=selection.DEFAULT_PATTERNS) -> Method:
+                    distribution: str = "uniform", patterns=None) -> Method:
   """Gradual magnitude pruning, cubic between `start_fraction` and `end_fraction` of the stage
   ("The Journey Matters", 2501.12486: 25% -> 75% is their best schedule); the masks are
   recomputed from the active weights' |w| every `update_every` steps and at the end, so a
@@ -220,7 +232,8 @@ def gradual_pruning(final_density: float = 0.25, start_fraction: float = 0.25,
   _check_choice("gradual_pruning.distribution", distribution, DISTRIBUTIONS)
   _window("gradual_pruning", 100, start_fraction, end_fraction)
 
-  def for_stage(num_steps):
+  def for_stage(model, num_steps):
+    parts = anatomy(model)
     start, end = _window("gradual_pruning", num_steps, start_fraction, end_fraction)
     # Stage steps are 0 .. num_steps - 1: an end at num_steps (end_fraction=1) would never be
     # reached, nor a start rounded up to it.
@@ -233,7 +246,7 @@ def gradual_pruning(final_density: float = 0.25, start_fraction: float = 0.25,
     def update(masks, params, grads, step):
       del grads
       chosen = {n: selection.get(params, n) for n in masks}
-      final = layer_densities(_matrix_shapes(chosen), final_density, distribution)
+      final = layer_densities(_matrix_shapes(chosen, parts), final_density, distribution)
       final_counts = kept_counts(final, {n: w.size for n, w in chosen.items()})
       due = (step >= start) & (step <= end) & (((step - start) % update_every == 0)
                                                | (step == end))
@@ -249,7 +262,7 @@ def gradual_pruning(final_density: float = 0.25, start_fraction: float = 0.25,
         return {n: topk_mask(jnp.abs(w), counts[n], eligible=masks[n]) for n, w in chosen.items()}
       return jax.lax.cond(due, prune, lambda: masks)
 
-    return sparse_method("gradual_pruning", patterns, init_masks, update)
+    return sparse_method("gradual_pruning", parts, patterns, init_masks, update)
   return Method("gradual_pruning", for_stage=for_stage)
 
 
@@ -275,7 +288,7 @@ def drop_and_grow(mask, weight, growth, fraction):
 @gin.configurable
 def rigl(density: float = 0.2, distribution: str = "erk", update_every: int = 100,
          drop_fraction: float = 0.3, end_fraction: float = 0.75, grow: str = "gradient",
-         patterns=selection.DEFAULT_PATTERNS, seed: int = 0) -> Method:
+         patterns=None, seed: int = 0) -> Method:
   """RigL (Evci et al. 1911.11134): a random mask of `density` (per matrix by `distribution`);
   every `update_every` steps until `end_fraction` of the stage, drop the smallest-|w| fraction
   of each matrix's active weights (`drop_fraction`, cosine-decayed to 0 at the end) and grow as
@@ -289,11 +302,13 @@ def rigl(density: float = 0.2, distribution: str = "erk", update_every: int = 10
   if not 0.0 <= drop_fraction <= 1.0:
     raise UserError(f"rigl.drop_fraction={drop_fraction!r} must be in [0, 1]")
 
-  def for_stage(num_steps):
+  def for_stage(model, num_steps):
+    parts = anatomy(model)
     _, end = _window("rigl", num_steps, 0.0, end_fraction)
 
     def init_masks(chosen):
-      counts, scores = _counts(chosen, density, distribution), _scores(chosen, "random", seed)
+      counts = _counts(chosen, parts, density, distribution)
+      scores = _scores(chosen, "random", seed)
       return {n: topk_mask(scores[n], counts[n]) for n in chosen}
 
     def update(masks, params, grads, step):
@@ -308,7 +323,7 @@ def rigl(density: float = 0.2, distribution: str = "erk", update_every: int = 10
                 for n, mask in masks.items()}
       return jax.lax.cond(due, regrow, lambda: masks)
 
-    return sparse_method("rigl", patterns, init_masks, update, mode="straight_through",
+    return sparse_method("rigl", parts, patterns, init_masks, update, mode="straight_through",
                          regrow=True)
   return Method("rigl", for_stage=for_stage)
 
