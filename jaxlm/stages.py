@@ -32,7 +32,7 @@ from jaxlm.methods.hooks import Method, init_method_state
 from jaxlm.model import ModelConfig
 from jaxlm.tree_names import first_difference, shapes_of
 from jaxlm.validation import check_field_types, check_range
-from jaxlm.optim.optimizers import adamw
+from jaxlm.optim.optimizers import adamw, build as build_optimizer
 from jaxlm.optim.schedules import warmup_cosine
 
 
@@ -118,7 +118,7 @@ class Stage:
     # Only the learning rate is injected; gin still supplies the factory's other arguments.
     def build(learning_rate):  # Called whenever optax traces init or update.
       with self.scope():
-        return self.optimizer(learning_rate)
+        return build_optimizer(self.optimizer, learning_rate, self.model)
     return optax.inject_hyperparams(build)(learning_rate=0.0)
 
 

@@ -25,6 +25,20 @@ def flatten_names(tree) -> dict:
           if leaf is not None}
 
 
+def get_named(tree, name: str):
+  """The leaf of a nested-dict tree named "layer_0/mlp/up"."""
+  for key in name.split("/"):
+    tree = tree[key]
+  return tree
+
+
+def replace_named(tree, values: dict):
+  """`tree` with the leaves named in `values` ({"layer_0/mlp/up": new leaf}) replaced."""
+  def swap(path, leaf):
+    return values.get(path_name(path), leaf)
+  return jax.tree_util.tree_map_with_path(swap, tree)
+
+
 def shapes_of(tree) -> dict[str, tuple[int, ...]]:
   return {name: tuple(leaf.shape) for name, leaf in flatten_names(tree).items()}
 

@@ -25,6 +25,7 @@ from jaxlm.sparsity.methods import (cubic_density, densify, gradual_pruning, nm_
 from jaxlm.sparsity.topk import as_matrix_shape, nm_mask, topk_mask
 from jaxlm.stages import TransitionContext
 from jaxlm.train_step import init_state, make_train_step, sharded_init, state_shardings
+from jaxlm.tree_names import get_named
 from conftest import REPO_ROOT
 from test_stage_methods import _batch, _mesh_and_rules
 from test_trainer import _stage
@@ -102,7 +103,7 @@ def test_static_masks_hold_exact_density_and_zeros_after_100_updates(small_text_
     densities.append({n: int(m.sum()) for n, m in masks.items()})
     if step:
       for name, mask in masks.items():
-        assert not np.any(np.asarray(selection.get(state.params, name))[~np.asarray(mask)])
+        assert not np.any(np.asarray(get_named(state.params, name))[~np.asarray(mask)])
   state, metrics = _train(stage, 100, check)
   assert all(d == densities[0] for d in densities)  # Static: the same counts every step.
   masks = _masks(state, "static_sparsity")
@@ -121,7 +122,7 @@ def test_nm_sparsity_is_exactly_n_of_m_after_every_step_with_sr_ste(small_text_f
 
   def check(state, step):
     for name, mask in _masks(state, "nm_sparsity").items():
-      w = selection.get(state.params, name)
+      w = get_named(state.params, name)
       inputs = selection.input_axes(anatomy(stage.model), name)
       np.testing.assert_array_equal(mask, nm_mask(w, 2, 4, inputs))  # Of the current weights.
       moved = np.moveaxis(np.asarray(mask), inputs, range(len(inputs)))
@@ -130,7 +131,7 @@ def test_nm_sparsity_is_exactly_n_of_m_after_every_step_with_sr_ste(small_text_f
   state, metrics = _train(stage, 6, check)
   assert metrics["train/nm_sparsity/density"] == 0.5
   # SR-STE keeps the dense weights: the pruned ones are not zero.
-  w = selection.get(state.params, "layer_0/mlp/up")
+  w = get_named(state.params, "layer_0/mlp/up")
   assert np.count_nonzero(w) == w.size
 
 
@@ -169,8 +170,8 @@ def test_rigl_keeps_each_density_and_resets_the_moments_of_grown_weights(small_t
     assert before[name].sum() == after[name].sum()  # Exact per-matrix density.
     grown = np.asarray(after[name] & ~before[name])
     changed |= grown.any()
-    assert not np.any(np.asarray(selection.get(mu, name))[grown])  # Moments reset.
-    assert not np.any(np.asarray(selection.get(history[5].params, name))[grown])  # At zero.
+    assert not np.any(np.asarray(get_named(mu, name))[grown])  # Moments reset.
+    assert not np.any(np.asarray(get_named(history[5].params, name))[grown])  # At zero.
   assert changed
   for step in (1, 2, 3, 4):  # No update between the update steps.
     for name in before:
@@ -263,7 +264,7 @@ def test_gradual_pruning_reaches_the_final_count_exactly_by_the_last_step(
                            patterns=[r"layer_\d+/attention/key", r"layer_\d+/mlp/up"])
   params = _small_params()
   history = _mask_updates(method.for_stage(SMALL, num_steps), params, range(num_steps))
-  chosen = {n: selection.get(params, n) for n in history[0][0]}
+  chosen = {n: get_named(params, n) for n in history[0][0]}
   shapes = {n: as_matrix_shape(w.shape, selection.input_axes(anatomy(SMALL), n))
             for n, w in chosen.items()}
   want = kept_counts(layer_densities(shapes, 0.3, "erk"), {n: w.size for n, w in chosen.items()})
@@ -293,7 +294,7 @@ def test_densify_keeps_the_function_and_the_dense_stage_trains_the_pruned_weight
       "nm_sparsity"], 0)
   np.testing.assert_array_equal(forward(handed.params, sparse.model, tokens),
                                 forward(masked_params, sparse.model, tokens))
-  w = selection.get(handed.params, "layer_0/mlp/up")
+  w = get_named(handed.params, "layer_0/mlp/up")
   assert np.count_nonzero(w) == w.size // 2
 
 
@@ -304,7 +305,7 @@ def test_masks_shard_like_their_params(small_text_file):
   masks = shardings.method_state["static_sparsity"]["masks"]
   assert len(masks) == 2 * 7
   for name, sharding in masks.items():
-    assert sharding.spec == selection.get(shardings.params, name).spec
+    assert sharding.spec == get_named(shardings.params, name).spec
 
 
 @pytest.mark.parametrize("make,message", [

@@ -130,7 +130,7 @@ def test_train_only_freezes_everything_but_the_embeddings(tokenizers):
   first, _ = _stages(tokenizers, False)
   params = init_state(first, jax.random.key(0)).params
   grads = jax.tree.map(jnp.ones_like, params)
-  tx = train_only(1e-2, optimizer=adamw)
+  tx = train_only(1e-2, optimizer=adamw, model=first.model)
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   for name in ("embed", "lm_head"):
     assert all(np.all(np.asarray(u) != 0) for u in jax.tree.leaves(updates[name]))

@@ -29,9 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.errors import UserError
+from jaxlm.model.anatomy import anatomy
 from jaxlm.model.transformer import init_params
 from jaxlm.stages import TransitionContext, register_transition
-from jaxlm.tree_names import path_name
+from jaxlm.tree_names import path_name, replace_named
 
 INITS = ("mean", "mvn", "focus", "random")
 FOCUS_TOP_K = 8
@@ -149,29 +150,26 @@ def expand_vocabulary(state, ctx: TransitionContext, init: str = "mean"):
                     f"the extended tokenizer's {new.vocab_size} ids; raise it")
   new_ids = np.arange(old.vocab_size, new.vocab_size)
   texts = token_texts(new, new_ids)
-  params = dict(state.params)
-  embed_rng, head_rng = jax.random.split(ctx.rng)
-  fills = {}
-  if init != "random":
-    fills["embed"] = new_rows(params["embed"]["embedding"], init, old, texts, embed_rng)
-    if "lm_head" in params:  # Output vectors are rows of lm_head.T.
-      fills["lm_head"] = new_rows(params["lm_head"].T, init, old, texts, head_rng)
-  else:  # The next stage's own initialisation of those rows.
-    fresh = _fresh_params(ctx)
-    fills["embed"] = fresh["embed"]["embedding"][new_ids]
-    if "lm_head" in params:
-      fills["lm_head"] = fresh["lm_head"].T[new_ids]
-  params["embed"] = {**params["embed"], "embedding": _grow(
-      params["embed"]["embedding"], True, size, new_ids, fills["embed"])}
-  if "lm_head" in params:
-    params["lm_head"] = _grow(params["lm_head"], False, size, new_ids, fills["lm_head"])
+  # The params with a token axis (the embedding, an untied head), as the anatomy lists them.
+  token_parts = [p for p in anatomy(ctx.previous.model) if "vocab" in p.axes]
+  rngs = jax.random.split(ctx.rng, max(2, len(token_parts)))
+  fresh = _fresh_params(ctx) if init == "random" else None
+  grown = {}
+  for part, rng in zip(token_parts, rngs):
+    rows_first = part.axes.index("vocab") == 0
+    leaf = part.get(state.params)
+    if init != "random":  # A head's output vectors are its columns.
+      fill = new_rows(leaf if rows_first else leaf.T, init, old, texts, rng)
+    else:  # The next stage's own initialisation of those rows.
+      fill = (part.get(fresh) if rows_first else part.get(fresh).T)[new_ids]
+    grown[part.name] = _grow(leaf, rows_first, size, new_ids, fill)
+  params = replace_named(state.params, grown)
 
-  def grow_moment(path, leaf):  # Adam moments of the two matrices: zeros for the new rows.
+  def grow_moment(path, leaf):  # Adam moments of those params: zeros for the new rows.
     name = path_name(path)
-    if name.endswith("embed/embedding") and leaf.ndim == 2:
-      return _grow(leaf, True, size, new_ids, None)
-    if name.endswith("lm_head") and leaf.ndim == 2:
-      return _grow(leaf, False, size, new_ids, None)
+    for part in token_parts:
+      if name.endswith(part.name) and tuple(leaf.shape) == part.shape:
+        return _grow(leaf, part.axes.index("vocab") == 0, size, new_ids, None)
     return leaf
   opt_state = jax.tree_util.tree_map_with_path(grow_moment, state.opt_state)
   return state.replace(params=params, opt_state=opt_state)

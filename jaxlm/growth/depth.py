@@ -28,7 +28,7 @@ def depth_sources(small_layers: int, large_layers: int, order: str = "stack") ->
     raise UserError(f"grow_depth.order={order!r}; choose one of {list(ORDERS)}")
   if large_layers < small_layers:
     raise UserError(f"depth growth cannot shrink num_layers {small_layers} -> {large_layers}; "
-                    "to make a smaller model use the 'subclone' transition")
+                    "to make a smaller model use weight subcloning (tools/subclone.py)")
   if order == "stack":
     if large_layers % small_layers:
       raise UserError(f"stacking repeats the whole stack: num_layers {large_layers} is not a "

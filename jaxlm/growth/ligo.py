@@ -152,11 +152,12 @@ def ligo_grow(state, ctx: TransitionContext):
   small, large = ctx.previous.model, ctx.following.model
   source = methods[0].source
   for field in ("vocab_size", "d_model", "mlp_dim", "num_heads", "num_kv_heads", "num_layers",
-                "resolved_head_dim", "tie_embeddings", "attention_bias"):
+                "resolved_head_dim", "tie_embeddings", "attention_bias", "mlp"):
     if getattr(source, field) != getattr(small, field):
       raise UserError(f"ligo.source.{field}={getattr(source, field)!r} but the previous stage's "
                       f"model has {getattr(small, field)!r}; bind ligo.source to that model")
-    if field not in ("vocab_size", "resolved_head_dim", "tie_embeddings", "attention_bias"):
+    if field not in ("vocab_size", "resolved_head_dim", "tie_embeddings", "attention_bias",
+                     "mlp"):
       if getattr(large, field) < getattr(small, field):
         raise UserError(f"LiGO grows: ModelConfig.{field} {getattr(small, field)} -> "
                         f"{getattr(large, field)} shrinks")

@@ -127,7 +127,7 @@ def msg_grow(state, ctx: TransitionContext):
                       f"{getattr(large, field)} shrinks")
   # MSG (2305.02869) grows the sizes only: these would otherwise fail as a pytree mismatch, or
   # (vocabulary) pass with the wrong embedding shape.
-  for field in ("vocab_size", "tie_embeddings", "attention_bias"):
+  for field in ("vocab_size", "tie_embeddings", "attention_bias", "mlp"):
     if getattr(small, field) != getattr(large, field):
       raise UserError(f"MSG keeps ModelConfig.{field} ({getattr(small, field)!r} -> "
                       f"{getattr(large, field)!r}); change it in a separate transition")

@@ -20,50 +20,35 @@ import numpy as np
 
 from jaxlm.errors import UserError
 from jaxlm.model import ModelConfig
-from jaxlm.model.attention import xla_attention
-from jaxlm.model.layers import apply_rope
-from jaxlm.model.transformer import Decoder
+from jaxlm.model.anatomy import Anatomy, anatomy
+from jaxlm.model.transformer import activations
 
 
-def _captured(params, config: ModelConfig, tokens_BL):
-  """Each block's output and the normed inputs of its attention and MLP."""
-  _, state = Decoder(config).apply({"params": params}, tokens_BL, capture_intermediates=True,
-                                   mutable=["intermediates"])
-  return state["intermediates"]
-
-
-def _head_outputs(attention, x_BLD, config: ModelConfig):
-  """Every query head's attention output [B, L, H, K] (before the out projection)."""
-  q = jnp.einsum("bld,dhk->blhk", x_BLD, attention["query"])
-  k = jnp.einsum("bld,dgk->blgk", x_BLD, attention["key"])
-  v = jnp.einsum("bld,dgk->blgk", x_BLD, attention["value"])
-  if "query_bias" in attention:
-    q, k, v = q + attention["query_bias"], k + attention["key_bias"], v + attention["value_bias"]
-  positions = jnp.broadcast_to(jnp.arange(x_BLD.shape[1]), x_BLD.shape[:2])
-  scaling = config.rope_scaling_params
-  q = apply_rope(q, positions, config.rope_theta, config.max_seq_len, scaling)
-  k = apply_rope(k, positions, config.rope_theta, config.max_seq_len, scaling)
-  return xla_attention(q, k, v, jnp.ones(x_BLD.shape[:2], jnp.int32))
+def _sown(tree: dict, name: str, where: str):
+  """The one value sown as `name` anywhere in a block's activations."""
+  found = [v for path, v in jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: isinstance(x, tuple))[0] if str(path[-1].key) == name]
+  if len(found) != 1:
+    raise UserError(f"subcloning scores the block's {name!r} activations, but {where} sows "
+                    f"{len(found)} of them; its modules must sow one ('activations', {name!r})")
+  return found[0][0]
 
 
 def activation_stats(params, config: ModelConfig, batches) -> dict:
   """Mean |activation| over the tokens of `batches` (token id arrays [B, L]): the residual
   stream per dimension (summed over every block's output), each layer's MLP units and query
   heads (the norm of the head's output); and the stream's mean square per dimension."""
-  totals, count = None, 0
+  parts, totals, count = anatomy(config), None, 0
   for tokens_BL in batches:
-    caught = _captured(params, config, jnp.asarray(tokens_BL))
+    caught = activations(params, config, jnp.asarray(tokens_BL))
     stats = {"embed": 0.0, "energy": 0.0, "mlp": [], "heads": []}
     for l in range(config.num_layers):
-      layer, seen = params[f"layer_{l}"], caught[f"layer_{l}"]
-      stream = seen["__call__"][0]
+      seen, where = caught[parts.block_key(l)], f"ModelConfig.mlp={config.mlp!r}'s block"
+      stream = _sown(seen, "stream", where)
       stats["embed"] += jnp.mean(jnp.abs(stream), axis=(0, 1))
       stats["energy"] += jnp.mean(stream * stream, axis=(0, 1))
-      mlp_in = seen["mlp_norm"]["__call__"][0]
-      gate = mlp_in @ layer["mlp"]["gate"]
-      hidden = jax.nn.silu(gate) * (mlp_in @ layer["mlp"]["up"])
-      stats["mlp"].append(jnp.mean(jnp.abs(hidden), axis=(0, 1)))
-      heads = _head_outputs(layer["attention"], seen["attention_norm"]["__call__"][0], config)
+      stats["mlp"].append(jnp.mean(jnp.abs(_sown(seen, "mlp", where)), axis=(0, 1)))
+      heads = _sown(seen, "heads", where)
       stats["heads"].append(jnp.mean(jnp.linalg.norm(heads, axis=-1), axis=(0, 1)))
     stats = {k: np.asarray(jnp.stack(v) if isinstance(v, list) else v) for k, v in stats.items()}
     totals = stats if totals is None else {k: totals[k] + stats[k] for k in stats}
@@ -89,7 +74,7 @@ def check_subclone(large: ModelConfig, small: ModelConfig) -> None:
       raise UserError(f"subcloning makes a smaller model, but ModelConfig.{field} grows "
                       f"{getattr(large, field)} -> {getattr(small, field)}; use a growth "
                       "transition")
-  for field in ("vocab_size", "resolved_head_dim", "tie_embeddings", "attention_bias"):
+  for field in ("vocab_size", "resolved_head_dim", "tie_embeddings", "attention_bias", "mlp"):
     if getattr(small, field) != getattr(large, field):
       raise UserError(f"subcloning keeps {field} ({getattr(large, field)!r} -> "
                       f"{getattr(small, field)!r})")
@@ -98,36 +83,33 @@ def check_subclone(large: ModelConfig, small: ModelConfig) -> None:
                     f"{large.num_heads // large.num_kv_heads}")
 
 
+def _cut(tree, key: str, parts: Anatomy, kept: dict, gain):
+  """The param-shaped subtree at root `key`, every leaf indexed by `kept` ({axis: indices})
+  along its axes, norm gains times `gain` (a block's leaves read from block 0's anatomy)."""
+  def cut(path, leaf):
+    part = parts[(key, *(str(k.key) for k in path))]
+    for axis, name in enumerate(part.axes):
+      if name in kept:
+        leaf = jnp.take(leaf, kept[name], axis=axis)
+    return leaf * gain if part.kind == "norm" else leaf
+  return jax.tree_util.tree_map_with_path(cut, tree)
+
+
 def subclone(params, large: ModelConfig, small: ModelConfig, stats: dict):
   """The small model's params cut from the large model's (see the module docstring)."""
   check_subclone(large, small)
+  parts = anatomy(large)
   dims = _top(stats["embed"], small.d_model)
   energy = np.asarray(stats["energy"])
   gain = np.float32(np.sqrt(energy[dims].sum() / energy.sum() * large.d_model / small.d_model))
   per_group = large.num_heads // large.num_kv_heads
-  out = {"embed": {"embedding": params["embed"]["embedding"][:, dims]},
-         "final_norm": {"scale": params["final_norm"]["scale"][dims] * gain}}
-  if "lm_head" in params:
-    out["lm_head"] = params["lm_head"][dims]
+  out = {key: _cut(value, key, parts, {"embed": dims}, gain) for key, value in params.items()
+         if parts.block_index(key) is None}
   for new, old in enumerate(kept_layers(large.num_layers, small.num_layers)):
-    layer = params[f"layer_{old}"]
-    units = _top(stats["mlp"][old], small.mlp_dim)
     group_scores = np.asarray(stats["heads"][old]).reshape(-1, per_group).sum(axis=1)
     groups = _top(group_scores, small.num_kv_heads)
-    heads = (groups[:, None] * per_group + np.arange(per_group)[None]).reshape(-1)
-    attention = {
-        "query": layer["attention"]["query"][dims][:, heads],
-        "key": layer["attention"]["key"][dims][:, groups],
-        "value": layer["attention"]["value"][dims][:, groups],
-        "out": layer["attention"]["out"][heads][:, :, dims]}
-    for name, index in (("query_bias", heads), ("key_bias", groups), ("value_bias", groups)):
-      if name in layer["attention"]:
-        attention[name] = layer["attention"][name][index]
-    out[f"layer_{new}"] = {
-        "attention_norm": {"scale": layer["attention_norm"]["scale"][dims] * gain},
-        "attention": attention,
-        "mlp_norm": {"scale": layer["mlp_norm"]["scale"][dims] * gain},
-        "mlp": {"gate": layer["mlp"]["gate"][dims][:, units],
-                "up": layer["mlp"]["up"][dims][:, units],
-                "down": layer["mlp"]["down"][units][:, dims]}}
+    kept = {"embed": dims, "mlp": _top(stats["mlp"][old], small.mlp_dim), "kv_heads": groups,
+            "heads": (groups[:, None] * per_group + np.arange(per_group)[None]).reshape(-1)}
+    out[parts.block_key(new)] = _cut(params[parts.block_key(old)], parts.block_key(0), parts,
+                                     kept, gain)
   return out

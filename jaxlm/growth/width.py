@@ -61,8 +61,8 @@ def check_width(small: ModelConfig, large: ModelConfig, mlp: str, heads: str,
     have, want = getattr(small, field), getattr(large, field)
     if want < have:
       raise UserError(f"width growth cannot shrink ModelConfig.{field} {have} -> {want}; "
-                      "to make a smaller model use the 'subclone' transition")
-  for field in ("vocab_size", "tie_embeddings", "attention_bias"):
+                      "to make a smaller model use weight subcloning (tools/subclone.py)")
+  for field in ("vocab_size", "tie_embeddings", "attention_bias", "mlp"):
     if getattr(small, field) != getattr(large, field):
       raise UserError(f"width growth keeps ModelConfig.{field} ({getattr(small, field)!r} -> "
                       f"{getattr(large, field)!r}); change it in a separate transition")

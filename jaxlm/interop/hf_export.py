@@ -17,6 +17,8 @@ import numpy as np
 
 from jaxlm.errors import UserError
 from jaxlm.interop.hf_import import INDEX_FILE, SINGLE_FILE, _safetensors
+from jaxlm.interop.names import check_interop, hf_shape, tensor_names, to_hf
+from jaxlm.model.anatomy import anatomy
 from jaxlm.model.config import ModelConfig
 
 DEFAULT_SHARD_BYTES = 2 << 30
@@ -27,6 +29,7 @@ def hf_config_dict(config: ModelConfig) -> dict:
   """config.json for `config`: LlamaForCausalLM, or Qwen2ForCausalLM when it has q/k/v biases
   (Llama's attention_bias would also put one on o_proj). Rotary settings in the Hub format
   (rope_theta, rope_scaling), which transformers 4 and 5 both read."""
+  check_interop(config)
   qwen = config.attention_bias
   hf = {
       "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
@@ -55,42 +58,12 @@ def hf_config_dict(config: ModelConfig) -> dict:
   return hf
 
 
-def hf_tensors(config: ModelConfig) -> list[tuple[str, tuple, tuple]]:
-  """(HF name, HF shape, jaxlm param path) of every tensor, in transformers' order."""
-  d, h, g, k = config.d_model, config.num_heads, config.num_kv_heads, config.resolved_head_dim
-  f, v = config.mlp_dim, config.vocab_size
-  out = [("model.embed_tokens.weight", (v, d), ("embed", "embedding"))]
-  for i in range(config.num_layers):
-    pre, layer = f"model.layers.{i}.", f"layer_{i}"
-    out += [(pre + "input_layernorm.weight", (d,), (layer, "attention_norm", "scale")),
-            (pre + "self_attn.q_proj.weight", (h * k, d), (layer, "attention", "query")),
-            (pre + "self_attn.k_proj.weight", (g * k, d), (layer, "attention", "key")),
-            (pre + "self_attn.v_proj.weight", (g * k, d), (layer, "attention", "value"))]
-    if config.attention_bias:
-      out += [(pre + "self_attn.q_proj.bias", (h * k,), (layer, "attention", "query_bias")),
-              (pre + "self_attn.k_proj.bias", (g * k,), (layer, "attention", "key_bias")),
-              (pre + "self_attn.v_proj.bias", (g * k,), (layer, "attention", "value_bias"))]
-    out += [(pre + "self_attn.o_proj.weight", (d, h * k), (layer, "attention", "out")),
-            (pre + "post_attention_layernorm.weight", (d,), (layer, "mlp_norm", "scale")),
-            (pre + "mlp.gate_proj.weight", (f, d), (layer, "mlp", "gate")),
-            (pre + "mlp.up_proj.weight", (f, d), (layer, "mlp", "up")),
-            (pre + "mlp.down_proj.weight", (d, f), (layer, "mlp", "down"))]
-  out.append(("model.norm.weight", (d,), ("final_norm", "scale")))
-  if not config.tie_embeddings:  # Tied: transformers re-ties lm_head to embed_tokens on load.
-    out.append(("lm_head.weight", (v, d), ("lm_head",)))
-  return out
-
-
-def _to_hf(path: tuple, value: np.ndarray, hf_shape: tuple) -> np.ndarray:
-  """jaxlm's [in, ...out] layout -> HF's [out, in]: the inverse of hf_import._target."""
-  leaf = path[-1]
-  if leaf in ("query", "key", "value"):  # [D, H, K] -> [H*K, D]
-    value = value.reshape(value.shape[0], -1).T
-  elif leaf == "out":  # [H, K, D] -> [D, H*K]
-    value = value.reshape(-1, value.shape[-1]).T
-  elif leaf in ("gate", "up", "down", "lm_head"):
-    value = value.T
-  return np.ascontiguousarray(value.reshape(hf_shape), dtype=np.float32)
+def hf_tensors(config: ModelConfig) -> list[tuple[str, tuple, tuple, str]]:
+  """(HF name, HF shape, jaxlm param path, layout) of every tensor, in transformers' order
+  (jaxlm.interop.names)."""
+  parts = anatomy(config)
+  return [(name, hf_shape(parts[path].shape, layout), path, layout)
+          for name, path, layout in tensor_names(parts)]
 
 
 def _leaf(params, path: tuple):
@@ -131,11 +104,11 @@ def export_hf(params, config: ModelConfig, out_dir: str, tokenizer=None,
                     "(stale shards would mix with the new ones)")
   hf_config = hf_config_dict(config)
   tensors = hf_tensors(config)
-  for name, hf_shape, path in tensors:  # Check every shape before writing anything.
+  for name, shape_there, path, _ in tensors:  # Check every shape before writing anything.
     shape = tuple(np.shape(_leaf(params, path)))
-    if int(np.prod(shape)) != int(np.prod(hf_shape)):
+    if int(np.prod(shape)) != int(np.prod(shape_there)):
       raise UserError(f"{'/'.join(path)} has shape {list(shape)}, but the model config implies "
-                      f"{name} {list(hf_shape)}; params and config disagree")
+                      f"{name} {list(shape_there)}; params and config disagree")
   save_file = _safetensors_numpy().save_file
   shards = plan_shards(tensors, max_shard_bytes)
   written, weight_map, total = [], {}, 0
@@ -143,8 +116,8 @@ def export_hf(params, config: ModelConfig, out_dir: str, tokenizer=None,
     filename = (SINGLE_FILE if len(shards) == 1 else
                 f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
     block = {}
-    for name, hf_shape, path in shard:  # device_get one leaf at a time (jax or numpy arrays).
-      block[name] = _to_hf(path, np.asarray(_leaf(params, path)), hf_shape)
+    for name, _, path, layout in shard:  # device_get one leaf at a time (jax or numpy arrays).
+      block[name] = to_hf(np.asarray(_leaf(params, path)), layout)
       weight_map[name] = filename
       total += block[name].nbytes
     save_file(block, os.path.join(out_dir, filename), metadata={"format": "pt"})

@@ -7,8 +7,9 @@ model.safetensors.index.json names) and each is converted before the next is rea
 holds the output params plus one tensor, never a second copy of the checkpoint. Pickle
 checkpoints (pytorch_model.bin, *.pt) are refused, never loaded: unpickling runs code.
 
-Mapping (HF tensor [shape] -> jaxlm param [shape]; D model, H heads, G kv heads, K head_dim,
-F mlp, V vocab; HF Linear weights are [out, in], jaxlm's are [in, ...out]):
+Mapping (jaxlm.interop.names holds it as a table; HF tensor [shape] -> jaxlm param [shape]; D
+model, H heads, G kv heads, K head_dim, F mlp, V vocab; HF Linear weights are [out, in],
+jaxlm's are [in, ...out]):
   model.embed_tokens.weight [V, D]              -> embed/embedding [V, D]
   model.layers.i.input_layernorm.weight [D]     -> layer_i/attention_norm/scale [D]
   model.layers.i.self_attn.q_proj.weight [H*K, D] -> layer_i/attention/query [D, H, K]  (.T)
@@ -34,15 +35,14 @@ q_proj is one head, and within a head row j is dimension j.
 
 import json
 import os
-from typing import Any
 
-import jax
 import numpy as np
 
 from jaxlm.errors import UserError
 from jaxlm.interop.hf_config import load_hf_config
+from jaxlm.interop.names import check_interop, hf_shape, locate, to_jaxlm
+from jaxlm.model.anatomy import anatomy
 from jaxlm.model.config import ModelConfig
-from jaxlm.model.transformer import init_params
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -87,55 +87,6 @@ def checkpoint_files(model_dir: str) -> dict[str, str]:
   raise UserError(f"{model_dir} has neither {SINGLE_FILE} nor {INDEX_FILE}")
 
 
-def _target(config: ModelConfig, name: str):
-  """(path in the jaxlm params, function from the HF tensor to jaxlm's layout) of a tensor, or
-  None for one to skip."""
-  d, h, g = config.d_model, config.num_heads, config.num_kv_heads
-  k = config.resolved_head_dim
-  if name == "model.embed_tokens.weight":
-    return ("embed", "embedding"), lambda w: w
-  if name == "model.norm.weight":
-    return ("final_norm", "scale"), lambda w: w
-  if name == "lm_head.weight":
-    return (None if config.tie_embeddings else (("lm_head",), lambda w: w.T))
-  parts = name.split(".")
-  if len(parts) < 5 or parts[:2] != ["model", "layers"] or not parts[2].isdigit():
-    return "unknown"
-  layer, rest = f"layer_{parts[2]}", ".".join(parts[3:])
-  table = {
-      "input_layernorm.weight": (("attention_norm", "scale"), lambda w: w),
-      "post_attention_layernorm.weight": (("mlp_norm", "scale"), lambda w: w),
-      "self_attn.q_proj.weight": (("attention", "query"), lambda w: w.T.reshape(d, h, k)),
-      "self_attn.k_proj.weight": (("attention", "key"), lambda w: w.T.reshape(d, g, k)),
-      "self_attn.v_proj.weight": (("attention", "value"), lambda w: w.T.reshape(d, g, k)),
-      "self_attn.o_proj.weight": (("attention", "out"), lambda w: w.T.reshape(h, k, d)),
-      "self_attn.q_proj.bias": (("attention", "query_bias"), lambda w: w.reshape(h, k)),
-      "self_attn.k_proj.bias": (("attention", "key_bias"), lambda w: w.reshape(g, k)),
-      "self_attn.v_proj.bias": (("attention", "value_bias"), lambda w: w.reshape(g, k)),
-      "mlp.gate_proj.weight": (("mlp", "gate"), lambda w: w.T),
-      "mlp.up_proj.weight": (("mlp", "up"), lambda w: w.T),
-      "mlp.down_proj.weight": (("mlp", "down"), lambda w: w.T),
-  }
-  if rest in table:
-    path, fn = table[rest]
-    return (layer, *path), fn
-  return "unknown"
-
-
-# The HF shape each jaxlm param comes from, to name both shapes when they disagree.
-def _hf_shape(jaxlm_shape, path) -> tuple:
-  leaf = path[-1]
-  if leaf in ("query", "key", "value"):
-    return (jaxlm_shape[1] * jaxlm_shape[2], jaxlm_shape[0])
-  if leaf == "out":
-    return (jaxlm_shape[2], jaxlm_shape[0] * jaxlm_shape[1])
-  if leaf.endswith("_bias"):
-    return (jaxlm_shape[0] * jaxlm_shape[1],)
-  if leaf in ("gate", "up", "down", "lm_head"):
-    return tuple(reversed(jaxlm_shape))
-  return tuple(jaxlm_shape)
-
-
 class HFParams:
   """The params of `config` in a Hugging Face directory, checked from the files' metadata alone
   (every tensor known, present, and of the shape config.json implies) and read one at a time:
@@ -147,44 +98,45 @@ class HFParams:
 
   def __init__(self, model_dir: str, config: ModelConfig):
     self.model_dir = model_dir
+    check_interop(config)
     files = checkpoint_files(model_dir)
-    abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-    self.shapes = {path: tuple(leaf.shape) for path, leaf in _flatten(abstract)}
-    self._where: dict[tuple, tuple[str, str, Any]] = {}  # path -> (file, HF name, to jaxlm)
+    self._parts = anatomy(config)
+    self.shapes = {part.path: part.shape for part in self._parts}
+    self._where: dict[tuple, tuple[str, str, str]] = {}  # path -> (file, HF name, layout)
     safetensors = _safetensors()
     for file in sorted(set(files.values())):
       with safetensors.safe_open(file, framework="numpy") as handle:
         for name in sorted(n for n, f in files.items() if f == file):
-          self._add(config, file, name, tuple(handle.get_slice(name).get_shape()))
+          self._add(file, name, tuple(handle.get_slice(name).get_shape()))
     missing = sorted("/".join(p) for p in self.shapes if p not in self._where)
     if missing:
       raise UserError(f"{model_dir} lacks tensors for {len(missing)} params, e.g. {missing[0]}; "
                       "the checkpoint is incomplete or config.json does not match it")
 
-  def _add(self, config: ModelConfig, file: str, name: str, hf_shape: tuple) -> None:
+  def _add(self, file: str, name: str, shape: tuple) -> None:
     if name.endswith(IGNORED_SUFFIXES):
       return
-    target = _target(config, name)
+    target = locate(name, self._parts)
     if target is None:
       return
     if target == "unknown":
       raise UserError(f"{os.path.basename(file)} holds the tensor {name}, which the "
                       "Llama-family mapping does not know; is config.json's architecture right?")
-    where, fn = target
+    where, layout = target
     if where not in self.shapes:
       raise UserError(f"{name} has no place in the model config.json describes (no "
                       f"{'/'.join(where)}); config.json and the weights disagree")
-    want = _hf_shape(self.shapes[where], where)
-    if hf_shape != want:
-      raise UserError(f"{name} has shape {list(hf_shape)} in {os.path.basename(file)}, but "
+    want = hf_shape(self.shapes[where], layout)
+    if shape != want:
+      raise UserError(f"{name} has shape {list(shape)} in {os.path.basename(file)}, but "
                       f"config.json implies {list(want)}; config and weights disagree")
-    self._where[where] = (file, name, fn)
+    self._where[where] = (file, name, layout)
 
   def read(self, path: tuple) -> np.ndarray:
-    file, name, fn = self._where[path]
+    file, name, layout = self._where[path]
     with _safetensors().safe_open(file, framework="numpy") as handle:
       value = _read_float32(handle, file, name)
-    return np.ascontiguousarray(fn(value), dtype=np.float32)
+    return to_jaxlm(value, self.shapes[path], layout)
 
 
 def import_hf_params(model_dir: str, config: ModelConfig) -> dict:
@@ -205,14 +157,6 @@ def _read_float32(handle, path: str, name: str) -> np.ndarray:
     with safe_open(path, framework="pt") as f:
       return f.get_tensor(name).to(torch.float32).numpy()
   return handle.get_tensor(name).astype(np.float32, copy=False)
-
-
-def _flatten(tree, prefix=()):
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      yield from _flatten(value, prefix + (key,))
-    else:
-      yield prefix + (key,), value
 
 
 def _set(tree: dict, path: tuple, value) -> None:

@@ -252,4 +252,7 @@ class Attention(nn.Module):
       else:
         out_BLHK = cached_attention(q_BLHK, *[c.astype(dtype) for c in cached], segment_ids_BL,
                                     cache_slots.segment_ids_BS, cache_slots.index)
+    # Each head's output, named by its axis, for whoever applies with mutable=["activations"]
+    # (subcloning's importance scores); nothing is kept otherwise.
+    self.sow("activations", "heads", out_BLHK)
     return jnp.einsum("blhk,hkd->bld", out_BLHK, w_o.astype(dtype))

@@ -163,11 +163,13 @@ class SwiGLU(nn.Module):
     w_gate_up_D2F = jnp.stack([w_gate, w_up], axis=1).astype(dtype)
     gate_up_BL2F = jnp.einsum("bld,dtf->bltf", x_BLD, w_gate_up_D2F)
     h_BLF = nn.with_logical_constraint(swiglu(gate_up_BL2F), ("batch", "length", "mlp"))
+    self.sow("activations", "mlp", h_BLF)  # The hidden units (see Attention's "heads").
     return jnp.einsum("blf,fd->bld", h_BLF, w_down.astype(dtype))
 
 
 # A block's MLP is chosen by ModelConfig.mlp among these: a module taking (config) and mapping
-# x_BLD -> y_BLD, with a PARTS table whose matrices carry the logical axes "embed" and "mlp".
+# x_BLD -> y_BLD, with a PARTS table whose matrices carry the logical axes "embed" and "mlp",
+# sowing its hidden units [B, L, F] as ("activations", "mlp") for subcloning.
 MLP_KINDS: dict[str, type] = {"swiglu": SwiGLU}
 
 

@@ -12,6 +12,7 @@ and for decoding with a KV cache (jaxlm/generate.py samples with it):
     logits_BV, cache = decode_step(params, config, cache, tokens_B1, positions_B1)
 """
 
+import dataclasses
 from typing import ClassVar
 
 import flax.linen as nn
@@ -40,7 +41,9 @@ class Block(nn.Module):
         cache_slots)
     mlp = mlp_kind(self.config)(self.config, name="mlp")
     x_BLD = x_BLD + mlp(RMSNorm(self.config, name="mlp_norm")(x_BLD))
-    return nn.with_logical_constraint(x_BLD, ("batch", "length", "embed"))
+    x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "embed"))
+    self.sow("activations", "stream", x_BLD)  # The residual stream after the block.
+    return x_BLD
 
 
 class Decoder(nn.Module):
@@ -113,6 +116,15 @@ def logical_axes(config: ModelConfig):
 
 def forward(params, config: ModelConfig, tokens_BL, positions_BL=None, segment_ids_BL=None):
   return Decoder(config).apply({"params": params}, tokens_BL, positions_BL, segment_ids_BL)
+
+
+def activations(params, config: ModelConfig, tokens_BL) -> dict:
+  """What each block sows under "activations" ({"layer_0": {"stream": (x_BLD,), "attention":
+  {"heads": (out_BLHK,)}, "mlp": {"mlp": (h_BLF,)}}, ...}): the residual stream after the block,
+  every head's output and the MLP's hidden units (sow does not cross nn.remat: run without)."""
+  plain = dataclasses.replace(config, remat="none")
+  _, collections = Decoder(plain).apply({"params": params}, tokens_BL, mutable=["activations"])
+  return collections["activations"]
 
 
 def features(params, config: ModelConfig, tokens_BL, positions_BL=None, segment_ids_BL=None,

@@ -1,11 +1,18 @@
-"""Optimizers: gin-configurable factories `f(schedule) -> optax.GradientTransformation`."""
+"""Optimizers: gin-configurable factories `f(schedule) -> optax.GradientTransformation`.
 
+A factory that takes a `model` keyword is also given the stage's ModelConfig (`build`), so it
+can read the model's anatomy (which params are the embedding, which axes a matrix reads).
+"""
+
+import inspect
 import re
 
 import gin
 import jax
 import optax
 
+from jaxlm.errors import UserError
+from jaxlm.model.anatomy import anatomy
 from jaxlm.tree_names import path_name
 from jaxlm.validation import check_range
 
@@ -31,21 +38,34 @@ def adamw(schedule: optax.Schedule, b1: float = 0.9, b2: float = 0.95, eps: floa
                   mask=decay_matrices_only))
 
 
+def build(factory, schedule, model=None) -> optax.GradientTransformation:
+  """factory(schedule), with `model=` too when the factory takes it."""
+  if model is not None and "model" in inspect.signature(factory).parameters:
+    return factory(schedule, model=model)
+  return factory(schedule)
+
+
 @gin.configurable
 def train_only(schedule: optax.Schedule, optimizer=adamw,
-               trainable: tuple[str, ...] = ("embed/.*", "lm_head")):
+               trainable: tuple[str, ...] | None = None, model=None):
   """`optimizer` on the params whose name ("layer_0/mlp/up") fully matches a `trainable`
-  pattern; every other param is frozen (zero update, no optimizer state). The embeddings-only
-  first stage of vocabulary expansion (Bilingual Adaptation, arXiv:2407.12869):
+  pattern (None: the params with a token axis, as the model's anatomy lists them: the embedding
+  and an untied head); every other param is frozen (zero update, no optimizer state). The
+  embeddings-only first stage of vocabulary expansion (Bilingual Adaptation, arXiv:2407.12869):
 
       embeddings/Stage.optimizer = @train_only
       train_only.optimizer = @adamw
   """
+  if trainable is None:
+    if model is None:
+      raise UserError("train_only.trainable is unset and no model was given to find the "
+                      "embeddings in; use it as a Stage.optimizer or set train_only.trainable")
+    trainable = [re.escape(p.name) for p in anatomy(model) if "vocab" in p.axes]
   patterns = [re.compile(p) for p in trainable]
 
   def labels(params):
     return jax.tree_util.tree_map_with_path(
         lambda path, _: "train" if any(p.fullmatch(path_name(path)) for p in patterns)
         else "freeze", params)
-  return optax.multi_transform({"train": optimizer(schedule), "freeze": optax.set_to_zero()},
-                               labels)
+  return optax.multi_transform({"train": build(optimizer, schedule, model),
+                                "freeze": optax.set_to_zero()}, labels)

@@ -36,14 +36,14 @@ from jaxlm.sparsity.distribution import (DISTRIBUTIONS, check_density, kept_coun
                                          layer_densities)
 from jaxlm.sparsity.topk import as_matrix_shape, check_nm, nm_mask, topk_mask
 from jaxlm.stages import TransitionContext, register_transition
-from jaxlm.tree_names import map_param_shaped
+from jaxlm.tree_names import get_named, map_param_shaped, replace_named
 
 SCORES = ("magnitude", "random")
 GROW = ("gradient", "random")
 
 
 def masked(params, masks: dict):
-  return selection.replace(params, {n: selection.get(params, n) * m for n, m in masks.items()})
+  return replace_named(params, {n: get_named(params, n) * m for n, m in masks.items()})
 
 
 @jax.custom_vjp
@@ -103,8 +103,8 @@ def sparse_method(name: str, parts: Anatomy, patterns, init_masks, update=None,
     del step
     if mode == "mask":
       return masked(params, state["masks"])
-    return selection.replace(params, {
-        n: straight_through(selection.get(params, n), m.astype(jnp.float32), decay)
+    return replace_named(params, {
+        n: straight_through(get_named(params, n), m.astype(jnp.float32), decay)
         for n, m in state["masks"].items()})
 
   def after_update(state, grads, step):
@@ -114,8 +114,8 @@ def sparse_method(name: str, parts: Anatomy, patterns, init_masks, update=None,
       new_masks = update(masks, params, grads, step)
       if regrow:  # Grown weights start at zero with zero moments, whatever the step wrote.
         grown = {n: new_masks[n] & ~masks[n] for n in masks}
-        reset = lambda tree: selection.replace(tree, {
-            n: jnp.where(grown[n], 0.0, selection.get(tree, n)) for n in masks})
+        reset = lambda tree: replace_named(tree, {
+            n: jnp.where(grown[n], 0.0, get_named(tree, n)) for n in masks})
         params, opt_state = reset(params), map_param_shaped(opt_state, state.params, reset)
       masks = new_masks
     if mode != "srste":
@@ -193,7 +193,7 @@ def nm_sparsity(n: int = 2, m: int = 4, decay: float = 2e-4, patterns=None) -> M
 
     def update(masks, params, grads, step):  # The projection of the updated dense weights.
       del grads, step
-      return projection({name: selection.get(params, name) for name in masks})
+      return projection({name: get_named(params, name) for name in masks})
 
     return sparse_method("nm_sparsity", parts, patterns, projection, update, mode="srste",
                          decay=decay)
@@ -245,7 +245,7 @@ def gradual_pruning(final_density: float = 0.25, start_fraction: float = 0.25,
 
     def update(masks, params, grads, step):
       del grads
-      chosen = {n: selection.get(params, n) for n in masks}
+      chosen = {n: get_named(params, n) for n in masks}
       final = layer_densities(_matrix_shapes(chosen, parts), final_density, distribution)
       final_counts = kept_counts(final, {n: w.size for n, w in chosen.items()})
       due = (step >= start) & (step <= end) & (((step - start) % update_every == 0)
@@ -316,9 +316,9 @@ def rigl(density: float = 0.2, distribution: str = "erk", update_every: int = 10
 
       def regrow():
         fraction = drop_fraction / 2 * (1 + jnp.cos(jnp.pi * step / end))
-        chosen = {n: selection.get(params, n) for n in masks}
+        chosen = {n: get_named(params, n) for n in masks}
         growth = (_scores(chosen, "random", seed + 1, step) if grow == "random" else
-                  {n: jnp.abs(selection.get(grads, n)) for n in masks})
+                  {n: jnp.abs(get_named(grads, n)) for n in masks})
         return {n: drop_and_grow(mask, chosen[n], growth[n], fraction)
                 for n, mask in masks.items()}
       return jax.lax.cond(due, regrow, lambda: masks)

@@ -9,12 +9,11 @@ them back by name and they shard with their params (`mask_axes`).
 
 import re
 
-import jax
 import numpy as np
 
 from jaxlm.errors import UserError
 from jaxlm.model.anatomy import Anatomy
-from jaxlm.tree_names import flatten_names
+from jaxlm.tree_names import flatten_names, get_named
 
 
 def select(params, parts: Anatomy, patterns=None) -> dict:
@@ -35,24 +34,9 @@ def select(params, parts: Anatomy, patterns=None) -> dict:
   return {n: chosen[n] for n in sorted(chosen)}
 
 
-def get(params, name: str):
-  node = params
-  for key in name.split("/"):
-    node = node[key]
-  return node
-
-
-def replace(params, values: dict):
-  """`params` with the leaves named in `values` replaced."""
-  def swap(path, leaf):
-    name = "/".join(str(k.key) for k in path)
-    return values.get(name, leaf)
-  return jax.tree_util.tree_map_with_path(swap, params)
-
-
 def mask_axes(param_axes, names) -> dict:
   """The masks' logical axes: each mask shards like its param."""
-  return {name: get(param_axes, name) for name in names}
+  return {name: get_named(param_axes, name) for name in names}
 
 
 def input_axes(parts: Anatomy, name: str) -> tuple[int, ...]:
