@@ -14,7 +14,7 @@ from pathlib import Path
 
 import gin
 
-from jaxlm import gin_usage
+from jaxlm import gin_usage, methods
 from jaxlm.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -46,10 +46,7 @@ def parse(gin_files: list[str], bindings: list[str], extra_search_paths: list[st
   import jaxlm.trainer  # noqa: F401  Registers every configurable before parsing.
   import jaxlm.kernels.flash_attention  # noqa: F401  FlashBlockSizes, for attention kernels.
   import jaxlm.interop  # noqa: F401  hf_model_config, to start from a Hugging Face model.
-  import jaxlm.continual.vocab_expansion  # noqa: F401  The expand_vocabulary transition.
-  import jaxlm.continual.document_scores  # noqa: F401  scored_documents, a quality subset.
-  import jaxlm.growth  # noqa: F401  Growth transitions and the msg / ligo methods.
-  import jaxlm.sparsity  # noqa: F401  Sparsity methods and the densify transition.
+  methods.import_families()  # Their transitions and methods.
 
   gin.clear_config()  # A fresh config per parse, so in-process callers (tests, tools) start clean.
   paths = search_paths(extra_search_paths)

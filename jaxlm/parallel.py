@@ -21,6 +21,8 @@ import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from jaxlm.errors import UserError
+from jaxlm.optim.state_layout import state_layout
+from jaxlm.tree_names import flatten_names, path_name
 from jaxlm.validation import check_field_types, check_range
 
 log = logging.getLogger("jaxlm")
@@ -119,72 +121,36 @@ def _axes_size(axes, mesh) -> int:
 
 
 def optimizer_state_shardings(tx: optax.GradientTransformation, abstract_opt_state,
-                              param_shardings, mesh, abstract_params=None):
+                              param_shardings, mesh, abstract_params):
   """Where each optimizer-state leaf lives, from its parameter's sharding and shape.
 
-  A leaf is tied to a parameter by `optax.tree_map_params`, or, when optax cannot trace the
-  optimizer's init (e.g. a state kept as a tuple per parameter), to the parameter whose tree
-  path occurs in the leaf's path. Then:
-  - a leaf with exactly its parameter's shape (Adam's moments) takes the parameter's sharding;
+  The state's layout (jaxlm.optim.state_layout) ties each leaf to its parameter. Then:
+  - a leaf of its parameter's shape (Adam's moments) takes the parameter's sharding;
   - otherwise (factored moments, low-rank projectors and moments) each leaf dimension is
     aligned with the first parameter dimension of its size after the previously aligned one
     (dropped or shrunk dimensions are skipped; ties between equal sizes go to the earlier
     dimension), and keeps that dimension's mesh axes if its size divides over them;
   - every other dimension, scalars and leaves tied to no parameter are replicated.
-  Without `abstract_params` the parameter shapes are unknown: a tied leaf of the spec's rank
-  keeps, dimension by dimension, the axes its size divides over; any other is replicated.
   """
-  shardings, treedef = jax.tree.flatten(param_shardings,
-                                        is_leaf=lambda x: isinstance(x, NamedSharding))
-  shapes = ([None] * len(shardings) if abstract_params is None else
-            [tuple(p.shape) for p in treedef.flatten_up_to(abstract_params)])
+  shardings = {path_name(path): sharding for path, sharding in jax.tree_util.tree_flatten_with_path(
+      param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))[0]}
+  shapes = {name: tuple(leaf.shape) for name, leaf in flatten_names(abstract_params).items()}
   leaves, state_treedef = jax.tree.flatten(abstract_opt_state)
 
-  def place(leaf, index):
-    if index < 0:
+  def place(leaf, tag):
+    if tag.param is None:
       return NamedSharding(mesh, PartitionSpec(*[None] * leaf.ndim))
-    return _leaf_sharding(tuple(leaf.shape), shapes[index], shardings[index], mesh)
+    return _leaf_sharding(tuple(leaf.shape), shapes[tag.param], shardings[tag.param], mesh)
 
-  tied = _tied_params(tx, abstract_opt_state, treedef)
-  return state_treedef.unflatten([place(leaf, index) for leaf, index in zip(leaves, tied)])
-
-
-def _tied_params(tx, abstract_opt_state, param_treedef) -> list[int]:
-  """For each optimizer-state leaf (flattened), the index of its parameter, or -1."""
-  indices = param_treedef.unflatten(range(param_treedef.num_leaves))
-  try:
-    tied = optax.tree_map_params(
-        tx, lambda _, index: index, abstract_opt_state, indices,
-        transform_non_params=lambda subtree: jax.tree.map(lambda _: -1, subtree))
-    return jax.tree.structure(abstract_opt_state).flatten_up_to(tied)
-  except Exception:  # pylint: disable=broad-except
-    # Optax runs init on a leafless placeholder for the params; a state it cannot rebuild so
-    # raises one of many types (a tuple per param: ValueError; params.items(): AttributeError).
-    by_path = {tuple(path): i for path, i in jax.tree_util.tree_flatten_with_path(indices)[0]
-               if path}
-    return [_path_match(tuple(path), by_path)
-            for path, _ in jax.tree_util.tree_flatten_with_path(abstract_opt_state)[0]]
-
-
-def _path_match(path, by_path) -> int:
-  """The parameter whose path is the longest run of `path` ending latest (state leaves sit
-  below or beside their parameter's path: `.mu['mlp']['up']`, `['mlp']['up'].projector`)."""
-  for end in range(len(path), 0, -1):
-    for start in range(end):
-      if path[start:end] in by_path:
-        return by_path[path[start:end]]
-  return -1
+  layout = state_layout(abstract_opt_state, abstract_params, tx)
+  return state_treedef.unflatten([place(leaf, tag) for leaf, tag in zip(leaves, layout)])
 
 
 def _leaf_sharding(shape, param_shape, sharding, mesh) -> NamedSharding:
   if shape == param_shape:
     return sharding
-  spec = tuple(sharding.spec)
-  if param_shape is None:  # Unknown: a leaf of the spec's rank may be param-shaped.
-    dims = range(len(shape)) if len(shape) == len(spec) else [None] * len(shape)
-  else:
-    spec += (None,) * (len(param_shape) - len(spec))
-    dims = _align(shape, param_shape)
+  spec = tuple(sharding.spec) + (None,) * (len(param_shape) - len(sharding.spec))
+  dims = _align(shape, param_shape)
   spec_of_leaf = PartitionSpec(*[
       spec[d] if d is not None and size % _axes_size(spec[d], mesh) == 0 else None
       for size, d in zip(shape, dims)])

@@ -32,7 +32,7 @@ from jaxlm.errors import UserError
 from jaxlm.model import forward
 from jaxlm.restore import (check_restore_source, source_data_position,
                            stage_source_learning_rate)
-from jaxlm.stages import (Stage, check_transition_result, continue_rows, hand_over,
+from jaxlm.stages import (Stage, check_transition_result, continue_rows, hand_over, identity,
                           stage_schedules, stage_starts, transition_context)
 from jaxlm.train_step import abstract_state, state_shardings
 from jaxlm.tree_names import first_difference, shapes_of
@@ -231,9 +231,9 @@ def check_transitions(stages: list[Stage], states: list | None = None) -> None:
 
 def check_first_stage(stage: Stage) -> None:
   """A transition maps the previous stage's state: the first stage has none to map."""
-  if stage.transition != ("identity",):
+  if stage.transition != (identity,):
     raise UserError(f"stage {stage.name!r} is the first stage, so its transition "
-                    f"{list(stage.transition)} would never run; scope it to a later stage "
+                    f"{stage.transition_names} would never run; scope it to a later stage "
                     f"(later/Stage.transition = ...) or start from another run with "
                     f"Stage.restore_from and a stage after it")
 

@@ -26,11 +26,11 @@ import re
 import gin
 import jax
 import numpy as np
-import optax
 
 from jaxlm.checkpoint import find_step, restore_saved_leaf
 from jaxlm.errors import UserError
 from jaxlm.interop import hf_import, load_hf_config
+from jaxlm.optim.state_layout import state_layout
 from jaxlm.tree_names import flatten_names, path_name
 from jaxlm.validation import check_field_types, check_range
 
@@ -80,10 +80,13 @@ def source_name(target: str, assignment_map) -> tuple[str | None, bool]:
 
 
 def _param_names_in(state, tx):
-  """For every leaf of the train state, the parameter name it belongs to ("" for counters)."""
+  """For every leaf of the train state, the parameter name it belongs to ("" for counters):
+  an optimizer-state leaf's from the state's layout, when its path ends with that name."""
   names = jax.tree_util.tree_map_with_path(lambda p, _: path_name(p), state.params)
-  opt_names = optax.tree_map_params(tx, lambda _, name: name, state.opt_state, names,
-                                    transform_non_params=lambda _: "")
+  layout = state_layout(state.opt_state, state.params, tx)
+  opt_names = jax.tree.structure(state.opt_state).unflatten([
+      leaf.param if leaf.param and leaf.name.endswith("/" + leaf.param) else ""
+      for leaf in layout])
   return state.replace(step="", params=names, opt_state=opt_names,
                        method_state=jax.tree.map(lambda _: "", state.method_state))
 

@@ -70,7 +70,7 @@ def first_state(stages: list[Stage], index: int, state: TrainState | None,
   else:
     previous = stages[index - 1]
     log.info("stage transition %r -> %r via %s", previous.name, stage.name,
-             " then ".join(stage.transition))
+             " then ".join(stage.transition_names))
     ctx = transition_context(previous, stage, None, shardings)
     rng = jax.random.fold_in(jax.random.key(seed), index)
     step = lambda s, r: hand_over(s, dataclasses.replace(ctx, rng=r))

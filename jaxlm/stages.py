@@ -2,15 +2,18 @@
 
 A stage is (model config, data, optimizer + schedule, number of steps, transitions, methods).
 Its transitions map the previous stage's final train state to this stage's first one; growth,
-sparsity, vocabulary expansion and continual pretraining register their own here:
+sparsity and vocabulary expansion define their own, each one gin configurable:
 
-    @register_transition("grow_mlp")
+    @gin.configurable
+    @transition()                                   # needs_method="msg": the stage must list it
     def grow_mlp(state, ctx: TransitionContext):    # -> the state the next stage starts from
       return state.replace(params=...)
 
+    large/Stage.transition = [@grow_mlp]            # in gin; the default is @identity
+
 A transition is a pure function of the whole TrainState (step, params, opt_state, method_state)
 and runs inside one `jax.jit` whose out_shardings are the next stage's. Several compose in list
-order (`Stage.transition = ["grow_depth", "sparsify"]`). After them, unless the stage keeps the
+order (`Stage.transition = [@grow_width, @grow_depth]`). After them, unless the stage keeps the
 optimizer state, it is initialised afresh for the new params; each of the stage's methods that
 has no state yet is initialised; states of methods the stage does not list are dropped. The
 result must have exactly the next stage's shapes (`check_transition_result` names the leaf that
@@ -36,6 +39,35 @@ from jaxlm.optim.optimizers import adamw, build as build_optimizer
 from jaxlm.optim.schedules import warmup_cosine
 
 
+# A transition: (train state, TransitionContext) -> train state for the next stage.
+Transition = Callable[[Any, "TransitionContext"], Any]
+
+
+def transition(name: str | None = None, needs_method: str | None = None):
+  """Marks a gin-configurable function (state, ctx) -> state as a stage transition, so that
+  `Stage.transition = [@grow_width]` can check what it is given. `name`: its gin name, when not
+  the function's; `needs_method`: the name of a method the next stage must list (its state is
+  where the transition writes)."""
+  def mark(fn: Transition) -> Transition:
+    fn.jaxlm_transition = True
+    fn.transition_name = name or fn.__name__
+    fn.needs_method = needs_method
+    return fn
+  return mark
+
+
+@gin.configurable
+@transition()
+def identity(state, ctx):
+  """Carry the state over unchanged; the model must not change shape."""
+  del ctx
+  return state
+
+
+def _transition_name(fn) -> str:
+  return getattr(fn, "transition_name", repr(fn))
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class Stage:
@@ -46,7 +78,7 @@ class Stage:
   data: DataConfig | None = None
   schedule: Callable = warmup_cosine
   optimizer: Callable = adamw
-  transition: str | tuple[str, ...] = "identity"  # A registered name, or a list applied in order.
+  transition: Transition | tuple[Transition, ...] = identity  # One, or a list applied in order.
   methods: tuple[Method, ...] = ()  # Step hooks (methods/hooks.py), applied in order.
   keep_optimizer_state: bool = False  # Carry Adam moments over the transition (same shapes only).
   restore_from: Any = None  # A restore.RestoreConfig: start this stage from another run.
@@ -75,15 +107,19 @@ class Stage:
         raise UserError(f"Stage.{name} (stage {self.name!r}) must be a factory such as "
                         f"@{'warmup_cosine' if name == 'schedule' else 'adamw'} (unevaluated), "
                         f"got {getattr(self, name)!r}")
-    transitions = (self.transition,) if isinstance(self.transition, str) else self.transition
-    if not transitions or not all(isinstance(t, str) for t in transitions):
-      raise UserError(f"Stage.transition (stage {self.name!r}) must be a transition name or a "
-                      f"list of them, got {self.transition!r}")
-    for name in transitions:
-      if name not in TRANSITIONS:
-        raise UserError(f"stage {self.name!r}: unknown transition {name!r}; "
-                        f"registered: {sorted(TRANSITIONS)}")
-    object.__setattr__(self, "transition", tuple(transitions))
+    transitions = (tuple(self.transition) if isinstance(self.transition, (list, tuple))
+                   else (self.transition,))
+    for fn in transitions:
+      if isinstance(fn, str):
+        raise UserError(f"Stage.transition (stage {self.name!r}) names {fn!r}; give the "
+                        f"transition itself, unevaluated: Stage.transition = [@{fn}]")
+      if not getattr(fn, "jaxlm_transition", False):
+        raise UserError(f"Stage.transition (stage {self.name!r}) must be transitions such as "
+                        f"[@grow_width] (unevaluated), got {fn!r}")
+    if not transitions:
+      raise UserError(f"Stage.transition (stage {self.name!r}) is empty; leave it unset for "
+                      "@identity")
+    object.__setattr__(self, "transition", transitions)
     methods = tuple(self.methods)
     names = [m.name for m in methods if isinstance(m, Method)]
     if len(names) != len(methods) or len(set(names)) != len(names):
@@ -97,6 +133,19 @@ class Stage:
     methods = tuple(m.for_stage(self.model, self.num_steps) if m.for_stage else m
                     for m in methods)
     object.__setattr__(self, "methods", methods)
+    for fn in transitions:
+      if fn.needs_method and fn.needs_method not in [m.name for m in methods]:
+        raise UserError(f"stage {self.name!r}: the {_transition_name(fn)!r} transition needs the "
+                        f"{fn.needs_method} method in the stage (Stage.methods = "
+                        f"[@{fn.needs_method}()])")
+
+  @property
+  def transition_names(self) -> list[str]:
+    return [_transition_name(fn) for fn in self.transition]
+
+  def method(self, name: str):
+    """The stage's method called `name` (a transition's declared `needs_method`)."""
+    return next(m for m in self.methods if m.name == name)
 
   def scope(self):
     """`with stage.scope():` gin bindings scoped to the stage's scope apply to what is built."""
@@ -183,25 +232,6 @@ class TransitionContext:
   shardings: Any = None
 
 
-# A transition: (train state, TransitionContext) -> train state for the next stage.
-Transition = Callable[[Any, TransitionContext], Any]
-TRANSITIONS: dict[str, Transition] = {}
-
-
-def register_transition(name: str):
-  def register(fn: Transition) -> Transition:
-    TRANSITIONS[name] = fn
-    return fn
-  return register
-
-
-@register_transition("identity")
-def identity(state, ctx: TransitionContext):
-  """Carry the state over unchanged; the model must not change shape."""
-  del ctx
-  return state
-
-
 def transition_context(previous: Stage, following: Stage, rng, shardings=None):
   return TransitionContext(previous, following, rng, resolve_tokenizer(previous.data.tokenizer),
                            resolve_tokenizer(following.data.tokenizer), shardings)
@@ -212,8 +242,8 @@ def hand_over(state, ctx: TransitionContext):
   in order, a fresh optimizer state unless kept, method states initialised or dropped."""
   following = ctx.following
   with following.scope():  # `grow/grow_depth.order = ...` reaches the transitions into "grow".
-    for name in following.transition:
-      state = TRANSITIONS[name](state, ctx)
+    for fn in following.transition:
+      state = fn(state, ctx)
   if not following.keep_optimizer_state:
     state = state.replace(opt_state=following.make_optimizer().init(state.params))
   return state.replace(method_state=init_method_state(
@@ -223,7 +253,7 @@ def hand_over(state, ctx: TransitionContext):
 def check_transition_result(result, expected, ctx: TransitionContext) -> None:
   """`result` (hand_over's, abstract) has exactly the next stage's shapes, else one line naming
   the first leaf that differs."""
-  following, names = ctx.following, " then ".join(ctx.following.transition)
+  following, names = ctx.following, " then ".join(ctx.following.transition_names)
   difference = first_difference(shapes_of(result), shapes_of(expected),
                                 f"after the {names!r} transition", f"by stage {following.name!r}")
   if difference is None:
@@ -231,7 +261,7 @@ def check_transition_result(result, expected, ctx: TransitionContext) -> None:
   if following.keep_optimizer_state and not difference.startswith("'params/"):
     raise UserError(f"stage {following.name!r}: keep_optimizer_state needs the optimizer state "
                     f"the transition gives to fit the stage, but {difference}")
-  if following.transition == ("identity",):
+  if following.transition == (identity,):
     raise UserError(f"stage {following.name!r} changes the model, which the 'identity' "
                     f"transition cannot do: {difference}; choose a growth transition")
   raise UserError(f"stage {following.name!r}: {difference}; choose a transition that produces "

@@ -54,11 +54,3 @@ def first_difference(have: dict, want: dict, have_label: str, want_label: str) -
     if have[name] != want[name]:
       return f"{name!r} is {have[name]} {have_label} but {want[name]} {want_label}"
   return None
-
-
-def map_param_shaped(tree, params, fn):
-  """`tree` (e.g. an optimizer state) with `fn` applied to every subtree shaped like `params`
-  (Adam's mu and nu)."""
-  treedef = jax.tree.structure(params)
-  is_params = lambda x: isinstance(x, dict) and jax.tree.structure(x) == treedef
-  return jax.tree.map(lambda x: fn(x) if is_params(x) else x, tree, is_leaf=is_params)

@@ -58,7 +58,8 @@ def test_gin_files_and_bindings_resolve_from_any_directory(tmp_path, monkeypatch
     (["--gin.DataConfig.seq_len=2048"], "outside what the model takes"),
     (["--gin.text_files.paths='/nonexistent/corpus.txt'"], "/nonexistent/corpus.txt"),
     (["--gin.ModelConfig.num_kv_heads=3"], "not a multiple of num_kv_heads"),
-    (["--gin.Stage.transition='grow_sideways'"], "unknown transition 'grow_sideways'"),
+    (["--gin.Stage.transition='grow_width'"], "names 'grow_width'; give the transition itself"),
+    (["--gin.Stage.transition=[@grow_sideways]"], "grow_sideways"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, small_text_file, capsys, extra,
                                                 expected):

@@ -27,7 +27,7 @@ from jaxlm.growth.transitions import grow_depth_transition, grow_width_transitio
 from jaxlm.growth.width import exact_norm_eps, grow_width
 from jaxlm.model import ModelConfig, forward, init_params, logical_axes
 from jaxlm.model.anatomy import anatomy
-from jaxlm.stages import Stage, TransitionContext, hand_over
+from jaxlm.stages import Stage, TransitionContext, hand_over, identity
 from jaxlm.train_step import init_state
 from jaxlm.tree_names import flatten_names
 from test_trainer import QUIET, _stage
@@ -131,10 +131,11 @@ def test_stacking_copies_layers_exactly_and_identity_insertion_keeps_the_logits(
     assert _logit_error(params, GQA, inserted, deep) == 0.0  # x + 0 is x, bitwise.
 
 
-def _ctx(small, large, methods=(), transition="identity"):
+def _ctx(small, large, methods=(), transition=identity, keep=False):
   return TransitionContext(Stage(model=small, num_steps=1),
                            Stage(model=large, num_steps=1, methods=methods,
-                                 transition=transition), jax.random.key(5))
+                                 transition=transition, keep_optimizer_state=keep),
+                           jax.random.key(5))
 
 
 def test_ligo_without_noise_is_stacking_and_its_operator_trains():
@@ -142,13 +143,13 @@ def test_ligo_without_noise_is_stacking_and_its_operator_trains():
   deep = dataclasses.replace(GQA, num_layers=4)
   method = ligo_lib.ligo(source=GQA, noise_std=0.0)
   state = init_state(Stage(model=GQA, num_steps=1), jax.random.key(0)).replace(params=params)
-  grown = ligo_lib.ligo_grow(state, _ctx(GQA, deep, (method,), "ligo_grow"))
+  grown = ligo_lib.ligo_grow(state, _ctx(GQA, deep, (method,), ligo_lib.ligo_grow))
   stacked = grow_depth(params, depth_sources(2, 4), anatomy(GQA))
   for name, leaf in flatten_names(stacked).items():
     np.testing.assert_array_equal(flatten_names(grown.params)[name], leaf)
   # With width growth the operator maps every axis ([I; noise] rows), shapes of the large model.
   large = _wider(GQA, d_model=64, mlp_dim=96, num_heads=8, num_kv_heads=4, num_layers=4)
-  noisy = ligo_lib.ligo_grow(state, _ctx(GQA, large, (ligo_lib.ligo(source=GQA),), "ligo_grow"))
+  noisy = ligo_lib.ligo_grow(state, _ctx(GQA, large, (ligo_lib.ligo(source=GQA),), ligo_lib.ligo_grow))
   assert jax.tree.map(jnp.shape, noisy.params) == jax.tree.map(
       jnp.shape, init_params(large, jax.random.key(0)))
   # after_update: the operator takes a step on J^T grads and the params are rebuilt from it.
@@ -167,7 +168,7 @@ def test_ligo_without_noise_is_stacking_and_its_operator_trains():
 def test_msg_is_the_small_model_at_mask_0_and_plain_weights_at_mask_1():
   params = _trained_like(GQA)
   large = _wider(GQA, d_model=64, mlp_dim=96, num_heads=8, num_kv_heads=4, num_layers=3)
-  ctx = _ctx(GQA, large, (msg_lib.msg(ramp_steps=5),), "msg_grow")
+  ctx = _ctx(GQA, large, (msg_lib.msg(ramp_steps=5),), msg_lib.msg_grow)
   method = ctx.following.methods[0]  # Made for the large model by its stage.
   state = init_state(Stage(model=GQA, num_steps=1), jax.random.key(0)).replace(params=params)
   grown = msg_lib.msg_grow(state, ctx)
@@ -244,13 +245,14 @@ def test_bad_depth_growth_is_one_line(layers, order, message):
 def test_growth_transitions_need_their_methods_and_matching_sources():
   state = init_state(Stage(model=GQA, num_steps=1), jax.random.key(0))
   large = _wider(GQA, d_model=64)
-  with pytest.raises(UserError, match="needs the msg method"):
-    msg_lib.msg_grow(state, _ctx(GQA, large))
-  with pytest.raises(UserError, match="needs the ligo method"):
-    ligo_lib.ligo_grow(state, _ctx(GQA, large))
+  # Declared by the transitions: the stage that lists one without its method is refused.
+  with pytest.raises(UserError, match="the 'msg_grow' transition needs the msg method"):
+    _ctx(GQA, large, transition=msg_lib.msg_grow)
+  with pytest.raises(UserError, match="the 'ligo_grow' transition needs the ligo method"):
+    _ctx(GQA, large, transition=ligo_lib.ligo_grow)
   wrong = ligo_lib.ligo(source=dataclasses.replace(GQA, mlp_dim=64))
   with pytest.raises(UserError, match=r"ligo.source.mlp_dim=64 but the previous stage's model"):
-    ligo_lib.ligo_grow(state, _ctx(GQA, large, (wrong,), "ligo_grow"))
+    ligo_lib.ligo_grow(state, _ctx(GQA, large, (wrong,), ligo_lib.ligo_grow))
   with pytest.raises(UserError, match="msg.ramp_steps=0"):
     msg_lib.msg(ramp_steps=0)
 
@@ -258,7 +260,7 @@ def test_growth_transitions_need_their_methods_and_matching_sources():
 def test_adam_moments_grow_with_the_same_map_when_the_stage_keeps_them():
   small, large = GQA, _wider(GQA, mlp_dim=96, num_layers=4)
   before = Stage(model=small, num_steps=1)
-  after = Stage(model=large, num_steps=1, transition=("grow_width", "grow_depth"),
+  after = Stage(model=large, num_steps=1, transition=(grow_width_transition, grow_depth_transition),
                 keep_optimizer_state=True)
   state = init_state(before, jax.random.key(0))
   mu = jax.tree.map(lambda x: jnp.full_like(x, 2.0), state.params)
@@ -279,7 +281,7 @@ def test_growth_inside_a_run_preserves_the_function_at_the_transition(tmp_path, 
   small = dataclasses.replace(TINY, head_dim=16)
   stages = [_stage(small_text_file, 4, name="small", model=small),
             _stage(small_text_file, 4, name="large", model=large,
-                   transition=("grow_width", "grow_depth"))]
+                   transition=(grow_width_transition, grow_depth_transition))]
   import gin  # pylint: disable=import-outside-toplevel
   with gin.unlock_config():
     gin.bind_parameter("grow_depth.zero_copies", True)
@@ -312,7 +314,7 @@ large/ModelConfig.num_kv_heads = 8
 large/ModelConfig.num_layers = 4
 large/ModelConfig.mlp_dim = 256
 large/ModelConfig.norm_eps = 5e-6
-large/Stage.transition = 'msg_grow'
+large/Stage.transition = [@msg_grow]
 large/Stage.methods = [@msg()]
 msg.ramp_steps = 1
 """
@@ -346,7 +348,7 @@ def test_grown_params_carry_their_logical_axes_and_train_sharded_on_8_devices(
   from test_parallel import _mesh_flags, _result, _run_worker  # pylint: disable=import-outside-toplevel
   large = _wider(GQA, d_model=64, mlp_dim=96, num_heads=8, num_kv_heads=4, num_layers=4)
   state = init_state(Stage(model=GQA, num_steps=1), jax.random.key(0))
-  ctx = _ctx(GQA, large, transition=("grow_width", "grow_depth"))
+  ctx = _ctx(GQA, large, transition=(grow_width_transition, grow_depth_transition))
   grown = grow_depth_transition(grow_width_transition(state, ctx), ctx)
   assert jax.tree.structure(grown.params) == jax.tree.structure(logical_axes(large))
   gin_file = tmp_path / "growth.gin"
@@ -356,7 +358,7 @@ def test_grown_params_carry_their_logical_axes_and_train_sharded_on_8_devices(
   # The "grow" run drops the msg method, so its ramp is a default both runs share.
   flags = [f"--gin_file={gin_file}", "--gin.warmup_cosine.warmup_steps=1",
            "--gin_defaults=msg.ramp_steps = 1"]
-  grow = flags + ["--gin.large/Stage.transition=['grow_width', 'grow_depth']",
+  grow = flags + ["--gin.large/Stage.transition=[@grow_width, @grow_depth]",
                   "--gin.large/Stage.methods=[]"]
   one = _run_worker(tmp_path / "one", small_text_file, 1, {
       "grow": grow + _mesh_flags(1, 1, 1), "msg": flags + _mesh_flags(1, 1, 1)})
@@ -384,7 +386,7 @@ def test_growth_from_another_runs_checkpoint_through_a_load_stage(tmp_path, smal
                 restore_from=RestoreConfig(str(tmp_path / "small")),
                 schedule=lambda n: warmup_constant(n, peak_lr=1e-3, warmup_steps=1))
   deep = _stage(small_text_file, 2, name="deep", model=dataclasses.replace(TINY, num_layers=4),
-                transition="grow_depth")
+                transition=grow_depth_transition)
   with gin.unlock_config():
     gin.bind_parameter("grow_depth.zero_copies", True)
   trainer.run(str(tmp_path / "grown"), [load, deep], trainer=QUIET,

@@ -23,7 +23,7 @@ from jaxlm.growth.transitions import grow_depth_transition, grow_width_transitio
 from jaxlm.growth.width import grow_width
 from jaxlm.model import ModelConfig, init_params
 from jaxlm.model.anatomy import anatomy
-from jaxlm.stages import Stage
+from jaxlm.stages import Stage, identity
 from jaxlm.train_step import init_state
 from test_growth import EXACT, _ctx, _logit_error, _trained_like, _wider
 from test_growth import test_width_growth_documented_as_exact_keeps_the_logits as check_exact_width_growth
@@ -112,7 +112,7 @@ MSG_CASES = [
 @pytest.mark.parametrize("name,small,sizes", _first_fast(MSG_CASES), ids=[c[0] for c in MSG_CASES])
 def test_msg_is_the_small_model_at_mask_0_on_uneven_shapes(name, small, sizes):
   large = _wider(small, **sizes)
-  ctx = _ctx(small, large, (msg_lib.msg(ramp_steps=2),), "msg_grow")
+  ctx = _ctx(small, large, (msg_lib.msg(ramp_steps=2),), msg_lib.msg_grow)
   method = ctx.following.methods[0]  # Made for the large model by its stage.
   params = _trained_like(small)
   grown = msg_lib.msg_grow(_state(small, params), ctx)
@@ -149,8 +149,8 @@ def test_grown_moments_are_zero_at_new_norm_entries():
   state = _state(BASE)
   mu = jax.tree.map(lambda x: jnp.full_like(x, 2.0), state.params)
   state = state.replace(opt_state=optax.tree_utils.tree_set(state.opt_state, mu=mu))
-  width = grow_width_transition(state, _ctx(BASE, large))
-  msg = msg_lib.msg_grow(state, _ctx(BASE, large, (msg_lib.msg(),), "msg_grow"))
+  width = grow_width_transition(state, _ctx(BASE, large, keep=True))
+  msg = msg_lib.msg_grow(state, _ctx(BASE, large, (msg_lib.msg(),), msg_lib.msg_grow, keep=True))
   for grown in (width, msg):
     grown_mu = optax.tree_utils.tree_get(grown.opt_state, "mu")
     for scale in (grown_mu["final_norm"]["scale"], grown_mu["layer_1"]["mlp_norm"]["scale"]):
@@ -194,7 +194,7 @@ def test_growth_that_cannot_keep_its_invariant_is_one_line(name, transition, sma
   failed with a pytree-structure ValueError and the vocabulary one was accepted with the small
   embedding table."""
   del name
-  ctx = _ctx(small, large, methods, "msg_grow" if methods else "identity")
+  ctx = _ctx(small, large, methods, msg_lib.msg_grow if methods else identity)
   with pytest.raises(UserError) as error:
     transition(_state(small), ctx)
   assert message in str(error.value).splitlines()[0]
@@ -224,7 +224,7 @@ def test_ligo_without_noise_is_its_depth_order_at_non_multiples(small_layers, la
   large = dataclasses.replace(BASE, num_layers=large_layers)
   params = _trained_like(small)
   method = ligo_lib.ligo(source=small, noise_std=0.0, order=order)
-  grown = ligo_lib.ligo_grow(_state(small, params), _ctx(small, large, (method,), "ligo_grow"))
+  grown = ligo_lib.ligo_grow(_state(small, params), _ctx(small, large, (method,), ligo_lib.ligo_grow))
   expected = grow_depth(params, depth_sources(small_layers, large_layers, order), anatomy(small))
   assert jax.tree.structure(grown.params) == jax.tree.structure(expected)
   for leaf, want in zip(jax.tree.leaves(grown.params), jax.tree.leaves(expected)):

@@ -336,8 +336,8 @@ def test_adamw_moments_take_exactly_their_params_shardings(mesh):
   before = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_state, params,
                                  transform_non_params=lambda _: replicated,
                                  is_leaf=lambda x: isinstance(x, NamedSharding))
-  for shapes in (abstract_params, None):  # None: shapes unknown, as train_step calls it.
-    assert parallel.optimizer_state_shardings(tx, abstract_state, params, mesh, shapes) == before
+  assert parallel.optimizer_state_shardings(tx, abstract_state, params, mesh,
+                                            abstract_params) == before
   adam = before.inner_state[1][0]  # chain(clip, adamw): adamw's first part is scale_by_adam.
   assert adam.mu == params and adam.nu == params and adam.count == replicated
 

@@ -287,7 +287,7 @@ def test_densify_keeps_the_function_and_the_dense_stage_trains_the_pruned_weight
     small_text_file):
   sparse = _stage(small_text_file, 3, methods=(nm_sparsity(),))
   state = init_state(sparse, jax.random.key(0))  # SR-STE keeps dense weights: a real mask.
-  dense_stage = dataclasses.replace(sparse, methods=(), transition=("densify",))
+  dense_stage = dataclasses.replace(sparse, methods=(), transition=(densify,))
   handed = densify(state, TransitionContext(sparse, dense_stage, jax.random.key(0)))
   tokens = _batch(sparse)["inputs"]
   masked_params = sparse.methods[0].params_for_loss(state.params, state.method_state[

@@ -4,6 +4,7 @@ auxiliary losses through the micro-batch scan, after-update), the run-level eval
 (forgetting) and the compute ledger."""
 
 import dataclasses
+import re
 import json
 import os
 import subprocess
@@ -24,7 +25,7 @@ from jaxlm.methods import Method
 from jaxlm.model import token_losses
 from jaxlm.optim.schedules import warmup_constant
 from jaxlm.restore import RestoreConfig, restore_into
-from jaxlm.stages import hand_over, register_transition, transition_context
+from jaxlm.stages import hand_over, transition, transition_context
 from jaxlm.train_step import (abstract_state, init_state, make_train_step, sharded_init,
                               state_shardings)
 from jaxlm.tree_names import flatten_names
@@ -125,21 +126,21 @@ def test_params_for_loss_decides_what_the_loss_sees(small_text_file):
 
 # --- Transitions and method state -------------------------------------------------------------
 
-@register_transition("test_double")
+@transition("test_double")
 def _double(state, ctx):
   return state.replace(params=jax.tree.map(lambda p: 2 * p, state.params))
 
 
-@register_transition("test_add_one")
+@transition("test_add_one")
 def _add_one(state, ctx):
   return state.replace(params=jax.tree.map(lambda p: p + 1, state.params))
 
 
 def test_transitions_compose_in_list_order_and_methods_get_their_state(small_text_file):
   first = _stage(small_text_file, 2, name="a")
-  second = _stage(small_text_file, 2, name="b", transition=["test_double", "test_add_one"],
+  second = _stage(small_text_file, 2, name="b", transition=[_double, _add_one],
                   methods=(toy_method.toy_fixed_mask(),))
-  assert second.transition == ("test_double", "test_add_one")
+  assert second.transition == (_double, _add_one)
   state = init_state(first, jax.random.key(1))
   state = state.replace(opt_state=jax.tree.map(lambda x: x + 1, state.opt_state))  # Not fresh.
   out = hand_over(state, transition_context(first, second, jax.random.key(2)))
@@ -153,17 +154,22 @@ def test_transitions_compose_in_list_order_and_methods_get_their_state(small_tex
 
 def test_a_transition_that_gives_the_wrong_shape_is_named_before_training(small_text_file):
   first = _stage(small_text_file, 2, name="small")
-  wrong = _stage(small_text_file, 2, name="wide", model=WIDE, transition="test_double")
+  wrong = _stage(small_text_file, 2, name="wide", model=WIDE, transition=_double)
   with pytest.raises(UserError, match=r"stage 'wide': 'params/layer_0/mlp/down' is \(192, 64\) "
                                       r"after the 'test_double' transition but \(256, 64\) by "
                                       r"stage 'wide'"):
     preflight.check_transitions([first, wrong])
-  preflight.check_transitions([first, dataclasses.replace(wrong, transition="toy_widen_mlp")])
+  preflight.check_transitions([first, dataclasses.replace(wrong,
+                                                          transition=toy_method.widen_mlp)])
 
 
 def test_unknown_or_malformed_transitions_and_methods_are_refused(small_text_file):
-  with pytest.raises(UserError, match="unknown transition 'grow_sideways'"):
-    _stage(small_text_file, 2, transition=["test_double", "grow_sideways"])
+  with pytest.raises(UserError, match=re.escape(
+      "names 'grow_sideways'; give the transition itself, unevaluated: "
+      "Stage.transition = [@grow_sideways]")):
+    _stage(small_text_file, 2, transition=[_double, "grow_sideways"])
+  with pytest.raises(UserError, match=r"must be transitions such as \[@grow_width\]"):
+    _stage(small_text_file, 2, transition=[len])
   with pytest.raises(UserError, match="must be Methods with distinct names"):
     _stage(small_text_file, 2, methods=(toy_method.toy_fixed_mask(), toy_method.toy_fixed_mask()))
   with pytest.raises(UserError, match="must be Methods"):
@@ -188,7 +194,7 @@ def test_the_widen_and_mask_method_trains_checkpoints_and_restores(tmp_path, sma
   evaluation, before the mask's first update, equals stage 1's last), the mask holds after
   every update, the mask is in the checkpoint, and another run restores it with restore_into."""
   stages = [_stage(small_text_file, 4, name="small"),
-            _stage(small_text_file, 4, name="wide", model=WIDE, transition="toy_widen_mlp",
+            _stage(small_text_file, 4, name="wide", model=WIDE, transition=toy_method.widen_mlp,
                    methods=(toy_method.toy_fixed_mask(),))]
   result = trainer.run(str(tmp_path / "run"), stages, trainer=QUIET,
                        evaluation=EvalConfig(every=100))
@@ -255,7 +261,7 @@ import toy_method
 run.stages = [@small/Stage(), @wide/Stage()]
 small/Stage.num_steps = 4
 wide/Stage.num_steps = 10
-wide/Stage.transition = 'toy_widen_mlp'
+wide/Stage.transition = [@toy_widen_mlp]
 wide/Stage.methods = [@toy_fixed_mask()]
 wide/ModelConfig.mlp_dim = 512
 """

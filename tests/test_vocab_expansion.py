@@ -72,7 +72,7 @@ def _stages(tokenizers, tie):
                tie_embeddings=tie)
   first = Stage(num_steps=2, model=ModelConfig(vocab_size=448, **model), name="english")
   second = Stage(num_steps=2, model=ModelConfig(vocab_size=512, **model), name="french",
-                 transition="expand_vocabulary")
+                 transition=expand_vocabulary)
   object.__setattr__(first, "data", first.data.__class__(tokenizer=old))
   object.__setattr__(second, "data", second.data.__class__(tokenizer=new))
   return first, second

@@ -7,14 +7,15 @@ import gin
 import jax.numpy as jnp
 
 from jaxlm.methods import Method
-from jaxlm.stages import register_transition
+from jaxlm.stages import transition
 
 
 def _pad_to(x, shape):
   return jnp.pad(x, [(0, want - have) for have, want in zip(x.shape, shape)])
 
 
-@register_transition("toy_widen_mlp")
+@gin.configurable("toy_widen_mlp")
+@transition("toy_widen_mlp")
 def widen_mlp(state, ctx):
   """New MLP units have zero gate, up and down weights: silu(0) * 0 = 0, so the function is
   unchanged."""

@@ -16,7 +16,7 @@ candidates to the softmax. With `keep_optimizer_state` the Adam moments of the n
 zero. Stage B's ModelConfig.vocab_size must hold the extended tokenizer; rows beyond the
 tokenizer (padding) start at zero.
 
-    continual/Stage.transition = "expand_vocabulary"
+    continual/Stage.transition = [@expand_vocabulary]
     continual/DataConfig.tokenizer = @continual/huggingface_tokenizer()   # the extended one
     expand_vocabulary.init = "mean"
 """
@@ -31,8 +31,9 @@ import numpy as np
 from jaxlm.errors import UserError
 from jaxlm.model.anatomy import anatomy
 from jaxlm.model.transformer import init_params
-from jaxlm.stages import TransitionContext, register_transition
-from jaxlm.tree_names import path_name, replace_named
+from jaxlm.stages import TransitionContext, transition
+from jaxlm.optim.state_layout import map_same_leaves
+from jaxlm.tree_names import replace_named
 
 INITS = ("mean", "mvn", "focus", "random")
 FOCUS_TOP_K = 8
@@ -135,8 +136,8 @@ def _grow(matrix, rows_first: bool, size: int, new_ids, fill):
   return grown
 
 
-@register_transition("expand_vocabulary")  # The gin-configurable function is what is registered.
 @gin.configurable
+@transition()
 def expand_vocabulary(state, ctx: TransitionContext, init: str = "mean"):
   """The previous stage's state with embedding rows (and lm_head columns, and their optimizer
   moments) for the next stage's extended tokenizer; see the module docstring."""
@@ -165,14 +166,15 @@ def expand_vocabulary(state, ctx: TransitionContext, init: str = "mean"):
     grown[part.name] = _grow(leaf, rows_first, size, new_ids, fill)
   params = replace_named(state.params, grown)
 
-  def grow_moment(path, leaf):  # Adam moments of those params: zeros for the new rows.
-    name = path_name(path)
-    for part in token_parts:
-      if name.endswith(part.name) and tuple(leaf.shape) == part.shape:
-        return _grow(leaf, part.axes.index("vocab") == 0, size, new_ids, None)
-    return leaf
-  opt_state = jax.tree_util.tree_map_with_path(grow_moment, state.opt_state)
-  return state.replace(params=params, opt_state=opt_state)
+  if not ctx.following.keep_optimizer_state:  # The stage starts a fresh one.
+    return state.replace(params=params)
+  by_name = {part.name: part for part in token_parts}
+
+  def grow_moment(param, leaf):  # Moments of those params: zeros for the new rows.
+    return _grow(leaf, by_name[param].axes.index("vocab") == 0, size, new_ids, None)
+  return state.replace(params=params, opt_state=map_same_leaves(
+      state.opt_state, state.params, grow_moment, "expand_vocabulary",
+      ctx.previous.make_optimizer(), only=set(by_name)))
 
 
 def _fresh_params(ctx: TransitionContext):

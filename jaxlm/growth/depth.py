@@ -12,7 +12,7 @@
   projections (attention `out`, MLP `down`), so it adds nothing to the residual stream: exact
   identity insertion (the function is the small model's; the copies still train, since their
   inputs and the gradients into their zeroed projections are not zero). Needs the same
-  norm_eps in both models (grow_depth_transition checks it).
+  norm_eps in both models (the grow_depth transition checks it).
 Embeddings, the final norm and the head are kept as they are (copied, for G_stack).
 """
 

@@ -13,10 +13,10 @@ as stacking (W[l, l mod L] = 1), so with no noise the operator is exactly G_stac
 operator is trained for a few steps on the training loss with the small model frozen, then the
 large model trains normally:
 
-    ligo/Stage.transition = "ligo_grow"          # small params into the method state
+    ligo/Stage.transition = [@ligo_grow]         # small params into the method state
     ligo/Stage.methods = [@ligo()]               # ligo.source = the small ModelConfig
     ligo/Stage.num_steps = 100
-    train/Stage.transition = "identity"          # the params are already the grown weights
+    train/Stage.transition = [@identity]         # the params are already the grown weights
 
 The stage's params are always the materialised operator output: after each step the operator
 takes an Adam step on dL/d(operator) = J^T dL/d(params) (a vjp through the linear map) and the
@@ -36,7 +36,7 @@ from jaxlm.growth.depth import depth_sources
 from jaxlm.methods.hooks import Method
 from jaxlm.model import ModelConfig, init_params, logical_axes
 from jaxlm.model.anatomy import Anatomy, Part, anatomy
-from jaxlm.stages import TransitionContext, register_transition
+from jaxlm.stages import TransitionContext, transition
 
 NAME = "ligo"
 WIDTH_AXES = ("embed", "mlp", "heads", "kv_heads")
@@ -141,16 +141,14 @@ def ligo(source: ModelConfig = gin.REQUIRED, learning_rate: float = 1e-3,
                     source=source, start=start)
 
 
-@register_transition("ligo_grow")
+@gin.configurable
+@transition(needs_method=NAME)
 def ligo_grow(state, ctx: TransitionContext):
   """The previous stage's params become the frozen small model of the LiGO method; the params
   become the operator's initial output (G_stack plus noise)."""
-  methods = [m for m in ctx.following.methods if isinstance(m, LigoMethod)]
-  if not methods:
-    raise UserError(f"stage {ctx.following.name!r}: the 'ligo_grow' transition needs the ligo "
-                    "method in the stage (Stage.methods = [@ligo()])")
+  method = ctx.following.method(NAME)  # Declared: the stage checked it lists one.
   small, large = ctx.previous.model, ctx.following.model
-  source = methods[0].source
+  source = method.source
   for field in ("vocab_size", "d_model", "mlp_dim", "num_heads", "num_kv_heads", "num_layers",
                 "resolved_head_dim", "tie_embeddings", "attention_bias", "mlp"):
     if getattr(source, field) != getattr(small, field):
@@ -166,6 +164,6 @@ def ligo_grow(state, ctx: TransitionContext):
                       f"{getattr(large, field)!r})")
   sizes = {"embed": large.d_model, "mlp": large.mlp_dim, "heads": large.num_heads,
            "kv_heads": large.num_kv_heads, "layers": large.num_layers}
-  own = methods[0].start(state.params, sizes, ctx.rng)
+  own = method.start(state.params, sizes, ctx.rng)
   params = materialize(own["operator"], own["small"], anatomy(small))
   return state.replace(params=params, method_state={**state.method_state, NAME: own})

@@ -3,7 +3,7 @@ gradually. Every new MLP unit, residual dimension, head and layer is multiplied 
 ramps 0 -> 1, so at growth the large model computes exactly the small one, whatever the new
 weights are (here: the large model's fresh initialisation, as the paper's random init).
 
-    grow/Stage.transition = "msg_grow"        # small -> large: old weights copied, new fresh
+    grow/Stage.transition = [@msg_grow]       # small -> large: old weights copied, new fresh
     grow/Stage.methods = [@msg()]             # the masks, in the method state
     msg.ramp_steps = 50                       # each mask ramps linearly over this many steps,
     msg.phases = ["mlp", "embed", "heads", "layers"]   # one after another, as the paper stages
@@ -31,12 +31,12 @@ import numpy as np
 
 from jaxlm.errors import UserError
 from jaxlm.growth.axis_maps import AxisMap
+from jaxlm.growth.transitions import kept_moments
 from jaxlm.growth.width import grow_tree, width_maps
 from jaxlm.methods.hooks import Method
 from jaxlm.model import init_params
 from jaxlm.model.anatomy import Anatomy, anatomy
-from jaxlm.stages import TransitionContext, register_transition
-from jaxlm.tree_names import map_param_shaped
+from jaxlm.stages import TransitionContext, transition
 
 PHASES = ("mlp", "embed", "heads", "layers")
 NAME = "msg"
@@ -113,14 +113,12 @@ def msg(ramp_steps: int = 50, phases=PHASES) -> Method:
   return Method(NAME, for_stage=for_stage)
 
 
-@register_transition("msg_grow")
+@gin.configurable
+@transition(needs_method=NAME)
 def msg_grow(state, ctx: TransitionContext):
   """Small -> large for MSG: old weights copied into the large model's fresh initialisation
   (no zeroing, no rescaling: the masks do that), and the method state flags what is new."""
   small, large = ctx.previous.model, ctx.following.model
-  if NAME not in [m.name for m in ctx.following.methods]:
-    raise UserError(f"stage {ctx.following.name!r}: the 'msg_grow' transition needs the msg "
-                    "method in the stage (Stage.methods = [@msg()])")
   for field in ("d_model", "mlp_dim", "num_heads", "num_kv_heads", "num_layers"):
     if getattr(large, field) < getattr(small, field):
       raise UserError(f"MSG grows: ModelConfig.{field} {getattr(small, field)} -> "
@@ -155,4 +153,4 @@ def msg_grow(state, ctx: TransitionContext):
     wide_tree = grow_tree(tree, anatomy(wide), maps, moments=True)
     return {**jax.tree.map(jnp.zeros_like, fresh), **wide_tree}
   return state.replace(params=params, method_state={**state.method_state, NAME: flags},
-                       opt_state=map_param_shaped(state.opt_state, state.params, grow_moments))
+                       opt_state=kept_moments(state, ctx, grow_moments, "msg_grow"))

@@ -1,15 +1,16 @@
 """Growth as stage transitions: the previous stage's model -> the next stage's, inside one run.
 
     grow/Stage.model = @large/ModelConfig()
-    grow/Stage.transition = ["grow_width", "grow_depth"]     # applied in this order
+    grow/Stage.transition = [@grow_width, @grow_depth]     # applied in this order
     grow_width.mlp = "fpi"          # "aki", "zero"; heads "fpi"/"zero"; d_model "exact"/"copy"
     grow_depth.order = "stack"      # "interleave"; zero_copies = True: identity insertion
     grow/Stage.keep_optimizer_state = False   # the papers' fresh optimizer; True: grown moments
 
 Each transition reads the current sizes from the params it is given, so they compose: widen,
-then deepen. Adam moments (any param-shaped part of the optimizer state) are grown with the
-same index maps (copies unscaled, new entries zero) and kept when the stage keeps its optimizer
-state; otherwise the next stage initialises a fresh one, as G_stack, bert2BERT and LiGO do.
+then deepen. When the stage keeps its optimizer state, Adam moments (the param-shaped parts of
+the optimizer state, jaxlm.optim.state_layout) are grown with the same index maps (copies
+unscaled, new entries zero), and a state with factored or low-rank leaves is refused; otherwise
+the next stage initialises a fresh one, as G_stack, bert2BERT and LiGO do.
 """
 
 import dataclasses
@@ -22,13 +23,23 @@ from jaxlm.growth.depth import depth_sources, grow_depth
 from jaxlm.growth.width import check_width, grow_tree, grow_width, width_maps
 from jaxlm.model import ModelConfig, init_params
 from jaxlm.model.anatomy import anatomy
-from jaxlm.stages import TransitionContext, register_transition
-from jaxlm.tree_names import map_param_shaped
+from jaxlm.stages import TransitionContext, transition
+from jaxlm.optim.state_layout import map_same_trees
 
 
 def num_layers_of(params, config: ModelConfig) -> int:
   """Blocks in `params`, a model of `config`'s kind at whatever depth it has now."""
   return len(anatomy(config).blocks_in(params))
+
+
+def kept_moments(state, ctx: TransitionContext, grow, operation: str):
+  """The optimizer state grown like the params (`grow` of each param-shaped tree of moments)
+  when the next stage keeps it; otherwise as it is, since the stage starts a fresh one. A
+  state with leaves of other shapes (factored, low-rank) is refused with one line."""
+  if not ctx.following.keep_optimizer_state:
+    return state.opt_state
+  return map_same_trees(state.opt_state, state.params, grow, operation,
+                        ctx.previous.make_optimizer())
 
 
 def _current_small(ctx: TransitionContext, params):
@@ -37,8 +48,8 @@ def _current_small(ctx: TransitionContext, params):
   return dataclasses.replace(previous, num_layers=num_layers_of(params, previous))
 
 
-@register_transition("grow_width")  # The gin-configurable function is what is registered.
 @gin.configurable("grow_width")
+@transition("grow_width")
 def grow_width_transition(state, ctx: TransitionContext, mlp: str = "fpi", heads: str = "fpi",
                           d_model: str = "exact"):
   """MLP units, heads and d_model grown to the next stage's (jaxlm.growth.width)."""
@@ -48,13 +59,12 @@ def grow_width_transition(state, ctx: TransitionContext, mlp: str = "fpi", heads
   params = grow_width(state.params, small, large, init_params(large, ctx.rng), mlp, heads,
                       d_model)
   maps, parts = width_maps(small, large, mlp, heads, d_model), anatomy(large)
-  opt_state = map_param_shaped(state.opt_state, state.params,
-                              lambda m: grow_tree(m, parts, maps, moments=True))
-  return state.replace(params=params, opt_state=opt_state)
+  return state.replace(params=params, opt_state=kept_moments(
+      state, ctx, lambda m: grow_tree(m, parts, maps, moments=True), "grow_width"))
 
 
-@register_transition("grow_depth")
 @gin.configurable("grow_depth")
+@transition("grow_depth")
 def grow_depth_transition(state, ctx: TransitionContext, order: str = "stack",
                           zero_copies: bool = False):
   """Layers copied to the next stage's depth (jaxlm.growth.depth)."""
@@ -68,4 +78,4 @@ def grow_depth_transition(state, ctx: TransitionContext, order: str = "stack",
   sources = depth_sources(num_layers_of(state.params, previous), following.num_layers, order)
   grow = lambda tree: grow_depth(tree, sources, anatomy(previous), zero_copies)
   return state.replace(params=grow(state.params),
-                       opt_state=map_param_shaped(state.opt_state, state.params, grow))
+                       opt_state=kept_moments(state, ctx, grow, "grow_depth"))

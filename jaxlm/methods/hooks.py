@@ -14,6 +14,8 @@ up to six pure functions, every one optional. The step calls them in list order:
     for_stage(model, num_steps) -> Method         # the method for a stage's model (its
                                                   # anatomy) and length (schedules over the
                                                   # stage), made when the Stage is built
+    masks(method_state) -> {param name: bool}     # the sparsity masks it keeps, for the
+                                                  # 'densify' transition after its stage
 
 `step` is the step within the stage (what its schedule sees), `state` the whole TrainState,
 whose `method_state[name]` holds what the method keeps between steps: it is sharded by
@@ -42,6 +44,7 @@ class Method:
   after_update: Hook = None
   metrics: Hook = None
   for_stage: Hook = None
+  masks: Hook = None
 
 
 def init_method_state(methods, params, rng, existing=None) -> dict:

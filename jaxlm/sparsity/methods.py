@@ -35,8 +35,9 @@ from jaxlm.sparsity import selection
 from jaxlm.sparsity.distribution import (DISTRIBUTIONS, check_density, kept_counts,
                                          layer_densities)
 from jaxlm.sparsity.topk import as_matrix_shape, check_nm, nm_mask, topk_mask
-from jaxlm.stages import TransitionContext, register_transition
-from jaxlm.tree_names import get_named, map_param_shaped, replace_named
+from jaxlm.stages import TransitionContext, transition
+from jaxlm.optim.state_layout import map_same_leaves
+from jaxlm.tree_names import get_named, replace_named
 
 SCORES = ("magnitude", "random")
 GROW = ("gradient", "random")
@@ -114,9 +115,11 @@ def sparse_method(name: str, parts: Anatomy, patterns, init_masks, update=None,
       new_masks = update(masks, params, grads, step)
       if regrow:  # Grown weights start at zero with zero moments, whatever the step wrote.
         grown = {n: new_masks[n] & ~masks[n] for n in masks}
-        reset = lambda tree: replace_named(tree, {
-            n: jnp.where(grown[n], 0.0, get_named(tree, n)) for n in masks})
-        params, opt_state = reset(params), map_param_shaped(opt_state, state.params, reset)
+        params = replace_named(params, {
+            n: jnp.where(grown[n], 0.0, get_named(params, n)) for n in masks})
+        opt_state = map_same_leaves(
+            opt_state, state.params, lambda n, leaf: jnp.where(grown[n], 0.0, leaf),
+            f"{name}'s regrow (grown weights start with zero moments)", only=set(masks))
       masks = new_masks
     if mode != "srste":
       params = masked(params, masks)
@@ -139,7 +142,7 @@ def sparse_method(name: str, parts: Anatomy, patterns, init_masks, update=None,
     return out
 
   return Method(name, init=init, state_axes=state_axes, params_for_loss=params_for_loss,
-                after_update=after_update, metrics=metrics)
+                after_update=after_update, metrics=metrics, masks=lambda own: own["masks"])
 
 
 def _scores(chosen: dict, score: str, seed: int, step=0) -> dict:
@@ -328,14 +331,15 @@ def rigl(density: float = 0.2, distribution: str = "erk", update_every: int = 10
   return Method("rigl", for_stage=for_stage)
 
 
-@register_transition("densify")
+@gin.configurable
+@transition()
 def densify(state, ctx: TransitionContext):
   """SPDF's sparse -> dense hand-over (Thangarasa et al. 2303.10464): the params times every
   sparse method's masks (a no-op where they are zero already, the N:M projection for SR-STE),
-  so the dense stage computes the same function and its pruned weights start at zero."""
-  del ctx
+  so the dense stage computes the same function and its pruned weights start at zero. The
+  masks are those the previous stage's methods declare (`Method.masks`)."""
   params = state.params
-  for own in state.method_state.values():
-    if isinstance(own, dict) and "masks" in own:
-      params = masked(params, own["masks"])
+  for method in ctx.previous.methods:
+    if method.masks is not None:
+      params = masked(params, method.masks(state.method_state[method.name]))
   return state.replace(params=params)

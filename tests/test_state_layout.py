@@ -1,0 +1,136 @@
+"""The optimizer state's layout on real optax states (adamw, adafactor, optax.contrib's galore
+and muon): every leaf tagged with its param and relation, and every operation that rewrites
+optimizer state (growth with kept moments, RigL's regrow, vocabulary expansion) either working
+or refused with one line naming the leaf and the operation."""
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+from jaxlm.continual.vocab_expansion import (byte_tokenizer_json, expand_vocabulary,
+                                             extend_tokenizer_json)
+from jaxlm.data.tokenizers import ByteTokenizer, HuggingFaceTokenizer
+from jaxlm.errors import UserError
+from jaxlm.growth.transitions import grow_depth_transition, grow_width_transition
+from jaxlm.model import ModelConfig
+from jaxlm.optim.optimizers import adamw
+from jaxlm.optim.state_layout import state_layout
+from jaxlm.sparsity.methods import rigl
+from jaxlm.stages import Stage, TransitionContext, hand_over
+from jaxlm.train_step import abstract_state
+
+MODEL = ModelConfig(vocab_size=320, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    mlp_dim=64, max_seq_len=64)
+OPTIMIZERS = {
+    "adamw": adamw,
+    "adafactor": lambda lr: optax.adafactor(lr, min_dim_size_to_factor=8),
+    "galore": lambda lr: optax.contrib.galore(lr, rank=4),
+    "muon": lambda lr: optax.contrib.muon(lr),
+}
+# What each operation does with each optimizer's state: None works, else the refusal's leaf.
+REFUSED = {
+    "grow": {"adamw": None, "adafactor": "v_row", "galore": "mu", "muon": "mu"},
+    "rigl": {"adamw": None, "adafactor": "v_row", "galore": "mu", "muon": None},
+    "vocab": {"adamw": None, "adafactor": "v_row", "galore": "mu", "muon": None},
+}
+
+
+def _stage(optimizer, model=MODEL, **fields):
+  return Stage(num_steps=4, model=model, optimizer=OPTIMIZERS[optimizer], **fields)
+
+
+def test_each_leaf_is_tagged_with_its_param_and_relation():
+  tags = {}
+  for name in OPTIMIZERS:
+    stage = _stage(name)
+    state = abstract_state(stage)
+    tags[name] = state_layout(state.opt_state, state.params, stage.make_optimizer())
+  assert {leaf.relation for leaf in tags["adamw"] if leaf.param} == {"same"}  # mu and nu.
+  assert {leaf.relation for leaf in tags["adamw"] if leaf.param is None} == {"scalar"}
+  assert "factored" in {leaf.relation for leaf in tags["adafactor"] if "/v_row/" in leaf.name}
+  galore = {leaf.name: leaf for leaf in tags["galore"]}
+  projector = next(l for n, l in galore.items() if n.endswith("projector/embed/embedding"))
+  assert projector.param == "embed/embedding" and projector.relation == "projected"
+  muon = {leaf.relation for leaf in tags["muon"]}
+  assert {"same", "scalar", "other"} <= muon  # Momentum, counts, Newton-Schulz coefficients.
+  for name, layout in tags.items():  # Every leaf tied to a param names a real one.
+    params = abstract_state(_stage(name)).params
+    names = {"/".join(str(k.key) for k in path)
+             for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    assert {leaf.param for leaf in layout if leaf.param} <= names
+
+
+def _refusal(operation, optimizer, error):
+  """One line names the leaf (gin may add its "In call to configurable" line below it, which
+  the command line drops)."""
+  leaf = REFUSED[operation][optimizer]
+  line = str(error).splitlines()[0]
+  assert re.search(rf"cannot carry the optimizer state leaf '[^']*{leaf}/|carries whole "
+                   rf"param-shaped trees of optimizer state, but the leaf '[^']*{leaf}/", line), line
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("transition", ["grow_width", "grow_depth"])
+def test_growth_with_kept_moments_works_or_is_refused_with_one_line(optimizer, transition):
+  small = _stage(optimizer)
+  large_model = (dataclasses.replace(MODEL, mlp_dim=96) if transition == "grow_width" else
+                 dataclasses.replace(MODEL, num_layers=4))
+  fn = {"grow_width": grow_width_transition, "grow_depth": grow_depth_transition}[transition]
+  large = _stage(optimizer, large_model, transition=fn, keep_optimizer_state=True)
+  ctx = TransitionContext(small, large, jax.random.key(0))
+  if REFUSED["grow"][optimizer] is None:
+    grown = jax.eval_shape(lambda s: hand_over(s, ctx), abstract_state(small))
+    assert jax.tree.map(jnp.shape, grown) == jax.tree.map(jnp.shape, abstract_state(large))
+  else:
+    with pytest.raises(UserError, match=transition) as error:
+      jax.eval_shape(lambda s: hand_over(s, ctx), abstract_state(small))
+    _refusal("grow", optimizer, error.value)
+  # A fresh optimizer state in the large stage works whatever the optimizer.
+  fresh = _stage(optimizer, large_model, transition=fn)
+  grown = jax.eval_shape(lambda s: hand_over(s, TransitionContext(small, fresh,
+                                                                   jax.random.key(0))),
+                         abstract_state(small))
+  assert jax.tree.map(jnp.shape, grown) == jax.tree.map(jnp.shape, abstract_state(fresh))
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_rigl_regrow_works_or_is_refused_with_one_line(optimizer):
+  stage = _stage(optimizer, methods=(rigl(density=0.5, update_every=1),))
+  state = abstract_state(stage)
+  method = stage.methods[0]
+  step = lambda s: method.after_update(s, s.params, jnp.int32(1))
+  if REFUSED["rigl"][optimizer] is None:
+    after = jax.eval_shape(step, state)
+    assert jax.tree.map(jnp.shape, after) == jax.tree.map(jnp.shape, state)
+  else:
+    with pytest.raises(UserError, match="rigl's regrow") as error:
+      jax.eval_shape(step, state)
+    _refusal("rigl", optimizer, error.value)
+
+
+@pytest.fixture(scope="module")
+def extended_bytes(tmp_path_factory):
+  pytest.importorskip("tokenizers")
+  path = tmp_path_factory.mktemp("vocab") / "bytes_fr.json"
+  path.write_text(extend_tokenizer_json(byte_tokenizer_json(),
+                                        ["La maison est grande et belle. " * 50], 30),
+                  encoding="utf-8")
+  return HuggingFaceTokenizer(path)
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_vocabulary_expansion_with_kept_moments_works_or_is_refused(optimizer, extended_bytes):
+  small = _stage(optimizer, dataclasses.replace(MODEL, vocab_size=288))
+  large = _stage(optimizer, transition=expand_vocabulary, keep_optimizer_state=True)
+  ctx = TransitionContext(small, large, jax.random.key(0), ByteTokenizer(), extended_bytes)
+  if REFUSED["vocab"][optimizer] is None:
+    grown = jax.eval_shape(lambda s: hand_over(s, ctx), abstract_state(small))
+    assert jax.tree.map(jnp.shape, grown) == jax.tree.map(jnp.shape, abstract_state(large))
+  else:
+    with pytest.raises(UserError, match="expand_vocabulary") as error:
+      jax.eval_shape(lambda s: hand_over(s, ctx), abstract_state(small))
+    _refusal("vocab", optimizer, error.value)
