@@ -13,6 +13,7 @@ converted to an array: an export streams a model bigger than host memory.
 import contextlib
 import dataclasses
 import os
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -83,11 +84,24 @@ def _restore_params(checkpointer: Checkpointer, step: int, abstract, params_for_
                                           method_state=restored.get("method_state", {})))
 
 
+_NAMED_TRANSITIONS = re.compile(r"^(\S*Stage\.transition = )(\[[^\]@]*\]|'[^']*'|\"[^\"]*\")$",
+                                re.MULTILINE)
+
+
+def upgrade_saved_config(config_text: str) -> str:
+  """A config saved before transitions were gin configurables named them as strings
+  (`Stage.transition = ['grow_width']`); today they are references (`[@grow_width]`)."""
+  def as_references(match):
+    names = re.findall(r"['\"]([^'\"]+)['\"]", match.group(2))
+    return match.group(1) + "[" + ", ".join(f"@{name}" for name in names) + "]"
+  return _NAMED_TRANSITIONS.sub(as_references, config_text)
+
+
 def stages_from_config(config_text: str, gin_files=(), gin_bindings=(), search_paths=()):
   """The run's stages from its saved gin config, then the caller's files and bindings (e.g. more
   EvalConfig.domains) on top."""
   gin_config.parse(list(gin_files), list(gin_bindings), list(search_paths),
-                   base_config=config_text)
+                   base_config=upgrade_saved_config(config_text))
   return configured_stages()
 
 

@@ -14,6 +14,7 @@ from conftest import REPO_ROOT
 from jaxlm import gin_config, parallel, preflight
 from jaxlm.continual.vocab_expansion import byte_tokenizer_json, extend_tokenizer_json
 from jaxlm.data.sources import shared_corpora_dir
+from jaxlm.saved_run import stages_from_config, upgrade_saved_config
 from jaxlm.stages import configured_stages
 from jaxlm.train_step import abstract_state
 from hf_fixtures import write_hf_model
@@ -64,3 +65,17 @@ def test_gin_file_parses_and_builds_on_abstract_shapes(gin_file, tmp_path, monke
     for stage, state in zip(stages, states):
       preflight.check_stage(stage, state, 1, mesh, rules)
     preflight.check_transitions(stages, states)
+
+
+def test_a_config_saved_with_named_transitions_still_builds_its_stages():
+  """Runs saved before transitions were gin configurables wrote their names as strings."""
+  saved = "\n".join([
+      "include 'gin/runs/pretrain.gin'", "MODEL_DIR = '/tmp/unused'",
+      "run.stages = [@small/Stage(), @large/Stage()]", "large/ModelConfig.num_layers = 8",
+      "large/Stage.transition = ['grow_width', 'grow_depth']",
+      "large/grow_depth.order = 'interleave'"])
+  assert "[@grow_width, @grow_depth]" in upgrade_saved_config(saved)
+  stages = stages_from_config(saved)
+  assert stages[1].transition_names == ["grow_width", "grow_depth"]
+  assert upgrade_saved_config("dense/Stage.transition = 'densify'") == (
+      "dense/Stage.transition = [@densify]")
