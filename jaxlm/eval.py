@@ -41,7 +41,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def held_out_results(run) -> dict[str, float]:
   """The trainer's evaluation of `run` (a SavedRun): the same eval sets and the same step."""
-  from jaxlm.preflight import build_stage_data  # pylint: disable=import-outside-toplevel
+  from jaxlm.run_plan import build_stage_data  # pylint: disable=import-outside-toplevel
   from jaxlm.train_step import make_eval_step, state_shardings  # pylint: disable=import-outside-toplevel
   stage = run.stage
   with run.scope():

@@ -3,8 +3,9 @@ counted with its own model, so arms of a comparison can be plotted at equal comp
 
 It is logged with every metric (total/flops, total/tokens) and kept in the checkpoint record,
 so a resumed run continues the sums. Skipped (non-finite) steps still count: their compute was
-spent. A stage's cost per step is `flops.flops_per_token(model) x tokens per step` today; a
-method with its own accounting (sparse density, MoE active parameters) scales that number.
+spent. A stage's cost per step is `flops.flops_per_token(model) x tokens per step`, counted from
+the matrices the model's anatomy lists; it is dense-equivalent (a sparse method's zeros are not
+subtracted: dense kernels do not skip them).
 """
 
 import dataclasses

@@ -8,15 +8,14 @@ written, moved or truncated (issue 11). It reads and never writes:
   3. the checkpoints already in MODEL_DIR: the newest that reads must fit this run (its stage
      and step, and every tensor's shape); one that does not fit is a configuration error, never
      corruption. Only checkpoints that cannot be read are left for the restore to set aside;
-  4. the data of the stage that trains first is built (a missing or empty corpus fails here).
+  4. the data of the stage that trains first is built (jaxlm/run_plan.py, after these checks: a
+     missing or empty corpus fails there).
 
 Configurable values themselves are checked where they are built (jaxlm/validation.py), which
-gin does before `run` starts. Only then does `trainer.run` write config.gin, open the
-checkpointer and the metrics, and restore.
+gin does before `run` starts. Only after the checks and the plan (run_plan.plan_run) does
+`trainer.run` write config.gin, open the checkpointer and the metrics, and restore.
 """
 
-import dataclasses
-import logging
 import os
 import shutil
 
@@ -25,89 +24,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import parallel
-from jaxlm.checkpoint import Checkpointer, RunRecord
-from jaxlm.data.pipeline import Datasets, build_datasets, check_sources
+from jaxlm.checkpoint import RunRecord
+from jaxlm.data.pipeline import check_sources
 from jaxlm.data.tokenizers import resolve_tokenizer
 from jaxlm.errors import UserError
 from jaxlm.model import forward
-from jaxlm.restore import (check_restore_source, source_data_position,
-                           stage_source_learning_rate)
-from jaxlm.stages import (Stage, check_transition_result, continue_rows, hand_over, identity,
-                          stage_schedules, stage_starts, transition_context)
+from jaxlm.restore import check_restore_source
+from jaxlm.stages import (Stage, check_transition_result, hand_over, identity, stage_starts,
+                          transition_context)
 from jaxlm.train_step import abstract_state, state_shardings
 from jaxlm.tree_names import first_difference, shapes_of
 
-log = logging.getLogger("jaxlm")
-
 FIX_MISMATCH = ("use a new MODEL_DIR, restore the config it was trained with (its config.gin), "
                 "or start from it with Stage.restore_from")
-
-
-@dataclasses.dataclass(frozen=True)
-class ResumePoint:
-  step: int
-  stage_index: int
-  record: RunRecord
-
-
-@dataclasses.dataclass
-class Plan:
-  """What the checks found: every stage's schedule, which stage trains first, and its data.
-  (The restore finds the checkpoint again, and sets aside any newer one that does not read.)"""
-  schedules: list  # Each stage's, given where the one before it (or its restored run) ended.
-  first_stage: int | None  # None: every stage is already done.
-  datasets: Datasets | None  # Built for `first_stage`.
-  rows_before: dict[str, int] | None = None  # Rows of each source drawn before `first_stage`.
-
-
-def preflight(model_dir: str, stages: list[Stage], microbatches: int, mesh, rules,
-              eval_domains=()) -> Plan:
-  """Run inside the run's mesh and logical-axis rules (the model is traced). `eval_domains`:
-  EvalConfig.domains, evaluated in every stage."""
-  check_stage_names(stages)
-  check_first_stage(stages[0])
-  states = [abstract_state(stage) for stage in stages]  # Traced once, used by every check.
-  for stage, state in zip(stages, states):
-    check_stage(stage, state, microbatches, mesh, rules, eval_domains)
-  check_transitions(stages, states)
-  schedules = stage_schedules(stages, stage_source_learning_rate)
-  check_model_dir(model_dir, max(_tree_bytes(state) for state in states))
-  resume = find_resume_point(model_dir, stages)
-  starts = stage_starts(stages)
-  first = 0 if resume is None else resume.stage_index
-  if resume is not None and resume.step >= starts[first] + stages[first].num_steps:
-    first += 1  # The checkpoint ends its stage; the next one starts from it.
-  if first >= len(stages):
-    return Plan(schedules, None, None)
-  rows_before = {}  # The data position of every source, as the checkpoint record kept it.
-  if resume is not None:
-    data = resume.record.data
-    rows_before = data.rows_before_stage if first == resume.stage_index else data.rows_after_stage
-  elif stages[0].restore_from is not None and stages[0].restore_from.continue_data:
-    rows_before = branched_data_position(stages[0])
-  return Plan(schedules, first, build_stage_data(stages[first], rows_before, eval_domains),
-              rows_before)
-
-
-def branched_data_position(stage: Stage) -> dict[str, int]:
-  """Rows of each source the restored run had drawn at its checkpoint, counted through this
-  stage's data (the same DataConfig reads the same rows)."""
-  rows_before, stage_step = source_data_position(stage.restore_from)
-  if not stage_step:
-    return rows_before
-  return build_stage_data(stage, rows_before).train.rows_drawn(stage_step)
-
-
-def build_stage_data(stage: Stage, rows_before: dict[str, int], eval_domains=()) -> Datasets:
-  """This host's data for `stage`, each source continuing after `rows_before` unless the stage
-  restarts it, and the eval sets of its sources and of `eval_domains`."""
-  with stage.scope():
-    datasets = build_datasets(stage.data, shard_index=jax.process_index(),
-                              shard_count=jax.process_count(),
-                              start_rows=continue_rows(rows_before, stage),
-                              eval_domains=eval_domains)
-  check_vocab(stage, datasets.tokenizer)
-  return datasets
 
 
 def check_stage(stage: Stage, state, microbatches: int, mesh, rules, eval_domains=()) -> None:
@@ -144,7 +73,7 @@ def check_vocab(stage: Stage, tokenizer) -> None:
                     f"ModelConfig.vocab_size={stage.model.vocab_size}; raise vocab_size")
 
 
-def _tree_bytes(tree) -> int:
+def tree_bytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
@@ -168,29 +97,6 @@ def check_model_dir(model_dir: str, checkpoint_bytes: int) -> None:
     raise UserError(f"MODEL_DIR {model_dir!r} has {free / 2**20:,.1f} MiB free but one "
                     f"checkpoint needs about {checkpoint_bytes / 2**20:,.1f} MiB; free space or "
                     "choose another --gin.MODEL_DIR")
-
-
-def find_resume_point(model_dir: str, stages: list[Stage]) -> ResumePoint | None:
-  """The newest checkpoint whose record and tensor metadata read back, checked against the
-  stages. Newer ones that do not read are skipped here; the restore sets them aside."""
-  if not os.path.isdir(os.path.join(model_dir, "checkpoints")):
-    return None
-  checkpointer = Checkpointer(model_dir, read_only=True)
-  try:
-    for step in reversed(checkpointer.all_steps()):
-      try:
-        record = checkpointer.restore_record(step)
-        saved = checkpointer.saved_shapes(step)
-      except UserError:
-        raise
-      except Exception:  # pylint: disable=broad-except  (orbax raises many types)
-        continue  # Reported once, when the restore sets it aside.
-      index = stage_index_of(record, step, checkpointer.directory)
-      check_fit(step, index, saved, stages, checkpointer.directory)
-      return ResumePoint(step, index, record)
-  finally:
-    checkpointer.close()
-  return None
 
 
 def stage_index_of(record: RunRecord, step: int, where: str) -> int:

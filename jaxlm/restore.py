@@ -1,6 +1,7 @@
-"""Initialise a run from another run's checkpoint (or a Hugging Face model directory), with a regex assignment map (T5X's
-`RestoreCheckpointConfig(assignment_map=...)`): the one mechanism that growth, MoE upcycling and
-continual-pretraining stages reuse for partial or renamed loads.
+"""Initialise a stage from another run's checkpoint (or a Hugging Face model directory), with a
+regex assignment map (T5X's `RestoreCheckpointConfig(assignment_map=...)`): how continual
+pretraining starts from a base run or a Hugging Face model, and how any stage loads part of a
+checkpoint or renames what it loads.
 
 Names are parameter paths joined with "/" (e.g. "layer_3/mlp/up"). For every parameter of the
 new model, the first rule whose pattern fully matches its name decides its source: a

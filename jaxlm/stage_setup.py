@@ -42,7 +42,7 @@ class StageSetup:
 
 def build_stage(index: int, stage: Stage, start: int, datasets, shardings: TrainState,
                 batch_sharding, microbatches: int, to_device, schedule=None) -> StageSetup:
-  """`datasets`: the stage's data (preflight.build_stage_data); `to_device` places a host
+  """`datasets`: the stage's data (run_plan.build_stage_data); `to_device` places a host
   batch that every process holds whole; `schedule`: the stage's (stages.stage_schedules)."""
   data = stage.data
   eval_sets = evaluate.place_eval_sets(datasets.eval, datasets.tokenizer.byte_lengths(),

@@ -18,7 +18,7 @@ import gin
 import jax
 from jax.experimental import multihost_utils
 
-from jaxlm import decoding, flops, gin_usage, parallel, preflight
+from jaxlm import decoding, flops, gin_usage, parallel, preflight, run_plan
 from jaxlm.cadence import NonfiniteTracker, StepLog
 from jaxlm.checkpoint import Checkpointer, DataPosition, RunRecord
 from jaxlm.errors import TrainingDiverged, UserError
@@ -107,7 +107,7 @@ class Trainer:
     self.total_steps = self.starts[-1] + self.stages[-1].num_steps
     self.checkpointer = None  # Opened after the pre-flight checks (it creates checkpoints/).
     self.writer = None  # Opened once the resume step is known.
-    self.plan = None  # preflight.Plan: where to resume, and the first stage's data.
+    self.plan = None  # run_plan.Plan: where to resume, and the first stage's data.
     self.setup: StageSetup | None = None  # The current stage's.
     self.peak_flops = trainer.peak_flops_per_device
     self.final_metrics: dict[str, float] = {}
@@ -129,7 +129,7 @@ class Trainer:
     self.writer.write(step, scalars)
     self.final_metrics.update(scalars)
 
-  def open(self, plan: preflight.Plan) -> None:
+  def open(self, plan: run_plan.Plan) -> None:
     """After the pre-flight checks: the first writes to MODEL_DIR."""
     self.plan, self.schedules = plan, plan.schedules
     config = self.config
@@ -176,7 +176,7 @@ class Trainer:
       self.rows_before = self.plan.rows_before
     else:
       self.rows_before = self.rows_after
-      datasets = preflight.build_stage_data(stage, self.rows_before, self.evaluation.domains)
+      datasets = run_plan.build_stage_data(stage, self.rows_before, self.evaluation.domains)
     self.rows_after = {**self.rows_before, **datasets.train.rows_drawn(stage.num_steps)}
     return build_stage(index, stage, self.starts[index], datasets,
                        state_shardings(stage, self.mesh, self.rules), self.batch_sharding,
@@ -304,7 +304,7 @@ def run(model_dir: str = gin.REQUIRED, stages: Sequence[Stage] = gin.REQUIRED, s
   with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ctx.rules), PreemptionGuard() as guard:
     # Every check runs before the first write to MODEL_DIR, on every process: none writes (and
     # so changes what another one is still reading) before all have passed.
-    plan = preflight.preflight(model_dir, ctx.stages, ctx.config.microbatches, ctx.mesh,
+    plan = run_plan.plan_run(model_dir, ctx.stages, ctx.config.microbatches, ctx.mesh,
                                ctx.rules, ctx.evaluation.domains)
     gin_usage.check_used()  # Everything gin builds for the run has been built by now.
     if dry_run:

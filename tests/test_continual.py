@@ -9,11 +9,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import preflight, trainer
+from jaxlm import run_plan, trainer
 from jaxlm.errors import UserError
 from jaxlm.optim.schedules import warmup_cosine, warmup_stable_decay
 from jaxlm.restore import RestoreConfig, source_data_position
-from test_trainer import QUIET, _final_params, _stage
+from helpers import QUIET, final_params, tiny_stage
 
 
 def _wsd(**kwargs):
@@ -23,30 +23,30 @@ def _wsd(**kwargs):
 def test_a_branched_decay_continues_the_stable_run_bit_for_bit(tmp_path, small_text_file):
   full_dir, branch_dir = tmp_path / "full", tmp_path / "branch"
   # The full run: warmup 2, stable, a 4-step linear decay at the end; checkpoints at 4 and 8.
-  full = _stage(small_text_file, 8, schedule=_wsd(warmup_steps=2, decay_steps=4))
+  full = tiny_stage(small_text_file, 8, schedule=_wsd(warmup_steps=2, decay_steps=4))
   trainer.run(str(full_dir), [full], trainer=QUIET)
   # The branch: another run restored at step 4 (still stable) with its optimizer state and data
   # position, decaying over its 4 steps.
-  branch = _stage(small_text_file, 4, schedule=_wsd(warmup_steps=0, decay_fraction=1.0),
+  branch = tiny_stage(small_text_file, 4, schedule=_wsd(warmup_steps=0, decay_fraction=1.0),
                   restore_from=RestoreConfig(path=str(full_dir), step=4, include_optimizer=True,
                                              continue_data=True))
   trainer.run(str(branch_dir), [branch], trainer=QUIET)
-  step, want = _final_params(full_dir)
-  branch_step, got = _final_params(branch_dir)
+  step, want = final_params(full_dir)
+  branch_step, got = final_params(branch_dir)
   assert (step, branch_step) == (8, 4)
   jax.tree.map(np.testing.assert_array_equal, got, want)
 
   # The branch read on from row 16 (4 steps x 4 rows), not from the first row, and from a
   # stage's last checkpoint the next rows are the ones after all of its 8 x 4.
-  assert preflight.branched_data_position(branch) == {"text": 16}
+  assert run_plan.branched_data_position(branch) == {"text": 16}
   assert source_data_position(RestoreConfig(path=str(full_dir), continue_data=True)) == (
       {"text": 32}, 0)
 
 
 def test_a_continual_stage_re_warms_from_the_previous_final_lr(tmp_path, small_text_file):
-  first = _stage(small_text_file, 4, schedule=lambda n: warmup_cosine(
+  first = tiny_stage(small_text_file, 4, schedule=lambda n: warmup_cosine(
       n, peak_lr=4e-3, warmup_steps=1, final_lr_fraction=0.25))
-  second = _stage(small_text_file, 4, name="continual", schedule=lambda n, previous_lr=0.0:
+  second = tiny_stage(small_text_file, 4, name="continual", schedule=lambda n, previous_lr=0.0:
                   warmup_cosine(n, peak_lr=2e-3, warmup_steps=2, warmup_from="previous",
                                 previous_lr=previous_lr))
   config = trainer.TrainerConfig(**{**QUIET.__dict__, "log_every": 1})

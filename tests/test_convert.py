@@ -24,10 +24,10 @@ from jaxlm.restore import RestoreConfig, restore_into
 from jaxlm.saved_run import load_saved_run
 from jaxlm.train_step import sharded_init, state_shardings
 from hf_fixtures import write_hf_model
-from test_trainer import QUIET, _stage
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
 import convert  # noqa: E402
+from helpers import QUIET, tiny_stage
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_hf_to_jaxlm_starts_a_run_from_exactly_the_imported_params(hf_dir, tmp_p
   assert convert.main(["hf_to_jaxlm", hf_dir, out]) == 0
   assert sorted(os.listdir(out)) == ["checkpoints", "model.gin", "tokenizer.json"]
   config, params = import_hf(hf_dir)
-  stage = _stage(small_text_file, 2, model=config, restore_from=RestoreConfig(path=out))
+  stage = tiny_stage(small_text_file, 2, model=config, restore_from=RestoreConfig(path=out))
 
   # The restored state, before any update, holds the imported params bit for bit.
   mesh_config = parallel.MeshConfig()
@@ -121,7 +121,7 @@ def test_a_converted_checkpoint_is_a_restore_source_not_a_run_to_resume(hf_dir, 
   assert convert.main(["hf_to_jaxlm", hf_dir, converted]) == 0
   with pytest.raises(UserError, match="converted from .* so it is a restore source, not a run "
                                       "to resume: train in a new MODEL_DIR"):
-    trainer.run(converted, [_stage(small_text_file, 2, model=import_hf(hf_dir)[0])],
+    trainer.run(converted, [tiny_stage(small_text_file, 2, model=import_hf(hf_dir)[0])],
                 trainer=QUIET)
 
 

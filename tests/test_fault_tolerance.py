@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,7 @@ import optax
 import pytest
 
 from conftest import quick_run_args
-from jaxlm import parallel, preflight, trainer
+from jaxlm import parallel, preflight, run_plan, trainer
 from jaxlm.checkpoint import CORRUPT_DIR, Checkpointer
 from jaxlm.data.pipeline import build_datasets
 from jaxlm.errors import TrainingDiverged, UserError
@@ -28,7 +27,8 @@ from jaxlm.preemption import EXIT_FORCED, EXIT_PREEMPTED
 from jaxlm.restore import RestoreConfig, restore_into
 from jaxlm.train_step import make_train_step, sharded_init, state_shardings
 from jaxlm.tree_names import flatten_names
-from test_trainer import QUIET, TINY, _stage
+from helpers import (QUIET, TINY, kill_once_logged, last_logged_step, metric_records, raw_state,
+                     resume, start_and_wait_for, tiny_stage)
 
 STEPS = 60
 
@@ -40,67 +40,12 @@ def _cli_args(model_dir, corpus):
       "--gin.TrainerConfig.sample_tokens=0", "--gin.TrainerConfig.progress='log'")]
 
 
-def _records(model_dir):
-  with open(os.path.join(model_dir, "metrics.jsonl"), encoding="utf-8") as f:
-    return [json.loads(line) for line in f]
-
-
 def _losses(model_dir):
-  return {r["step"]: r["train/loss"] for r in _records(model_dir) if "train/loss" in r}
-
-
-def _last_logged_step(model_dir):
-  try:
-    with open(os.path.join(model_dir, "metrics.jsonl"), "rb") as f:
-      lines = f.read().splitlines()
-    return json.loads(lines[-1])["step"] if lines else 0
-  except (OSError, ValueError, IndexError):
-    return 0
-
-
-def _start_and_wait_for(args, model_dir, step):
-  process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 240
-  while _last_logged_step(model_dir) < step:
-    assert process.poll() is None, process.stderr.read()[-2000:]
-    assert time.time() < deadline
-    time.sleep(0.01)
-  return process
-
-
-def _kill_once_logged(args, model_dir, step):
-  """Starts the run and SIGKILLs it once `step` is logged; returns the dead process."""
-  process = _start_and_wait_for(args, model_dir, step)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  return process
-
-
-def _resume(args):
-  """Runs `args` to the end, which must resume from a checkpoint."""
-  resumed = subprocess.run(args, capture_output=True, text=True, timeout=300)
-  assert resumed.returncode == 0, resumed.stderr[-2000:]
-  assert "resuming from step" in resumed.stderr
-
-
-def _assert_same_saved_state(reference, other, step):
-  """The two runs' checkpoints at `step` are bitwise equal, tensor by tensor; returns other's."""
-  want, got = _raw_state(reference, step), _raw_state(other, step)
-  for name, value in flatten_names(want).items():
-    np.testing.assert_array_equal(flatten_names(got)[name], value, err_msg=name)
-  return got
-
-
-def _raw_state(model_dir, step):
-  """The saved train state as nested dicts and lists (restored without a target)."""
-  checkpointer = Checkpointer(str(model_dir), read_only=True)
-  state = checkpointer.restore_state(step)
-  checkpointer.close()
-  return state
+  return {r["step"]: r["train/loss"] for r in metric_records(model_dir) if "train/loss" in r}
 
 
 def _raw_params(model_dir, step):
-  return _raw_state(model_dir, step)["params"]
+  return raw_state(model_dir, step)["params"]
 
 
 def _mean_loss(params, stage, batch):
@@ -128,12 +73,12 @@ def test_kill_9_at_a_random_step_then_resume_is_bitwise_identical(tmp_path, refe
   reference, corpus = reference_run
   kill_at = int(np.random.default_rng(seed).integers(3, STEPS // 2))
   model_dir = tmp_path / "run"
-  process = _kill_once_logged(_cli_args(model_dir, corpus), model_dir, kill_at)
+  process = kill_once_logged(_cli_args(model_dir, corpus), model_dir, kill_at)
   assert process.returncode == -signal.SIGKILL
-  killed_at = _last_logged_step(model_dir)
+  killed_at = last_logged_step(model_dir)
   assert killed_at < STEPS  # It really died mid-run.
 
-  _resume(_cli_args(model_dir, corpus))
+  resume(_cli_args(model_dir, corpus))
   jax.tree.map(np.testing.assert_array_equal, _raw_params(reference, STEPS),
                _raw_params(model_dir, STEPS))
   # The log past the resume point is rewritten as if the run had never stopped.
@@ -144,11 +89,11 @@ def test_kill_9_at_a_random_step_then_resume_is_bitwise_identical(tmp_path, refe
 def test_sigterm_checkpoints_the_step_reached_and_exits_75(tmp_path, reference_run):
   _, corpus = reference_run
   model_dir = tmp_path / "run"
-  process = _start_and_wait_for(_cli_args(model_dir, corpus), model_dir, 7)
+  process = start_and_wait_for(_cli_args(model_dir, corpus), model_dir, 7)
   process.send_signal(signal.SIGTERM)
   _, err = process.communicate(timeout=120)
   assert process.returncode == EXIT_PREEMPTED, err[-2000:]
-  reached = _last_logged_step(model_dir)
+  reached = last_logged_step(model_dir)
   assert Checkpointer(str(model_dir)).latest_step() == reached < STEPS
   assert f"checkpoint saved at step {reached}" in err
 
@@ -163,7 +108,7 @@ def test_sigterm_checkpoints_the_step_reached_and_exits_75(tmp_path, reference_r
 def test_a_second_signal_exits_at_once_and_keeps_the_last_checkpoint(tmp_path, reference_run):
   reference, corpus = reference_run
   model_dir = tmp_path / "run"
-  process = _start_and_wait_for(_cli_args(model_dir, corpus), model_dir, 12)
+  process = start_and_wait_for(_cli_args(model_dir, corpus), model_dir, 12)
   process.send_signal(signal.SIGTERM)
   process.send_signal(signal.SIGTERM)
   process.communicate(timeout=120)
@@ -186,7 +131,7 @@ def _biggest_file(directory):
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, small_text_file,
                                                                  caplog, damage):
   model_dir = tmp_path / "run"
-  trainer.run(str(model_dir), [_stage(small_text_file, 8)], trainer=QUIET)
+  trainer.run(str(model_dir), [tiny_stage(small_text_file, 8)], trainer=QUIET)
   newest = model_dir / "checkpoints" / "8"
   if damage == "truncate_array_file":
     victim = _biggest_file(newest / "state")
@@ -200,7 +145,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, small_
   else:
     (newest / "state" / "manifest.ocdbt").write_bytes(b"\0" * 16)
   with caplog.at_level("INFO", logger="jaxlm"):
-    result = trainer.run(str(model_dir), [_stage(small_text_file, 8)], trainer=QUIET)
+    result = trainer.run(str(model_dir), [tiny_stage(small_text_file, 8)], trainer=QUIET)
   assert "checkpoint 8 is unreadable" in caplog.text and "falling back" in caplog.text
   assert "resuming from step 4" in caplog.text
   assert result["step"] == 8
@@ -225,19 +170,19 @@ class _BadDataAt:
 
 
 def _inject_nan(monkeypatch, bad_steps):
-  build = preflight.build_datasets
+  build = run_plan.build_datasets
 
   def build_with_bad_data(*args, **kwargs):
     datasets = build(*args, **kwargs)
     return dataclasses.replace(datasets, train=_BadDataAt(datasets.train, bad_steps))
 
-  monkeypatch.setattr(preflight, "build_datasets", build_with_bad_data)  # Every stage's data.
+  monkeypatch.setattr(run_plan, "build_datasets", build_with_bad_data)  # Every stage's data.
 
 
 def test_nan_steps_are_skipped_counted_and_params_stay_finite(tmp_path, small_text_file,
                                                                monkeypatch):
   _inject_nan(monkeypatch, {2, 3, 9})
-  result = trainer.run(str(tmp_path / "run"), [_stage(small_text_file, 12)], trainer=QUIET)
+  result = trainer.run(str(tmp_path / "run"), [tiny_stage(small_text_file, 12)], trainer=QUIET)
   assert result["train/skipped_steps"] == 3
   params = _raw_params(tmp_path / "run", 12)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
@@ -247,7 +192,7 @@ def test_too_many_consecutive_nan_steps_stop_the_run(tmp_path, small_text_file, 
   _inject_nan(monkeypatch, {5, 6, 7, 8, 9})
   config = QUIET.__class__(**{**QUIET.__dict__, "max_consecutive_nonfinite": 3})
   with pytest.raises(TrainingDiverged, match="3 consecutive steps"):
-    trainer.run(str(tmp_path / "run"), [_stage(small_text_file, 12)], trainer=config)
+    trainer.run(str(tmp_path / "run"), [tiny_stage(small_text_file, 12)], trainer=config)
   # Checkpoints stop at the streak, and every one of them holds finite params (the step-8
   # one was saved mid-streak: its bad updates were skipped, never applied).
   steps = Checkpointer(str(tmp_path / "run")).all_steps()
@@ -257,7 +202,7 @@ def test_too_many_consecutive_nan_steps_stop_the_run(tmp_path, small_text_file, 
 
 
 def test_a_skipped_step_leaves_params_and_optimizer_state_untouched(small_text_file):
-  stage = _stage(small_text_file, 8)
+  stage = tiny_stage(small_text_file, 8)
   mesh_config = parallel.MeshConfig()
   mesh, rules = parallel.make_mesh(mesh_config), mesh_config.resolved_rules()
   shardings = state_shardings(stage, mesh, rules)
@@ -278,10 +223,10 @@ def test_restore_with_an_assignment_map_into_a_model_with_one_extra_layer(tmp_pa
                                                                           small_text_file,
                                                                           monkeypatch):
   source_dir = tmp_path / "source"
-  trainer.run(str(source_dir), [_stage(small_text_file, 4)], trainer=QUIET)
+  trainer.run(str(source_dir), [tiny_stage(small_text_file, 4)], trainer=QUIET)
   source = _raw_params(source_dir, 4)
   deeper = ModelConfig(**{**TINY.__dict__, "num_layers": 3})
-  stage = _stage(small_text_file, 4, model=deeper)
+  stage = tiny_stage(small_text_file, 4, model=deeper)
   mesh_config = parallel.MeshConfig()
   mesh = parallel.make_mesh(mesh_config)
   fresh = sharded_init(stage, state_shardings(stage, mesh, mesh_config.resolved_rules()),
@@ -321,7 +266,7 @@ def test_restore_with_an_assignment_map_into_a_model_with_one_extra_layer(tmp_pa
 
 
 def test_restore_errors_are_clear(tmp_path, small_text_file):
-  stage = _stage(small_text_file, 4)
+  stage = tiny_stage(small_text_file, 4)
   mesh_config = parallel.MeshConfig()
   mesh = parallel.make_mesh(mesh_config)
   fresh = sharded_init(stage, state_shardings(stage, mesh, mesh_config.resolved_rules()),
@@ -329,7 +274,7 @@ def test_restore_errors_are_clear(tmp_path, small_text_file):
   with pytest.raises(UserError, match="no checkpoints/ folder"):
     restore_into(RestoreConfig(path=str(tmp_path / "nowhere")), fresh, stage.make_optimizer(),
                  str(tmp_path))
-  trainer.run(str(tmp_path / "source"), [_stage(small_text_file, 4)], trainer=QUIET)
+  trainer.run(str(tmp_path / "source"), [tiny_stage(small_text_file, 4)], trainer=QUIET)
   with pytest.raises(UserError, match="not in the checkpoint"):
     restore_into(RestoreConfig(path=str(tmp_path / "source"),
                                assignment_map=(("layer_1/(.*)", r"layer_9/\1"),)),
@@ -346,14 +291,14 @@ def test_preflight_refuses_a_model_dir_without_space_for_one_checkpoint(tmp_path
   monkeypatch.setattr(preflight.shutil, "disk_usage", lambda _: os.statvfs_result((0,) * 10)
                       and type("Usage", (), {"free": 1024})())
   with pytest.raises(UserError, match="MiB free but one checkpoint needs"):
-    trainer.run(str(tmp_path / "run"), [_stage(small_text_file, 4)], trainer=QUIET)
+    trainer.run(str(tmp_path / "run"), [tiny_stage(small_text_file, 4)], trainer=QUIET)
   assert not os.path.exists(tmp_path / "run" / "checkpoints")  # Failed before anything else.
 
 
 def test_keep_policy_keeps_the_last_n_plus_every_kth(tmp_path, small_text_file):
   config = QUIET.__class__(**{**QUIET.__dict__, "checkpoint_every": 2, "keep_checkpoints": 2,
                               "keep_checkpoint_every": 4})
-  trainer.run(str(tmp_path / "run"), [_stage(small_text_file, 12)], trainer=config)
+  trainer.run(str(tmp_path / "run"), [tiny_stage(small_text_file, 12)], trainer=config)
   assert Checkpointer(str(tmp_path / "run")).all_steps() == [4, 8, 10, 12]
 
 
@@ -365,14 +310,14 @@ def test_the_applied_learning_rate_follows_each_stage_schedule_on_the_trainer_st
   optax's own update count) and after skipped (non-finite) steps."""
   schedules = {"first": lambda n: warmup_cosine(n, peak_lr=3e-3, warmup_steps=2),
                "second": lambda n: warmup_cosine(n, peak_lr=1e-3, warmup_steps=3)}
-  stages = [_stage(small_text_file, 5, name="first", schedule=schedules["first"]),
-            _stage(small_text_file, 5, name="second", schedule=schedules["second"],
+  stages = [tiny_stage(small_text_file, 5, name="first", schedule=schedules["first"]),
+            tiny_stage(small_text_file, 5, name="second", schedule=schedules["second"],
                    keep_optimizer_state=True)]
   _inject_nan(monkeypatch, {2})  # Stage step 2 of each stage: global steps 2 and 7 skip.
   config = dataclasses.replace(QUIET, log_every=1, checkpoint_every=None)
   result = trainer.run(str(tmp_path / "run"), stages, trainer=config)
   assert result["train/skipped_steps"] == 2
-  applied = {r["step"]: r["train/learning_rate"] for r in _records(tmp_path / "run")
+  applied = {r["step"]: r["train/learning_rate"] for r in metric_records(tmp_path / "run")
              if "train/learning_rate" in r}
   assert sorted(applied) == list(range(1, 11))
   for logged_step, lr in applied.items():
@@ -382,14 +327,14 @@ def test_the_applied_learning_rate_follows_each_stage_schedule_on_the_trainer_st
     # Both are the same float32 schedule, evaluated inside and outside the jitted step.
     assert lr == pytest.approx(expected, rel=1e-6, abs=1e-12), (logged_step, lr, expected)
   assert applied[6] == 0.0  # Stage 2 re-warms from 0 although its kept optax count is 5.
-  final = _raw_state(tmp_path / "run", 10)
+  final = raw_state(tmp_path / "run", 10)
   assert float(final["opt_state"]["hyperparams"]["learning_rate"]) == pytest.approx(
       float(schedules["second"](5)(4)), rel=1e-6)
 
 
 def test_the_update_is_made_with_the_injected_learning_rate(small_text_file):
   """With plain SGD the update is exactly -lr * gradient: the injected rate is the one applied."""
-  stage = _stage(small_text_file, 10, optimizer=optax.sgd,
+  stage = tiny_stage(small_text_file, 10, optimizer=optax.sgd,
                  schedule=lambda n: optax.linear_schedule(0.5, 0.0, n))
   mesh_config = parallel.MeshConfig()
   mesh, rules = parallel.make_mesh(mesh_config), mesh_config.resolved_rules()
@@ -414,15 +359,15 @@ def test_a_later_stage_continues_each_source_and_resumes_mid_stage_bitwise(
   """Issue 12, bug 2: stage 2 on stage 1's source draws rows stage 1 never drew (unless it
   restarts the source), and a run killed in stage 2 resumes to the same params, bit for bit."""
   built = []  # Every stage's train batches, in the order the run builds them.
-  build = preflight.build_datasets
+  build = run_plan.build_datasets
 
   def recording(*args, **kwargs):
     datasets = build(*args, **kwargs)
     built.append(datasets.train)
     return datasets
 
-  monkeypatch.setattr(preflight, "build_datasets", recording)
-  stages = [_stage(small_text_file, 5, name="first"), _stage(small_text_file, 5, name="second")]
+  monkeypatch.setattr(run_plan, "build_datasets", recording)
+  stages = [tiny_stage(small_text_file, 5, name="first"), tiny_stage(small_text_file, 5, name="second")]
   config = dataclasses.replace(QUIET, checkpoint_every=2, keep_checkpoints=None)
   trainer.run(str(tmp_path / "full"), stages, trainer=config)
 

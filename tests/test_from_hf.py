@@ -21,7 +21,7 @@ from jaxlm.interop import load_hf_config
 from jaxlm.restore import RestoreConfig, restore_into
 from jaxlm.saved_run import load_saved_run
 from jaxlm.train_step import abstract_state, sharded_init, state_shardings
-from test_trainer import TINY, _stage
+from helpers import TINY, tiny_stage
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_restore_from_a_hugging_face_directory_loads_every_param_exactly(hf_dir,
                                                                          small_text_file):
   path, config, params = hf_dir
   assert load_hf_config(path) == config
-  stage = _stage(small_text_file, 2, model=config, restore_from=RestoreConfig(path=path))
+  stage = tiny_stage(small_text_file, 2, model=config, restore_from=RestoreConfig(path=path))
   restored, report = restore_into(stage.restore_from, _fresh(stage), stage.make_optimizer(),
                                   str(tmp_path))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params), params)
@@ -77,7 +77,7 @@ def test_a_hugging_face_source_that_does_not_fit_is_one_line(hf_dir, small_text_
   with pytest.raises(UserError, match="has no optimizer state; set RestoreConfig.include_opt"):
     restore_into(RestoreConfig(path=path, include_optimizer=True), None, None, "")
   # The byte-level tiny model is not the directory's model: both shapes are named.
-  stage = _stage(small_text_file, 2, model=TINY, restore_from=RestoreConfig(path=path))
+  stage = tiny_stage(small_text_file, 2, model=TINY, restore_from=RestoreConfig(path=path))
   mesh_config = parallel.MeshConfig()
   mesh, rules = parallel.make_mesh(mesh_config), mesh_config.resolved_rules()
   with jax.set_mesh(mesh):

@@ -25,44 +25,20 @@ from jaxlm.growth.depth import depth_sources, grow_depth
 from jaxlm.growth.subcloning import activation_stats, kept_layers, subclone
 from jaxlm.growth.transitions import grow_depth_transition, grow_width_transition
 from jaxlm.growth.width import exact_norm_eps, grow_width
-from jaxlm.model import ModelConfig, forward, init_params, logical_axes
+from jaxlm.model import ModelConfig, init_params, logical_axes
 from jaxlm.model.anatomy import anatomy
-from jaxlm.stages import Stage, TransitionContext, hand_over, identity
+from jaxlm.stages import Stage, TransitionContext, hand_over
 from jaxlm.train_step import init_state
 from jaxlm.tree_names import flatten_names
-from test_trainer import QUIET, _stage
+from helpers import (EXACT, QUIET, TINY, assert_same_saved_state, check_exact_width_growth,
+                     cli_run_args, growth_ctx, growth_tokens, kill_once_logged, logit_error,
+                     mesh_flags, mesh_result, metric_records, resume, run_mesh_worker, tiny_stage,
+                     trained_like, wider)
 
-EXACT = 1e-5
 MHA = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=4,
                   mlp_dim=48, head_dim=8, max_seq_len=32)
 GQA = dataclasses.replace(MHA, num_kv_heads=2)
 TIED = dataclasses.replace(GQA, tie_embeddings=True)
-
-
-def _trained_like(config, seed=0):
-  """Random params with every leaf perturbed, so norms and copies are not trivially 1 or 0."""
-  params = init_params(config, jax.random.key(seed))
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  return jax.tree.unflatten(treedef, [x + 0.1 * jax.random.normal(k, x.shape)
-                                      for x, k in zip(leaves, keys)])
-
-
-def _tokens(config):
-  return jax.random.randint(jax.random.key(9), (2, 16), 0, config.vocab_size)
-
-
-def _logit_error(small_params, small, large_params, large) -> float:
-  tokens = _tokens(small)
-  return float(jnp.max(jnp.abs(forward(large_params, large, tokens)
-                               - forward(small_params, small, tokens))))
-
-
-def _wider(small, **sizes):
-  large = dataclasses.replace(small, **sizes)
-  if large.d_model != small.d_model:
-    large = dataclasses.replace(large, norm_eps=exact_norm_eps(small, large.d_model))
-  return large
 
 
 WIDTH_CASES = [
@@ -78,25 +54,16 @@ WIDTH_CASES = [
 
 @pytest.mark.parametrize("name,small,sizes,modes", WIDTH_CASES, ids=[c[0] for c in WIDTH_CASES])
 def test_width_growth_documented_as_exact_keeps_the_logits(name, small, sizes, modes):
-  large = _wider(small, **sizes)
-  if modes.get("d_model") == "copy":
-    large = dataclasses.replace(large, norm_eps=small.norm_eps)  # Copies keep the RMS itself.
-  params = _trained_like(small)
-  grown = grow_width(params, small, large, init_params(large, jax.random.key(3)), **modes)
-  assert jax.tree.map(jnp.shape, grown) == jax.tree.map(jnp.shape, init_params(large,
-                                                                               jax.random.key(0)))
-  error = _logit_error(params, small, grown, large)
-  print(f"{name}: max |dlogit| {error:.2e}")
-  assert error < EXACT
+  check_exact_width_growth(name, small, sizes, modes)
 
 
 def test_approximate_width_growth_changes_the_function_as_documented():
   """AKI adds the next layer's units; copying 32 -> 48 residual dimensions weighs the copied
   third twice in the RMS. Both are documented as approximate."""
-  params = _trained_like(GQA)
-  aki_model = _wider(GQA, mlp_dim=96)
+  params = trained_like(GQA)
+  aki_model = wider(GQA, mlp_dim=96)
   aki = grow_width(params, GQA, aki_model, init_params(aki_model, jax.random.key(3)), mlp="aki")
-  assert _logit_error(params, GQA, aki, aki_model) > 1e-2
+  assert logit_error(params, GQA, aki, aki_model) > 1e-2
   # AKI's new units of layer 0 are layer 1's (divided like FPI copies).
   np.testing.assert_array_equal(aki["layer_0"]["mlp"]["gate"][:, 48:],
                                 params["layer_1"]["mlp"]["gate"])
@@ -105,7 +72,7 @@ def test_approximate_width_growth_changes_the_function_as_documented():
   uneven = dataclasses.replace(GQA, d_model=48)
   copied = grow_width(params, GQA, uneven, init_params(uneven, jax.random.key(3)),
                       d_model="copy")
-  assert _logit_error(params, GQA, copied, uneven) > 1e-2
+  assert logit_error(params, GQA, copied, uneven) > 1e-2
 
 
 @pytest.mark.parametrize("order,small_layers,large_layers,sources", [
@@ -116,7 +83,7 @@ def test_depth_maps(order, small_layers, large_layers, sources):
 
 
 def test_stacking_copies_layers_exactly_and_identity_insertion_keeps_the_logits():
-  params = _trained_like(GQA)
+  params = trained_like(GQA)
   deep = dataclasses.replace(GQA, num_layers=4)
   stacked = grow_depth(params, depth_sources(2, 4, "stack"), anatomy(GQA))
   for l in range(4):
@@ -125,31 +92,24 @@ def test_stacking_copies_layers_exactly_and_identity_insertion_keeps_the_logits(
   for key in ("embed", "final_norm", "lm_head"):
     np.testing.assert_array_equal(flatten_names(stacked[key]).popitem()[1],
                                   flatten_names(params[key]).popitem()[1])
-  assert _logit_error(params, GQA, stacked, deep) > 1e-2  # Stacking itself is not exact.
+  assert logit_error(params, GQA, stacked, deep) > 1e-2  # Stacking itself is not exact.
   for order in ("stack", "interleave"):
     inserted = grow_depth(params, depth_sources(2, 4, order), anatomy(GQA), zero_copies=True)
-    assert _logit_error(params, GQA, inserted, deep) == 0.0  # x + 0 is x, bitwise.
-
-
-def _ctx(small, large, methods=(), transition=identity, keep=False):
-  return TransitionContext(Stage(model=small, num_steps=1),
-                           Stage(model=large, num_steps=1, methods=methods,
-                                 transition=transition, keep_optimizer_state=keep),
-                           jax.random.key(5))
+    assert logit_error(params, GQA, inserted, deep) == 0.0  # x + 0 is x, bitwise.
 
 
 def test_ligo_without_noise_is_stacking_and_its_operator_trains():
-  params = _trained_like(GQA)
+  params = trained_like(GQA)
   deep = dataclasses.replace(GQA, num_layers=4)
   method = ligo_lib.ligo(source=GQA, noise_std=0.0)
   state = init_state(Stage(model=GQA, num_steps=1), jax.random.key(0)).replace(params=params)
-  grown = ligo_lib.ligo_grow(state, _ctx(GQA, deep, (method,), ligo_lib.ligo_grow))
+  grown = ligo_lib.ligo_grow(state, growth_ctx(GQA, deep, (method,), ligo_lib.ligo_grow))
   stacked = grow_depth(params, depth_sources(2, 4), anatomy(GQA))
   for name, leaf in flatten_names(stacked).items():
     np.testing.assert_array_equal(flatten_names(grown.params)[name], leaf)
   # With width growth the operator maps every axis ([I; noise] rows), shapes of the large model.
-  large = _wider(GQA, d_model=64, mlp_dim=96, num_heads=8, num_kv_heads=4, num_layers=4)
-  noisy = ligo_lib.ligo_grow(state, _ctx(GQA, large, (ligo_lib.ligo(source=GQA),), ligo_lib.ligo_grow))
+  large = wider(GQA, d_model=64, mlp_dim=96, num_heads=8, num_kv_heads=4, num_layers=4)
+  noisy = ligo_lib.ligo_grow(state, growth_ctx(GQA, large, (ligo_lib.ligo(source=GQA),), ligo_lib.ligo_grow))
   assert jax.tree.map(jnp.shape, noisy.params) == jax.tree.map(
       jnp.shape, init_params(large, jax.random.key(0)))
   # after_update: the operator takes a step on J^T grads and the params are rebuilt from it.
@@ -166,9 +126,9 @@ def test_ligo_without_noise_is_stacking_and_its_operator_trains():
 
 
 def test_msg_is_the_small_model_at_mask_0_and_plain_weights_at_mask_1():
-  params = _trained_like(GQA)
-  large = _wider(GQA, d_model=64, mlp_dim=96, num_heads=8, num_kv_heads=4, num_layers=3)
-  ctx = _ctx(GQA, large, (msg_lib.msg(ramp_steps=5),), msg_lib.msg_grow)
+  params = trained_like(GQA)
+  large = wider(GQA, d_model=64, mlp_dim=96, num_heads=8, num_kv_heads=4, num_layers=3)
+  ctx = growth_ctx(GQA, large, (msg_lib.msg(ramp_steps=5),), msg_lib.msg_grow)
   method = ctx.following.methods[0]  # Made for the large model by its stage.
   state = init_state(Stage(model=GQA, num_steps=1), jax.random.key(0)).replace(params=params)
   grown = msg_lib.msg_grow(state, ctx)
@@ -176,12 +136,12 @@ def test_msg_is_the_small_model_at_mask_0_and_plain_weights_at_mask_1():
   assert {k: int(v.sum()) for k, v in flags.items()} == {"mlp": 48, "embed": 32, "heads": 4,
                                                          "layers": 1}
   at_0 = method.params_for_loss(grown.params, flags, 0)
-  error = _logit_error(params, GQA, at_0, large)
+  error = logit_error(params, GQA, at_0, large)
   print(f"MSG at mask 0: max |dlogit| {error:.2e}")
   assert error < EXACT
   # Phases one after another: at step 5 only the MLP units are in, the rest still masked.
   partly = method.params_for_loss(grown.params, flags, 5)
-  assert _logit_error(params, GQA, partly, large) > 1e-4
+  assert logit_error(params, GQA, partly, large) > 1e-4
   np.testing.assert_array_equal(partly["layer_2"]["mlp"]["down"], 0.0)
   at_1 = method.params_for_loss(grown.params, flags, 20)
   for name, leaf in flatten_names(grown.params).items():
@@ -190,11 +150,11 @@ def test_msg_is_the_small_model_at_mask_0_and_plain_weights_at_mask_1():
 
 def test_subcloning_cuts_the_most_active_neurons_and_is_the_identity_at_the_same_size():
   large = dataclasses.replace(GQA, num_layers=4)
-  params = _trained_like(large)
-  tokens = [_tokens(large), _tokens(large) + 1]
+  params = trained_like(large)
+  tokens = [growth_tokens(large), growth_tokens(large) + 1]
   stats = activation_stats(params, large, tokens)
   same = subclone(params, large, large, stats)
-  assert _logit_error(params, large, same, large) == 0.0
+  assert logit_error(params, large, same, large) == 0.0
   small = dataclasses.replace(large, d_model=16, num_layers=2, num_heads=2, num_kv_heads=1,
                               mlp_dim=24)
   cut = subclone(params, large, small, stats)
@@ -226,7 +186,7 @@ BAD_INPUT = [
 def test_bad_width_growth_is_one_line(small, large, modes, message):
   state = init_state(Stage(model=small, num_steps=1), jax.random.key(0))
   with pytest.raises(UserError) as error:
-    grow_width_transition(state, _ctx(small, large), **modes)
+    grow_width_transition(state, growth_ctx(small, large), **modes)
   assert message in str(error.value).splitlines()[0]  # What the CLI prints.
 
 
@@ -238,27 +198,27 @@ def test_bad_depth_growth_is_one_line(layers, order, message):
   state = init_state(Stage(model=GQA, num_steps=1), jax.random.key(0))
   deep = dataclasses.replace(GQA, num_layers=layers)
   with pytest.raises(UserError) as error:
-    grow_depth_transition(state, _ctx(GQA, deep), order=order)
+    grow_depth_transition(state, growth_ctx(GQA, deep), order=order)
   assert message in str(error.value)
 
 
 def test_growth_transitions_need_their_methods_and_matching_sources():
   state = init_state(Stage(model=GQA, num_steps=1), jax.random.key(0))
-  large = _wider(GQA, d_model=64)
+  large = wider(GQA, d_model=64)
   # Declared by the transitions: the stage that lists one without its method is refused.
   with pytest.raises(UserError, match="the 'msg_grow' transition needs the msg method"):
-    _ctx(GQA, large, transition=msg_lib.msg_grow)
+    growth_ctx(GQA, large, transition=msg_lib.msg_grow)
   with pytest.raises(UserError, match="the 'ligo_grow' transition needs the ligo method"):
-    _ctx(GQA, large, transition=ligo_lib.ligo_grow)
+    growth_ctx(GQA, large, transition=ligo_lib.ligo_grow)
   wrong = ligo_lib.ligo(source=dataclasses.replace(GQA, mlp_dim=64))
   with pytest.raises(UserError, match=r"ligo.source.mlp_dim=64 but the previous stage's model"):
-    ligo_lib.ligo_grow(state, _ctx(GQA, large, (wrong,), ligo_lib.ligo_grow))
+    ligo_lib.ligo_grow(state, growth_ctx(GQA, large, (wrong,), ligo_lib.ligo_grow))
   with pytest.raises(UserError, match="msg.ramp_steps=0"):
     msg_lib.msg(ramp_steps=0)
 
 
 def test_adam_moments_grow_with_the_same_map_when_the_stage_keeps_them():
-  small, large = GQA, _wider(GQA, mlp_dim=96, num_layers=4)
+  small, large = GQA, wider(GQA, mlp_dim=96, num_layers=4)
   before = Stage(model=small, num_steps=1)
   after = Stage(model=large, num_steps=1, transition=(grow_width_transition, grow_depth_transition),
                 keep_optimizer_state=True)
@@ -275,12 +235,11 @@ def test_adam_moments_grow_with_the_same_map_when_the_stage_keeps_them():
 def test_growth_inside_a_run_preserves_the_function_at_the_transition(tmp_path, small_text_file):
   """trainer.run: a small stage, then exact width growth and identity insertion: the large
   stage's baseline evaluation equals the small stage's last one."""
-  from test_trainer import TINY  # pylint: disable=import-outside-toplevel
   large = dataclasses.replace(TINY, d_model=128, mlp_dim=384, num_heads=8, num_kv_heads=4,
                               head_dim=16, num_layers=4, norm_eps=exact_norm_eps(TINY, 128))
   small = dataclasses.replace(TINY, head_dim=16)
-  stages = [_stage(small_text_file, 4, name="small", model=small),
-            _stage(small_text_file, 4, name="large", model=large,
+  stages = [tiny_stage(small_text_file, 4, name="small", model=small),
+            tiny_stage(small_text_file, 4, name="large", model=large,
                    transition=(grow_width_transition, grow_depth_transition))]
   import gin  # pylint: disable=import-outside-toplevel
   with gin.unlock_config():
@@ -289,8 +248,7 @@ def test_growth_inside_a_run_preserves_the_function_at_the_transition(tmp_path, 
     trainer.run(str(tmp_path / "run"), stages, trainer=QUIET, evaluation=EvalConfig(every=100))
   finally:
     gin.clear_config()
-  from test_fault_tolerance import _records  # pylint: disable=import-outside-toplevel
-  evals = [(r["step"], r["eval/loss"]) for r in _records(tmp_path / "run") if "eval/loss" in r]
+  evals = [(r["step"], r["eval/loss"]) for r in metric_records(tmp_path / "run") if "eval/loss" in r]
   assert [step for step, _ in evals] == [0, 4, 4, 8]
   assert evals[2][1] == pytest.approx(evals[1][1], rel=1e-6)
   assert evals[3][1] < evals[2][1]  # And the grown model trains.
@@ -323,19 +281,17 @@ msg.ramp_steps = 1
 @pytest.mark.slow  # A minute: a subprocess killed and resumed; .ci/run runs the slow tests.
 def test_a_run_killed_just_after_growth_resumes_bitwise(tmp_path, small_text_file, monkeypatch):
   from conftest import REPO_ROOT  # pylint: disable=import-outside-toplevel
-  from test_fault_tolerance import _assert_same_saved_state, _kill_once_logged, _resume  # pylint: disable=import-outside-toplevel
-  from test_stage_methods import _toy_args  # pylint: disable=import-outside-toplevel
   gin_file = tmp_path / "growth.gin"
   gin_file.write_text(GROWTH_GIN, encoding="utf-8")
   monkeypatch.chdir(REPO_ROOT)
   reference = tmp_path / "reference"
-  done = subprocess.run(_toy_args(reference, small_text_file, gin_file), capture_output=True,
+  done = subprocess.run(cli_run_args(reference, small_text_file, gin_file), capture_output=True,
                         text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
   killed = tmp_path / "killed"
-  _kill_once_logged(_toy_args(killed, small_text_file, gin_file), killed, 5)
-  _resume(_toy_args(killed, small_text_file, gin_file))
-  got = _assert_same_saved_state(reference, killed, 12)
+  kill_once_logged(cli_run_args(killed, small_text_file, gin_file), killed, 5)
+  resume(cli_run_args(killed, small_text_file, gin_file))
+  got = assert_same_saved_state(reference, killed, 12)
   assert set(got["method_state"]) == {"msg"}
 
 
@@ -345,10 +301,9 @@ def test_grown_params_carry_their_logical_axes_and_train_sharded_on_8_devices(
   """The same growth run (exact width + stacking with the Adam moments grown and kept, then
   MSG) on one device and on a 2x2x2 mesh: the same losses; grown leaves have the large
   model's logical axes (so the next stage's shardings place them)."""
-  from test_parallel import _mesh_flags, _result, _run_worker  # pylint: disable=import-outside-toplevel
-  large = _wider(GQA, d_model=64, mlp_dim=96, num_heads=8, num_kv_heads=4, num_layers=4)
+  large = wider(GQA, d_model=64, mlp_dim=96, num_heads=8, num_kv_heads=4, num_layers=4)
   state = init_state(Stage(model=GQA, num_steps=1), jax.random.key(0))
-  ctx = _ctx(GQA, large, transition=(grow_width_transition, grow_depth_transition))
+  ctx = growth_ctx(GQA, large, transition=(grow_width_transition, grow_depth_transition))
   grown = grow_depth_transition(grow_width_transition(state, ctx), ctx)
   assert jax.tree.structure(grown.params) == jax.tree.structure(logical_axes(large))
   gin_file = tmp_path / "growth.gin"
@@ -360,11 +315,11 @@ def test_grown_params_carry_their_logical_axes_and_train_sharded_on_8_devices(
            "--gin_defaults=msg.ramp_steps = 1"]
   grow = flags + ["--gin.large/Stage.transition=[@grow_width, @grow_depth]",
                   "--gin.large/Stage.methods=[]"]
-  one = _run_worker(tmp_path / "one", small_text_file, 1, {
-      "grow": grow + _mesh_flags(1, 1, 1), "msg": flags + _mesh_flags(1, 1, 1)})
-  eight = _run_worker(tmp_path / "eight", small_text_file, 8, {
-      "grow": grow + _mesh_flags(2, 2, 2), "msg": flags + _mesh_flags(2, 2, 2)})
-  single, many = _result(one), _result(eight)
+  one = run_mesh_worker(tmp_path / "one", small_text_file, 1, {
+      "grow": grow + mesh_flags(1, 1, 1), "msg": flags + mesh_flags(1, 1, 1)})
+  eight = run_mesh_worker(tmp_path / "eight", small_text_file, 8, {
+      "grow": grow + mesh_flags(2, 2, 2), "msg": flags + mesh_flags(2, 2, 2)})
+  single, many = mesh_result(one), mesh_result(eight)
   for name in ("grow", "msg"):
     assert len(single[name]) == 10
     np.testing.assert_allclose(many[name], single[name], rtol=1e-5, err_msg=name)
@@ -378,20 +333,18 @@ def test_growth_from_another_runs_checkpoint_through_a_load_stage(tmp_path, smal
   import gin  # pylint: disable=import-outside-toplevel
   from jaxlm.optim.schedules import warmup_constant  # pylint: disable=import-outside-toplevel
   from jaxlm.restore import RestoreConfig  # pylint: disable=import-outside-toplevel
-  from test_fault_tolerance import _records  # pylint: disable=import-outside-toplevel
-  from test_trainer import TINY  # pylint: disable=import-outside-toplevel
-  trainer.run(str(tmp_path / "small"), [_stage(small_text_file, 4, model=TINY)], trainer=QUIET,
+  trainer.run(str(tmp_path / "small"), [tiny_stage(small_text_file, 4, model=TINY)], trainer=QUIET,
               evaluation=EvalConfig(every=100))
-  load = _stage(small_text_file, 1, name="load", model=TINY,
+  load = tiny_stage(small_text_file, 1, name="load", model=TINY,
                 restore_from=RestoreConfig(str(tmp_path / "small")),
                 schedule=lambda n: warmup_constant(n, peak_lr=1e-3, warmup_steps=1))
-  deep = _stage(small_text_file, 2, name="deep", model=dataclasses.replace(TINY, num_layers=4),
+  deep = tiny_stage(small_text_file, 2, name="deep", model=dataclasses.replace(TINY, num_layers=4),
                 transition=grow_depth_transition)
   with gin.unlock_config():
     gin.bind_parameter("grow_depth.zero_copies", True)
   trainer.run(str(tmp_path / "grown"), [load, deep], trainer=QUIET,
               evaluation=EvalConfig(every=100))
-  small_final = [r["eval/loss"] for r in _records(tmp_path / "small") if "eval/loss" in r][-1]
-  grown = [(r["step"], r["eval/loss"]) for r in _records(tmp_path / "grown") if "eval/loss" in r]
+  small_final = [r["eval/loss"] for r in metric_records(tmp_path / "small") if "eval/loss" in r][-1]
+  grown = [(r["step"], r["eval/loss"]) for r in metric_records(tmp_path / "grown") if "eval/loss" in r]
   assert [step for step, _ in grown] == [0, 1, 1, 3]
   assert grown[0][1] == grown[1][1] == grown[2][1] == small_final

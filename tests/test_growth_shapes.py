@@ -20,13 +20,11 @@ from jaxlm.growth import msg as msg_lib
 from jaxlm.growth.depth import depth_sources, grow_depth
 from jaxlm.growth.subcloning import activation_stats, kept_layers, subclone
 from jaxlm.growth.transitions import grow_depth_transition, grow_width_transition
-from jaxlm.growth.width import grow_width
 from jaxlm.model import ModelConfig, init_params
 from jaxlm.model.anatomy import anatomy
 from jaxlm.stages import Stage, identity
 from jaxlm.train_step import init_state
-from test_growth import EXACT, _ctx, _logit_error, _trained_like, _wider
-from test_growth import test_width_growth_documented_as_exact_keeps_the_logits as check_exact_width_growth
+from helpers import EXACT, check_exact_width_growth, growth_ctx, logit_error, trained_like, wider
 
 # One KV group of two heads: head growth starts from num_kv_heads 1.
 BASE = ModelConfig(vocab_size=32, d_model=16, num_layers=2, num_heads=2, num_kv_heads=1,
@@ -94,10 +92,10 @@ def test_identity_insertion_to_non_multiples_is_bitwise(small_layers, large_laye
   small = dataclasses.replace(BASE, num_layers=small_layers)
   large = dataclasses.replace(BASE, num_layers=large_layers)
   assert depth_sources(small_layers, large_layers, order) == sources
-  params = _trained_like(small)
+  params = trained_like(small)
   inserted = grow_depth(params, sources, anatomy(small), zero_copies=True)
   assert _shapes(inserted) == _shapes_of(large)
-  assert _logit_error(params, small, inserted, large) == 0.0
+  assert logit_error(params, small, inserted, large) == 0.0
 
 
 MSG_CASES = [
@@ -111,17 +109,17 @@ MSG_CASES = [
 
 @pytest.mark.parametrize("name,small,sizes", _first_fast(MSG_CASES), ids=[c[0] for c in MSG_CASES])
 def test_msg_is_the_small_model_at_mask_0_on_uneven_shapes(name, small, sizes):
-  large = _wider(small, **sizes)
-  ctx = _ctx(small, large, (msg_lib.msg(ramp_steps=2),), msg_lib.msg_grow)
+  large = wider(small, **sizes)
+  ctx = growth_ctx(small, large, (msg_lib.msg(ramp_steps=2),), msg_lib.msg_grow)
   method = ctx.following.methods[0]  # Made for the large model by its stage.
-  params = _trained_like(small)
+  params = trained_like(small)
   grown = msg_lib.msg_grow(_state(small, params), ctx)
   assert _shapes(grown.params) == _shapes_of(large)
   flags = grown.method_state["msg"]
   assert {k: int(v.sum()) for k, v in flags.items()} == {
       "mlp": large.mlp_dim - small.mlp_dim, "embed": large.d_model - small.d_model,
       "heads": large.num_heads - small.num_heads, "layers": large.num_layers - small.num_layers}
-  error = _logit_error(params, small, method.params_for_loss(grown.params, flags, 0), large)
+  error = logit_error(params, small, method.params_for_loss(grown.params, flags, 0), large)
   print(f"MSG {name} at mask 0: max |dlogit| {error:.2e}")
   assert error < EXACT
   at_1 = method.params_for_loss(grown.params, flags, 8)  # 4 phases x 2 steps: every mask 1.
@@ -145,12 +143,12 @@ def test_msg_masks_switch_exactly_at_phase_boundaries(phases):
 def test_grown_moments_are_zero_at_new_norm_entries():
   """Grown Adam moments: copies unscaled, new entries zero, the RMSNorm gains' included
   (failed before: new residual dimensions took dimension 0's moment)."""
-  large = _wider(BASE, d_model=24)
+  large = wider(BASE, d_model=24)
   state = _state(BASE)
   mu = jax.tree.map(lambda x: jnp.full_like(x, 2.0), state.params)
   state = state.replace(opt_state=optax.tree_utils.tree_set(state.opt_state, mu=mu))
-  width = grow_width_transition(state, _ctx(BASE, large, keep=True))
-  msg = msg_lib.msg_grow(state, _ctx(BASE, large, (msg_lib.msg(),), msg_lib.msg_grow, keep=True))
+  width = grow_width_transition(state, growth_ctx(BASE, large, keep=True))
+  msg = msg_lib.msg_grow(state, growth_ctx(BASE, large, (msg_lib.msg(),), msg_lib.msg_grow, keep=True))
   for grown in (width, msg):
     grown_mu = optax.tree_utils.tree_get(grown.opt_state, "mu")
     for scale in (grown_mu["final_norm"]["scale"], grown_mu["layer_1"]["mlp_norm"]["scale"]):
@@ -194,7 +192,7 @@ def test_growth_that_cannot_keep_its_invariant_is_one_line(name, transition, sma
   failed with a pytree-structure ValueError and the vocabulary one was accepted with the small
   embedding table."""
   del name
-  ctx = _ctx(small, large, methods, msg_lib.msg_grow if methods else identity)
+  ctx = growth_ctx(small, large, methods, msg_lib.msg_grow if methods else identity)
   with pytest.raises(UserError) as error:
     transition(_state(small), ctx)
   assert message in str(error.value).splitlines()[0]
@@ -203,7 +201,7 @@ def test_growth_that_cannot_keep_its_invariant_is_one_line(name, transition, sma
 def test_subcloning_to_non_divisor_sizes_has_the_small_models_shapes():
   large = dataclasses.replace(TIED_BIAS, d_model=40, mlp_dim=56, num_heads=6, num_kv_heads=3,
                               num_layers=4)
-  params = _trained_like(large)
+  params = trained_like(large)
   stats = activation_stats(params, large, [jax.random.randint(jax.random.key(9), (2, 8), 0, 32)])
   for sizes in (dict(d_model=24, mlp_dim=37, num_heads=4, num_kv_heads=2, num_layers=3),
                 dict(num_layers=1)):
@@ -222,9 +220,9 @@ def test_ligo_without_noise_is_its_depth_order_at_non_multiples(small_layers, la
                                                                 order):
   small = dataclasses.replace(BASE, num_layers=small_layers)
   large = dataclasses.replace(BASE, num_layers=large_layers)
-  params = _trained_like(small)
+  params = trained_like(small)
   method = ligo_lib.ligo(source=small, noise_std=0.0, order=order)
-  grown = ligo_lib.ligo_grow(_state(small, params), _ctx(small, large, (method,), ligo_lib.ligo_grow))
+  grown = ligo_lib.ligo_grow(_state(small, params), growth_ctx(small, large, (method,), ligo_lib.ligo_grow))
   expected = grow_depth(params, depth_sources(small_layers, large_layers, order), anatomy(small))
   assert jax.tree.structure(grown.params) == jax.tree.structure(expected)
   for leaf, want in zip(jax.tree.leaves(grown.params), jax.tree.leaves(expected)):

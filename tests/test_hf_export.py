@@ -16,14 +16,13 @@ pytest.importorskip("safetensors")
 # pylint: disable=wrong-import-position
 from safetensors import safe_open
 
-from hf_fixtures import train_bpe_tokenizer
+from hf_fixtures import HF_MODEL_NAMES, hf_tokens, make_hf_model, train_bpe_tokenizer
 from jaxlm.data.tokenizers import HuggingFaceTokenizer
 from jaxlm.errors import UserError
 from jaxlm.interop import export_hf, import_hf
 from jaxlm.interop.hf_import import checkpoint_files
 from jaxlm.model import ModelConfig
 from jaxlm.model.transformer import forward, init_params
-from test_hf_import import MODELS, _make, _tokens
 
 RANDOM = {
     # GQA 2, untied, an unusual theta and epsilon, sharded on export.
@@ -39,7 +38,7 @@ RANDOM = {
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("hf"))
-  return {name: _make(root, name)[0] for name in MODELS}
+  return {name: make_hf_model(root, name)[0] for name in HF_MODEL_NAMES}
 
 
 def _tensors(model_dir):
@@ -50,7 +49,7 @@ def _tensors(model_dir):
   return out
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", list(HF_MODEL_NAMES))
 def test_import_then_export_is_bitwise_identical(hf_models, name, tmp_path):
   config, params = import_hf(hf_models[name])
   export_hf(params, config, str(tmp_path / "out"))
@@ -91,7 +90,7 @@ def test_exported_logits_match_transformers(exported, name):
   path, config, params = exported[name]
   model = transformers.AutoModelForCausalLM.from_pretrained(path).float().eval()
   assert type(model).__name__ == ("Qwen2ForCausalLM" if name == "bias" else "LlamaForCausalLM")
-  tokens = _tokens(3)
+  tokens = hf_tokens(3)
   with torch.no_grad():
     got = model(torch.from_numpy(tokens).long()).logits.numpy()
   want = np.asarray(forward(params, config, jnp.asarray(tokens)))

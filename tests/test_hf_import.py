@@ -17,76 +17,23 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 # pylint: disable=wrong-import-position
+from hf_fixtures import HF_MODEL_NAMES, LLAMA3, hf_tokens, make_hf_model
 from jaxlm.errors import UserError
 from jaxlm.interop import gin_model_text, import_hf, load_hf_config, model_config_from_hf
 from jaxlm.model import ModelConfig
 from jaxlm.model.transformer import decode_step, forward, init_cache, prefill
 
-# initializer_range 0.1: logits of magnitude ~3, so a wrong mapping or rotary angle shows (the
-# llama3 model without its scaling is off by 1.8).
-TINY = dict(hidden_size=64, num_hidden_layers=2, vocab_size=128, max_position_embeddings=128,
-            intermediate_size=96, initializer_range=0.1)
-LLAMA3 = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-              high_freq_factor=4.0, original_max_position_embeddings=32)
-
-
-def _rope(rope_parameters):
-  """transformers 5 takes rope_parameters; 4.x the Hub's rope_theta and rope_scaling."""
-  if int(transformers.__version__.split(".")[0]) >= 5:
-    return {"rope_parameters": rope_parameters}
-  scaling = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
-  return {"rope_theta": rope_parameters["rope_theta"],
-          "rope_scaling": None if scaling["rope_type"] == "default" else scaling}
-
-
-# name: (config class, its arguments, save_pretrained's max_shard_size or None).
-MODELS = {
-    # GQA 1 (as many kv heads as heads), untied, an unusual theta and norm epsilon.
-    "llama_mha": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=4,
-                                      rms_norm_eps=3e-5, **_rope(dict(
-                                          rope_type="default", rope_theta=123456.0))), None),
-    # GQA 4, tied embeddings, sharded (an index and several files).
-    "llama_gqa4_tied": ("LlamaConfig", dict(num_attention_heads=8, num_key_value_heads=2,
-                                            tie_word_embeddings=True), "40KB"),
-    # Llama 3.1 rope scaling (the original context is short so every band is exercised), and a
-    # head_dim that is not hidden_size / heads.
-    "llama3": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                   **_rope(LLAMA3)), None),
-    "mistral": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=2), None),
-    "qwen2": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2), None),
-}
-
-
-def _make(root, name):
-  cls, kwargs, shard = MODELS[name]
-  config = getattr(transformers, cls)(**TINY, **kwargs)
-  torch.manual_seed(0)
-  model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-  with torch.no_grad():  # HF initializes norms to 1 and biases to 0: make every tensor count.
-    for pname, p in model.named_parameters():
-      if p.ndim == 1:
-        p.copy_((1.0 if pname.endswith("norm.weight") else 0.0) + 0.3 * torch.randn_like(p))
-  path = os.path.join(root, name)
-  extra = {"max_shard_size": shard} if shard else {}
-  model.save_pretrained(path, safe_serialization=True, **extra)
-  return path, model
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
   root = tmp_path_factory.mktemp("hf")
-  return {name: _make(str(root), name) for name in MODELS}
+  return {name: make_hf_model(str(root), name) for name in HF_MODEL_NAMES}
 
 
-def _tokens(seed=0, shape=(2, 48)):
-  return np.random.default_rng(seed).integers(0, TINY["vocab_size"], shape).astype(np.int32)
-
-
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", list(HF_MODEL_NAMES))
 def test_logits_match_pytorch(models, name):
   path, model = models[name]
   config, params = import_hf(path)
-  tokens = _tokens()
+  tokens = hf_tokens()
   with torch.no_grad():
     want = model(torch.from_numpy(tokens).long()).logits.numpy()
   got = np.asarray(forward(params, config, jnp.asarray(tokens)))
@@ -137,7 +84,7 @@ def test_gin_model_file_round_trips(models):
 def test_decode_with_attention_biases(models):
   """The KV-cache path adds the q/k/v biases too: prefill + steps equal the full forward."""
   config, params = import_hf(models["qwen2"][0])
-  tokens = jnp.asarray(_tokens(1, (2, 12)))
+  tokens = jnp.asarray(hf_tokens(1, (2, 12)))
   full = np.asarray(jax.jit(forward, static_argnums=1)(params, config, tokens))
   cache = init_cache(config, 2, 16)
   logits, cache = jax.jit(prefill, static_argnums=1)(params, config, cache, tokens[:, :8])

@@ -23,6 +23,7 @@ from jaxlm.model import ModelConfig, init_params, logical_axes
 from jaxlm.optim.optimizers import adamw
 from jaxlm.stages import Stage
 from jaxlm.train_step import sharded_init, state_shardings
+from helpers import mesh_flags, mesh_result, run_mesh_worker
 
 # Sharded matmuls and all-reduces add float32 partial sums in other orders (~1e-7 relative per
 # op); 20 Adam steps amplify that to the observed ~3e-7. A real bug (a wrong shard, a missing
@@ -30,33 +31,13 @@ from jaxlm.train_step import sharded_init, state_shardings
 RTOL = 1e-5
 
 
-def _mesh_flags(data, fsdp, tensor):
-  return [f"--gin.MeshConfig.data={data}", f"--gin.MeshConfig.fsdp={fsdp}",
-          f"--gin.MeshConfig.tensor={tensor}"]
-
-
-def _run_worker(model_root, corpus, devices, runs):
-  """Start tests/mesh_worker.py with `devices` CPU devices; returns its Popen."""
-  spec = {"model_dir": str(model_root / "runs"), "corpus": str(corpus), "runs": runs}
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-  return subprocess.Popen([sys.executable, "tests/mesh_worker.py", json.dumps(spec)],
-                          cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
-
-
-def _result(process):
-  out, err = process.communicate(timeout=600)
-  assert process.returncode == 0, err[-3000:]
-  return json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
-
-
 def test_loss_trajectory_is_the_same_on_every_mesh_and_with_accumulation(tmp_path, small_text_file):
-  single = _result(_run_worker(tmp_path / "one", small_text_file, 1, {
-      "1x1x1": _mesh_flags(1, 1, 1),
-      "1x1x1/accumulate4": [*_mesh_flags(1, 1, 1), "--gin.TrainerConfig.microbatches=4"]}))
-  many = _result(_run_worker(tmp_path / "eight", small_text_file, 8, {
-      "2x2x2": _mesh_flags(2, 2, 2),
-      "2x2x2/accumulate4": [*_mesh_flags(2, 2, 2), "--gin.TrainerConfig.microbatches=4"]}))
+  single = mesh_result(run_mesh_worker(tmp_path / "one", small_text_file, 1, {
+      "1x1x1": mesh_flags(1, 1, 1),
+      "1x1x1/accumulate4": [*mesh_flags(1, 1, 1), "--gin.TrainerConfig.microbatches=4"]}))
+  many = mesh_result(run_mesh_worker(tmp_path / "eight", small_text_file, 8, {
+      "2x2x2": mesh_flags(2, 2, 2),
+      "2x2x2/accumulate4": [*mesh_flags(2, 2, 2), "--gin.TrainerConfig.microbatches=4"]}))
   reference = np.array(single["1x1x1"])
   assert len(reference) == 20 and reference[-1] < reference[0] - 1.0  # It really trained.
   for name, losses in {**single, **many}.items():
@@ -67,13 +48,13 @@ def test_loss_trajectory_is_the_same_on_every_mesh_and_with_accumulation(tmp_pat
 def test_loss_trajectory_is_the_same_on_single_axis_and_uneven_meshes(tmp_path, small_text_file):
   """The meshes the default test leaves out (one axis of 8, 2x1x4, the Pallas kernel per
   shard), to keep the default suite under 15 minutes."""
-  reference = np.array(_result(_run_worker(tmp_path / "one", small_text_file, 1, {
-      "1x1x1": _mesh_flags(1, 1, 1)}))["1x1x1"])
-  many = _result(_run_worker(tmp_path / "eight", small_text_file, 8, {
-      "8x1x1": _mesh_flags(8, 1, 1), "1x8x1": _mesh_flags(1, 8, 1),
-      "2x1x4": _mesh_flags(2, 1, 4),
+  reference = np.array(mesh_result(run_mesh_worker(tmp_path / "one", small_text_file, 1, {
+      "1x1x1": mesh_flags(1, 1, 1)}))["1x1x1"])
+  many = mesh_result(run_mesh_worker(tmp_path / "eight", small_text_file, 8, {
+      "8x1x1": mesh_flags(8, 1, 1), "1x8x1": mesh_flags(1, 8, 1),
+      "2x1x4": mesh_flags(2, 1, 4),
       # The Pallas kernel (interpret mode on CPU) runs per shard through shard_map.
-      "2x2x2/pallas": [*_mesh_flags(2, 2, 2), "--gin.ModelConfig.attention_impl='pallas'"]}))
+      "2x2x2/pallas": [*mesh_flags(2, 2, 2), "--gin.ModelConfig.attention_impl='pallas'"]}))
   for name, losses in many.items():
     np.testing.assert_allclose(losses, reference, rtol=RTOL, err_msg=name)
 
@@ -84,13 +65,13 @@ def test_two_processes_give_the_same_losses_as_one_process_with_four_devices(tmp
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   workers = [
-      _run_worker(tmp_path / "multi", small_text_file, 2, {"2proc": [
-          *_mesh_flags(4, 1, 1),
+      run_mesh_worker(tmp_path / "multi", small_text_file, 2, {"2proc": [
+          *mesh_flags(4, 1, 1),
           f"--gin.DistributedConfig.coordinator_address='127.0.0.1:{port}'",
           "--gin.DistributedConfig.num_processes=2",
           f"--gin.DistributedConfig.process_id={i}"]})
       for i in range(2)]
-  one_process = _result(_run_worker(tmp_path / "single", small_text_file, 4, {"1proc": _mesh_flags(4, 1, 1)}))
+  one_process = mesh_result(run_mesh_worker(tmp_path / "single", small_text_file, 4, {"1proc": mesh_flags(4, 1, 1)}))
   outputs = [w.communicate(timeout=600) for w in workers]
   for worker, (out, err) in zip(workers, outputs):
     assert worker.returncode == 0, err[-3000:]

@@ -13,8 +13,11 @@ from conftest import REPO_ROOT, load_tool
 
 pytest.importorskip("matplotlib")
 
+from jaxlm.reports import plots as report_plots  # noqa: E402  pylint: disable=wrong-import-position
+from jaxlm.reports import runs as report_runs  # noqa: E402  pylint: disable=wrong-import-position
 
-plot_runs = load_tool("plot_runs")
+
+plot_runs_cli = load_tool("plot_runs")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -61,24 +64,24 @@ def runs(tmp_path):
 
 def test_reader_series_duplicates_and_x_axes(runs):
   a, _ = runs
-  series = plot_runs.read_metrics(str(a))
+  series = report_runs.read_metrics(str(a))
   xs, ys = series["train/loss"]
   assert xs == [1, 2, 3, 4, 5, 6]
   assert ys[3] == 99.0  # The resumed run's later record of step 4 wins.
   assert ys[:3] == [4.5, 4.0, 3.5]
   assert series["eval/code/loss"] == ([2, 4, 6], pytest.approx([3.8, 3.6, 3.4]))
   assert "step" not in series
-  by_tokens = plot_runs.read_metrics(str(a), x="tokens")
+  by_tokens = report_runs.read_metrics(str(a), x="tokens")
   assert by_tokens["train/loss"][0] == [100, 200, 300, 400, 500, 600]
   assert by_tokens["forgetting/prose"][0] == [200, 400, 600]
-  assert plot_runs.read_metrics(str(a), x="flops")["perf/tokens_per_sec"][0][-1] == 6e9
+  assert report_runs.read_metrics(str(a), x="flops")["perf/tokens_per_sec"][0][-1] == 6e9
 
 
 def test_reader_skips_a_cut_off_last_line(tmp_path):
   run = _write_run(tmp_path / "r", _records())
   with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
     f.write('{"step": 7, "train/lo')
-  assert plot_runs.read_metrics(str(run))["train/loss"][0][-1] == 6
+  assert report_runs.read_metrics(str(run))["train/loss"][0][-1] == 6
 
 
 def _assert_png(path):
@@ -89,7 +92,7 @@ def _assert_png(path):
 def test_cli_writes_every_plot(runs, tmp_path, capsys):
   a, b = runs
   out = tmp_path / "plots"
-  assert plot_runs.main([f"base={a}", str(b), "--x=tokens", f"--out={out}",
+  assert plot_runs_cli.main([f"base={a}", str(b), "--x=tokens", f"--out={out}",
                          "--target=eval/loss:3.8"]) == 0
   expected = ["train_loss", "eval_loss", "learning_rate", "throughput", "forgetting"]
   assert sorted(p.name for p in out.iterdir()) == sorted(f"{s}.png" for s in expected)
@@ -103,7 +106,7 @@ def test_plot_runs_skips_missing_metrics(tmp_path):
              for r in _records()]
   a = _write_run(tmp_path / "a", records)
   b = _write_run(tmp_path / "b", [r for r in records if "perf/tokens_per_sec" not in r])
-  paths = plot_runs.plot_runs({"a": [str(a)], "b": [str(b)]}, str(tmp_path / "out"), x="flops")
+  paths = report_plots.plot_runs({"a": [str(a)], "b": [str(b)]}, str(tmp_path / "out"), x="flops")
   assert sorted(p.rsplit("/", 1)[1] for p in paths) == [
       "learning_rate.png", "throughput.png", "train_loss.png"]
 
@@ -120,7 +123,7 @@ def test_seeds_are_drawn_as_their_mean_and_a_band(tmp_path):
   seeds = [_eval_run(tmp_path / "s0", [5.0, 3.0, 2.0, 1.9]),
            _eval_run(tmp_path / "s1", [5.2, 3.2, 2.2, 2.1])]
   one = _eval_run(tmp_path / "one", [5.1, 3.1, 2.1, 2.05])
-  fig = plot_runs.figures({"method": seeds, "single": [one]}, x="tokens",
+  fig = report_plots.figures({"method": seeds, "single": [one]}, x="tokens",
                           targets={"eval/loss": 2.02})["eval_loss"]
   ax = fig.axes[0]
   lines = {line.get_label(): line for line in ax.lines}
@@ -136,7 +139,7 @@ def test_seeds_are_drawn_as_their_mean_and_a_band(tmp_path):
 
 
 def test_mean_band_interpolates_seeds_that_log_at_other_points():
-  xs, mean, std = plot_runs.mean_band([(np.array([0.0, 10, 20, 30]), np.array([4.0, 3, 2, 1])),
+  xs, mean, std = report_runs.mean_band([(np.array([0.0, 10, 20, 30]), np.array([4.0, 3, 2, 1])),
                                        (np.array([0.0, 15, 25]), np.array([6.0, 3, 1]))])
   np.testing.assert_allclose(xs, [0, 10, 20])  # x = 30 lies beyond the second seed's range.
   np.testing.assert_allclose(mean, [5.0, 3.5, 2.0])  # The second seed: 6, 4, 2 there.
@@ -147,7 +150,7 @@ def test_loss_axes_have_units_si_ticks_and_a_y_range_from_the_end(tmp_path):
   steps = list(range(0, 101, 10))
   fast = [2.0 + 4.0 * np.exp(-s / 5) for s in steps]  # Falls steeply from 6, then flat.
   slow = [y + 0.02 for y in fast]
-  figs = plot_runs.figures({"fast": [_eval_run(tmp_path / "f", fast, steps)],
+  figs = report_plots.figures({"fast": [_eval_run(tmp_path / "f", fast, steps)],
                             "slow": [_eval_run(tmp_path / "s", slow, steps)]})
   ax = figs["eval_loss"].axes[0]
   assert (ax.get_xlabel(), ax.get_ylabel()) == ("step", "eval loss (nats/token)")
@@ -166,18 +169,18 @@ def test_a_branch_is_drawn_from_its_branch_point(tmp_path):
       f"STABLE_RUN = '{stable}'\nSTABLE_STEP = 180\n# Parameters for RestoreConfig:\n"
       "RestoreConfig.path = %STABLE_RUN\nRestoreConfig.step = %STABLE_STEP\n"
       "Stage.restore_from = @RestoreConfig()\n")
-  assert plot_runs.restore_point(branch) == (stable, 180)
-  assert plot_runs.branch_offset(branch, "step") == 180
-  assert plot_runs.branch_offset(branch, "tokens") == 18000  # The source's tokens at step 180.
-  xs, ys = plot_runs.run_curves(branch, "tokens")["eval/loss"]
+  assert report_runs.restore_point(branch) == (stable, 180)
+  assert report_runs.branch_offset(branch, "step") == 180
+  assert report_runs.branch_offset(branch, "tokens") == 18000  # The source's tokens at step 180.
+  xs, ys = report_runs.run_curves(branch, "tokens")["eval/loss"]
   np.testing.assert_allclose(xs, [18000, 19000, 20000])
-  assert ys[0] == pytest.approx(np.interp(18000, *plot_runs.run_curves(stable, "tokens")[
+  assert ys[0] == pytest.approx(np.interp(18000, *report_runs.run_curves(stable, "tokens")[
       "eval/loss"]), abs=0.01)  # Its first point lies on the source's curve.
   twig = _restored_from(_write_run(tmp_path / "twig", [{"step": 0, "total/tokens": 0.0}]),
                         branch, 10)  # A branch of the branch: both offsets.
-  assert plot_runs.branch_offset(str(twig), "tokens") == 19000
+  assert report_runs.branch_offset(str(twig), "tokens") == 19000
   _restored_from(tmp_path / "branch", tmp_path / "gone", 180)  # The restore's record wins ...
-  assert plot_runs.branch_offset(branch, "tokens") == 0  # ... a source not on disk: from 0.
+  assert report_runs.branch_offset(branch, "tokens") == 0  # ... a source not on disk: from 0.
 
 
 def _staged_run(path, starts, last=80, resume_at=None):
@@ -200,35 +203,35 @@ def _staged_run(path, starts, last=80, resume_at=None):
 
 def test_forgetting_only_in_a_stage_that_follows_another(tmp_path):
   two = _staged_run(tmp_path / "two", starts=(0, 40), resume_at=60)
-  assert plot_runs.stage_starts(two) == [0, 40]  # The resume at 60 starts no stage.
-  np.testing.assert_allclose(plot_runs.run_curves(two, "step")["forgetting/all"][0],
+  assert report_runs.stage_starts(two) == [0, 40]  # The resume at 60 starts no stage.
+  np.testing.assert_allclose(report_runs.run_curves(two, "step")["forgetting/all"][0],
                              [50, 60, 70, 80])
   one = _staged_run(tmp_path / "one", starts=(0,), resume_at=30)
-  assert "forgetting/all" not in plot_runs.run_curves(one, "step")
-  assert "forgetting" not in plot_runs.figures({"one": [one]})
-  assert "forgetting" in plot_runs.figures({"one": [one], "two": [two]})
+  assert "forgetting/all" not in report_runs.run_curves(one, "step")
+  assert "forgetting" not in report_plots.figures({"one": [one]})
+  assert "forgetting" in report_plots.figures({"one": [one], "two": [two]})
   _restored_from(tmp_path / "one", tmp_path / "gone", 800)  # A continual run: all of it.
-  assert len(plot_runs.run_curves(one, "step")["forgetting/all"][0]) == 8
+  assert len(report_runs.run_curves(one, "step")["forgetting/all"][0]) == 8
 
 
 def test_nats_per_token_figures_are_left_out_where_tokenizers_differ(tmp_path):
   byte = _eval_run(tmp_path / "bytes", [5.0, 3.0, 2.0])
   bpe = _eval_run(tmp_path / "bpe", [6.0, 3.6, 2.6], bytes_per_token=1.4)
-  assert sorted(plot_runs.figures({"bytes": [byte], "bpe": [bpe]})) == ["eval_bits_per_byte"]
+  assert sorted(report_plots.figures({"bytes": [byte], "bpe": [bpe]})) == ["eval_bits_per_byte"]
   same = _eval_run(tmp_path / "same", [5.0, 3.1, 2.1])
-  assert sorted(plot_runs.figures({"bytes": [byte], "same": [same]})) == [
+  assert sorted(report_plots.figures({"bytes": [byte], "same": [same]})) == [
       "eval_bits_per_byte", "eval_loss"]
 
 
 def test_named_runs():
-  assert plot_runs.named_runs(["a=x", "b=y,z"]) == {"a": ["x"], "b": ["y", "z"]}
-  assert plot_runs.named_runs(["runs/base/", "c=w"], plain=True) == {"base": ["runs/base/"],
+  assert report_runs.named_runs(["a=x", "b=y,z"]) == {"a": ["x"], "b": ["y", "z"]}
+  assert report_runs.named_runs(["runs/base/", "c=w"], plain=True) == {"base": ["runs/base/"],
                                                                       "c": ["w"]}
   for bad in ("a=", "a=x,", "=x", "x"):
-    with pytest.raises(plot_runs.PlotError, match=r"expected NAME=DIR\[,DIR\.\.\.\]"):
-      plot_runs.named_runs([bad])
-  with pytest.raises(plot_runs.PlotError, match="given twice"):
-    plot_runs.named_runs(["a=x", "a=y"])
+    with pytest.raises(report_runs.ReportError, match=r"expected NAME=DIR\[,DIR\.\.\.\]"):
+      report_runs.named_runs([bad])
+  with pytest.raises(report_runs.ReportError, match="given twice"):
+    report_runs.named_runs(["a=x", "a=y"])
 
 
 def _error_line(capsys):
@@ -240,20 +243,20 @@ def _error_line(capsys):
 def test_errors(runs, tmp_path, capsys):
   a, _ = runs
   out = f"--out={tmp_path / 'out'}"
-  assert plot_runs.main([str(a), str(tmp_path), out]) == 2
+  assert plot_runs_cli.main([str(a), str(tmp_path), out]) == 2
   assert "no metrics.jsonl" in _error_line(capsys)
-  assert plot_runs.main([str(a), "--x=time", out]) == 2
+  assert plot_runs_cli.main([str(a), "--x=time", out]) == 2
   assert "unknown --x='time'" in _error_line(capsys)
   no_tokens = _write_run(tmp_path / "old", [{"step": 1, "train/loss": 3.0}])
-  assert plot_runs.main([str(a), str(no_tokens), "--x=tokens", out]) == 2
+  assert plot_runs_cli.main([str(a), str(no_tokens), "--x=tokens", out]) == 2
   assert "lacks total/tokens" in _error_line(capsys)
-  assert plot_runs.main(["base=", out]) == 2
+  assert plot_runs_cli.main(["base=", out]) == 2
   assert "'base=': expected NAME=DIR[,DIR...]" in _error_line(capsys)
-  assert plot_runs.main([f"base={a},{tmp_path / 'empty'}", out]) == 2  # A seed without metrics.
+  assert plot_runs_cli.main([f"base={a},{tmp_path / 'empty'}", out]) == 2  # A seed without metrics.
   assert f"{tmp_path / 'empty'}: no metrics.jsonl" in _error_line(capsys)
-  assert plot_runs.main([str(a), f"run_a={a}", out]) == 2
+  assert plot_runs_cli.main([str(a), f"run_a={a}", out]) == 2
   assert "given twice" in _error_line(capsys)
-  assert plot_runs.main([str(a), "--target=eval/loss", out]) == 2
+  assert plot_runs_cli.main([str(a), "--target=eval/loss", out]) == 2
   assert "expected METRIC:VALUE" in _error_line(capsys)
   assert not (tmp_path / "out").exists()  # Nothing is written on bad input.
 

@@ -15,6 +15,7 @@ from jaxlm import gin_config, preflight, train
 from jaxlm.checkpoint import CORRUPT_DIR
 from jaxlm.errors import UserError
 from jaxlm.stages import configured_stages
+from helpers import tiny_stage
 
 
 def snapshot(directory) -> dict:
@@ -222,9 +223,8 @@ def test_stages_are_named_after_their_gin_scope(tmp_path, finished_run):
 
 
 def test_kept_optimizer_state_must_fit_the_next_stage(small_text_file):
-  from test_trainer import _stage  # pylint: disable=import-outside-toplevel
-  first = _stage(small_text_file, 4, name="adam")
-  second = _stage(small_text_file, 4, name="sgd", keep_optimizer_state=True,
+  first = tiny_stage(small_text_file, 4, name="adam")
+  second = tiny_stage(small_text_file, 4, name="sgd", keep_optimizer_state=True,
                   optimizer=lambda schedule: optax.sgd(schedule, momentum=0.9))
   with pytest.raises(UserError, match="keep_optimizer_state needs the optimizer state the "
                                       "transition gives to fit the stage, but 'opt_state/"):

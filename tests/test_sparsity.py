@@ -27,20 +27,20 @@ from jaxlm.stages import TransitionContext
 from jaxlm.train_step import init_state, make_train_step, sharded_init, state_shardings
 from jaxlm.tree_names import get_named
 from conftest import REPO_ROOT
-from test_stage_methods import _batch, _mesh_and_rules
-from test_trainer import _stage
+from helpers import (assert_same_saved_state, cli_run_args, kill_once_logged, mesh_and_rules,
+                     mesh_flags, mesh_result, random_batch, resume, run_mesh_worker, tiny_stage)
 
 
 def _train(stage, steps, collect=None):
   """`steps` updates of `stage` on one fixed batch; `collect(state, step)` after each."""
-  mesh, rules = _mesh_and_rules()
+  mesh, rules = mesh_and_rules()
   with jax.set_mesh(mesh):
     shardings = state_shardings(stage, mesh, rules)
     state = sharded_init(stage, shardings, jax.random.key(0))
     if collect:
       collect(state, 0)
     train_step = make_train_step(stage, shardings, parallel.batch_sharding(mesh, rules))
-    batch = _batch(stage)
+    batch = random_batch(stage)
     for i in range(steps):
       state, metrics = train_step(state, batch)
       if collect:
@@ -95,7 +95,7 @@ def test_erk_matches_its_formula_and_re_solves_dense_layers():
 
 def test_static_masks_hold_exact_density_and_zeros_after_100_updates(small_text_file):
   method = static_sparsity(density=0.3, distribution="erk", score="random")
-  stage = _stage(small_text_file, 100, methods=(method,))
+  stage = tiny_stage(small_text_file, 100, methods=(method,))
   densities = []
 
   def check(state, step):
@@ -118,7 +118,7 @@ def test_static_masks_hold_exact_density_and_zeros_after_100_updates(small_text_
 
 
 def test_nm_sparsity_is_exactly_n_of_m_after_every_step_with_sr_ste(small_text_file):
-  stage = _stage(small_text_file, 6, methods=(nm_sparsity(n=2, m=4),))
+  stage = tiny_stage(small_text_file, 6, methods=(nm_sparsity(n=2, m=4),))
 
   def check(state, step):
     for name, mask in _masks(state, "nm_sparsity").items():
@@ -144,7 +144,7 @@ def test_sr_ste_gradient_passes_and_decays_the_pruned_weights():
 
 
 def test_gradual_pruning_follows_the_cubic_schedule(small_text_file):
-  stage = _stage(small_text_file, 40, methods=(gradual_pruning(
+  stage = tiny_stage(small_text_file, 40, methods=(gradual_pruning(
       final_density=0.25, start_fraction=0.25, end_fraction=0.75, update_every=5),))
   seen = {}
   _train(stage, 40, lambda state, step: seen.update({step: {
@@ -159,7 +159,7 @@ def test_gradual_pruning_follows_the_cubic_schedule(small_text_file):
 
 
 def test_rigl_keeps_each_density_and_resets_the_moments_of_grown_weights(small_text_file):
-  stage = _stage(small_text_file, 12, methods=(rigl(density=0.2, update_every=4,
+  stage = tiny_stage(small_text_file, 12, methods=(rigl(density=0.2, update_every=4,
                                                     end_fraction=1.0),))
   history = {}
   _train(stage, 9, lambda state, step: history.update({step: jax.device_get(state)}))
@@ -285,11 +285,11 @@ def test_erk_at_density_1_is_dense_whatever_the_rounding():
 
 def test_densify_keeps_the_function_and_the_dense_stage_trains_the_pruned_weights(
     small_text_file):
-  sparse = _stage(small_text_file, 3, methods=(nm_sparsity(),))
+  sparse = tiny_stage(small_text_file, 3, methods=(nm_sparsity(),))
   state = init_state(sparse, jax.random.key(0))  # SR-STE keeps dense weights: a real mask.
   dense_stage = dataclasses.replace(sparse, methods=(), transition=(densify,))
   handed = densify(state, TransitionContext(sparse, dense_stage, jax.random.key(0)))
-  tokens = _batch(sparse)["inputs"]
+  tokens = random_batch(sparse)["inputs"]
   masked_params = sparse.methods[0].params_for_loss(state.params, state.method_state[
       "nm_sparsity"], 0)
   np.testing.assert_array_equal(forward(handed.params, sparse.model, tokens),
@@ -299,8 +299,8 @@ def test_densify_keeps_the_function_and_the_dense_stage_trains_the_pruned_weight
 
 
 def test_masks_shard_like_their_params(small_text_file):
-  stage = _stage(small_text_file, 2, methods=(static_sparsity(),))
-  mesh, rules = _mesh_and_rules()
+  stage = tiny_stage(small_text_file, 2, methods=(static_sparsity(),))
+  mesh, rules = mesh_and_rules()
   shardings = state_shardings(stage, mesh, rules)
   masks = shardings.method_state["static_sparsity"]["masks"]
   assert len(masks) == 2 * 7
@@ -329,7 +329,7 @@ def test_bad_sparsity_settings_are_one_line(make, message):
 def test_bad_sparsity_for_the_model_is_refused_before_training(small_text_file, method, message):
   from jaxlm.train_step import abstract_state  # pylint: disable=import-outside-toplevel
   with pytest.raises(UserError) as error:
-    abstract_state(_stage(small_text_file, 2, methods=(method(),)))
+    abstract_state(tiny_stage(small_text_file, 2, methods=(method(),)))
   assert message in str(error.value).splitlines()[0]
 
 
@@ -348,12 +348,11 @@ rigl.end_fraction = 1.0
 def rigl_reference(tmp_path_factory):
   """A 12-step RigL run (mask updates at stage steps 4 and 8, checkpoints every 2)."""
   import textwrap  # pylint: disable=import-outside-toplevel
-  from test_stage_methods import _toy_args  # pylint: disable=import-outside-toplevel
   root = tmp_path_factory.mktemp("rigl")
   corpus, gin_file = root / "corpus.txt", root / "rigl.gin"
   corpus.write_text(open(textwrap.__file__, encoding="utf-8").read(), encoding="utf-8")
   gin_file.write_text(RIGL_GIN, encoding="utf-8")
-  done = subprocess.run(_toy_args(root / "reference", corpus, gin_file),
+  done = subprocess.run(cli_run_args(root / "reference", corpus, gin_file),
                         capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
   assert done.returncode == 0, done.stderr[-2000:]
   return root, corpus, gin_file
@@ -364,14 +363,12 @@ def rigl_reference(tmp_path_factory):
 def test_a_sparse_run_killed_mid_way_resumes_bitwise(rigl_reference, monkeypatch, kill_after):
   """Killed once step `kill_after` is logged: step 5 holds the mask update of stage step 4, the
   resume point is the last checkpoint (every 2 steps) at or before the kill."""
-  from test_fault_tolerance import _assert_same_saved_state, _kill_once_logged, _resume  # pylint: disable=import-outside-toplevel
-  from test_stage_methods import _toy_args  # pylint: disable=import-outside-toplevel
   root, corpus, gin_file = rigl_reference
   monkeypatch.chdir(REPO_ROOT)
   killed = root / f"killed_{kill_after}"
-  _kill_once_logged(_toy_args(killed, corpus, gin_file), killed, kill_after)
-  _resume(_toy_args(killed, corpus, gin_file))
-  got = _assert_same_saved_state(root / "reference", killed, 12)
+  kill_once_logged(cli_run_args(killed, corpus, gin_file), killed, kill_after)
+  resume(cli_run_args(killed, corpus, gin_file))
+  got = assert_same_saved_state(root / "reference", killed, 12)
   assert set(got["method_state"]) == {"rigl"}
 
 
@@ -380,14 +377,13 @@ def test_sparse_training_is_the_same_on_8_devices(tmp_path, small_text_file):
   """Masks placed like their params on a 2x2x2 mesh (FSDP and tensor splits): the same losses
   as on one device, for a static mask and for RigL's mask update (its top-k on sharded
   matrices)."""
-  from test_parallel import _mesh_flags, _result, _run_worker  # pylint: disable=import-outside-toplevel
   runs = {"static": ["--gin.Stage.methods=[@static_sparsity()]"],
           "rigl": ["--gin.Stage.methods=[@rigl()]", "--gin.rigl.update_every=5"]}
-  one = _run_worker(tmp_path / "one", small_text_file, 1,
-                    {k: v + _mesh_flags(1, 1, 1) for k, v in runs.items()})
-  eight = _run_worker(tmp_path / "eight", small_text_file, 8,
-                      {k: v + _mesh_flags(2, 2, 2) for k, v in runs.items()})
-  single, many = _result(one), _result(eight)
+  one = run_mesh_worker(tmp_path / "one", small_text_file, 1,
+                    {k: v + mesh_flags(1, 1, 1) for k, v in runs.items()})
+  eight = run_mesh_worker(tmp_path / "eight", small_text_file, 8,
+                      {k: v + mesh_flags(2, 2, 2) for k, v in runs.items()})
+  single, many = mesh_result(one), mesh_result(eight)
   for name in runs:
     assert len(single[name]) == 20
     np.testing.assert_allclose(many[name], single[name], rtol=1e-5, err_msg=name)

@@ -8,7 +8,6 @@ import re
 import json
 import os
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,7 @@ import optax
 import pytest
 
 import toy_method
-from conftest import REPO_ROOT, quick_run_args
+from conftest import REPO_ROOT
 from jaxlm import parallel, preflight, trainer
 from jaxlm.errors import UserError
 from jaxlm.eval_schedule import EvalConfig
@@ -29,9 +28,9 @@ from jaxlm.stages import hand_over, transition, transition_context
 from jaxlm.train_step import (abstract_state, init_state, make_train_step, sharded_init,
                               state_shardings)
 from jaxlm.tree_names import flatten_names
-from test_fault_tolerance import (_assert_same_saved_state, _kill_once_logged, _last_logged_step,
-                                  _raw_state, _records, _resume)
-from test_trainer import QUIET, TINY, _data, _stage
+from helpers import (QUIET, TINY, assert_same_saved_state, cli_run_args, kill_once_logged,
+                     last_logged_step, mesh_and_rules, metric_records, random_batch, raw_state,
+                     resume, tiny_data, tiny_stage)
 
 WIDE = dataclasses.replace(TINY, mlp_dim=256)
 
@@ -41,33 +40,19 @@ def _sgd(learning_rate):
 
 
 def _constant_sgd_stage(path, **overrides):
-  return _stage(path, 4, optimizer=_sgd, schedule=lambda n: warmup_constant(n, peak_lr=0.1,
+  return tiny_stage(path, 4, optimizer=_sgd, schedule=lambda n: warmup_constant(n, peak_lr=0.1,
                                                                             warmup_steps=0),
                 **overrides)
 
 
-def _mesh_and_rules():
-  config = parallel.MeshConfig()
-  return parallel.make_mesh(config), config.resolved_rules()
-
-
-def _batch(stage, rows=4):
-  tokens = np.random.default_rng(0).integers(1, 200, (rows, stage.data.seq_len + 1))
-  return {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32),
-          "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
-          "positions": jnp.broadcast_to(jnp.arange(stage.data.seq_len), (rows, stage.data.seq_len)),
-          "segment_ids": jnp.ones((rows, stage.data.seq_len), jnp.int32),
-          "weights": jnp.ones((rows, stage.data.seq_len), jnp.float32)}
-
-
 def _one_step(stage, microbatches=1):
-  mesh, rules = _mesh_and_rules()
+  mesh, rules = mesh_and_rules()
   with jax.set_mesh(mesh):
     shardings = state_shardings(stage, mesh, rules)
     state = sharded_init(stage, shardings, jax.random.key(0))
     before = jax.device_get(state)
     step = make_train_step(stage, shardings, parallel.batch_sharding(mesh, rules), microbatches)
-    state, metrics = step(state, _batch(stage))
+    state, metrics = step(state, random_batch(stage))
   return before, jax.device_get(state), jax.device_get(metrics)
 
 
@@ -119,7 +104,7 @@ def test_params_for_loss_decides_what_the_loss_sees(small_text_file):
   np.testing.assert_array_equal(after.params["layer_0"]["mlp"]["up"],
                                 before.params["layer_0"]["mlp"]["up"])
   assert not np.array_equal(after.params["lm_head"], before.params["lm_head"])
-  batch = _batch(stage)
+  batch = random_batch(stage)
   expected = jnp.mean(token_losses(_without_mlp_up(before.params), stage.model, batch))
   assert metrics["train/loss"] == pytest.approx(float(expected), rel=1e-5)
 
@@ -137,8 +122,8 @@ def _add_one(state, ctx):
 
 
 def test_transitions_compose_in_list_order_and_methods_get_their_state(small_text_file):
-  first = _stage(small_text_file, 2, name="a")
-  second = _stage(small_text_file, 2, name="b", transition=[_double, _add_one],
+  first = tiny_stage(small_text_file, 2, name="a")
+  second = tiny_stage(small_text_file, 2, name="b", transition=[_double, _add_one],
                   methods=(toy_method.toy_fixed_mask(),))
   assert second.transition == (_double, _add_one)
   state = init_state(first, jax.random.key(1))
@@ -153,8 +138,8 @@ def test_transitions_compose_in_list_order_and_methods_get_their_state(small_tex
 
 
 def test_a_transition_that_gives_the_wrong_shape_is_named_before_training(small_text_file):
-  first = _stage(small_text_file, 2, name="small")
-  wrong = _stage(small_text_file, 2, name="wide", model=WIDE, transition=_double)
+  first = tiny_stage(small_text_file, 2, name="small")
+  wrong = tiny_stage(small_text_file, 2, name="wide", model=WIDE, transition=_double)
   with pytest.raises(UserError, match=r"stage 'wide': 'params/layer_0/mlp/down' is \(192, 64\) "
                                       r"after the 'test_double' transition but \(256, 64\) by "
                                       r"stage 'wide'"):
@@ -167,18 +152,18 @@ def test_unknown_or_malformed_transitions_and_methods_are_refused(small_text_fil
   with pytest.raises(UserError, match=re.escape(
       "names 'grow_sideways'; give the transition itself, unevaluated: "
       "Stage.transition = [@grow_sideways]")):
-    _stage(small_text_file, 2, transition=[_double, "grow_sideways"])
+    tiny_stage(small_text_file, 2, transition=[_double, "grow_sideways"])
   with pytest.raises(UserError, match=r"must be transitions such as \[@grow_width\]"):
-    _stage(small_text_file, 2, transition=[len])
+    tiny_stage(small_text_file, 2, transition=[len])
   with pytest.raises(UserError, match="must be Methods with distinct names"):
-    _stage(small_text_file, 2, methods=(toy_method.toy_fixed_mask(), toy_method.toy_fixed_mask()))
+    tiny_stage(small_text_file, 2, methods=(toy_method.toy_fixed_mask(), toy_method.toy_fixed_mask()))
   with pytest.raises(UserError, match="must be Methods"):
-    _stage(small_text_file, 2, methods=("toy_mask",))
+    tiny_stage(small_text_file, 2, methods=("toy_mask",))
 
 
 def test_method_state_is_sharded_by_its_logical_axes(small_text_file):
-  stage = _stage(small_text_file, 2, model=WIDE, methods=(toy_method.toy_fixed_mask(),))
-  mesh, rules = _mesh_and_rules()
+  stage = tiny_stage(small_text_file, 2, model=WIDE, methods=(toy_method.toy_fixed_mask(),))
+  mesh, rules = mesh_and_rules()
   shardings = state_shardings(stage, mesh, rules)
   masks = shardings.method_state["toy_mask"]
   assert set(masks) == {"layer_0", "layer_1"}
@@ -193,22 +178,22 @@ def test_the_widen_and_mask_method_trains_checkpoints_and_restores(tmp_path, sma
   """Two stages through trainer.run: the widening is function-preserving (stage 2's baseline
   evaluation, before the mask's first update, equals stage 1's last), the mask holds after
   every update, the mask is in the checkpoint, and another run restores it with restore_into."""
-  stages = [_stage(small_text_file, 4, name="small"),
-            _stage(small_text_file, 4, name="wide", model=WIDE, transition=toy_method.widen_mlp,
+  stages = [tiny_stage(small_text_file, 4, name="small"),
+            tiny_stage(small_text_file, 4, name="wide", model=WIDE, transition=toy_method.widen_mlp,
                    methods=(toy_method.toy_fixed_mask(),))]
   result = trainer.run(str(tmp_path / "run"), stages, trainer=QUIET,
                        evaluation=EvalConfig(every=100))
-  evals = [(r["step"], r["eval/loss"]) for r in _records(tmp_path / "run") if "eval/loss" in r]
+  evals = [(r["step"], r["eval/loss"]) for r in metric_records(tmp_path / "run") if "eval/loss" in r]
   # Each stage's baseline (stage 2's at step 4, after stage 1's last evaluation) and its end.
   assert [step for step, _ in evals] == [0, 4, 4, 8]
   # The same function up to float summation order over the wider hidden dimension.
   assert evals[2][1] == pytest.approx(evals[1][1], rel=1e-5)
   assert result["train/toy_mask/density"] == 0.5
-  saved = _raw_state(tmp_path / "run", 8)
+  saved = raw_state(tmp_path / "run", 8)
   masks = saved["method_state"]["toy_mask"]
   assert toy_method.is_masked_to_zero(saved["params"], masks)
   # Restored into a fresh state of the same stage: params and the method's masks load.
-  mesh, rules = _mesh_and_rules()
+  mesh, rules = mesh_and_rules()
   with jax.set_mesh(mesh):
     fresh = sharded_init(stages[1], state_shardings(stages[1], mesh, rules), jax.random.key(7))
     restored, report = restore_into(RestoreConfig(str(tmp_path / "run")), fresh,
@@ -227,13 +212,13 @@ def test_forgetting_is_logged_against_each_stage_baseline_with_the_compute_ledge
   from jaxlm.data.sources import text_files  # pylint: disable=import-outside-toplevel
   other = tmp_path / "other.txt"
   other.write_text(open(json.__file__, encoding="utf-8").read() * 2, encoding="utf-8")
-  first = _stage(small_text_file, 4, name="first")
-  second = _stage(small_text_file, 6, name="second", data=_data(
+  first = tiny_stage(small_text_file, 4, name="first")
+  second = tiny_stage(small_text_file, 6, name="second", data=tiny_data(
       other, source=lambda: text_files(str(other), name="other")))
   evaluation = EvalConfig(every=100, domains=[text_files(str(small_text_file), name="text")],
                           near_start_every=1, near_start_steps=2)
   trainer.run(str(tmp_path / "run"), [first, second], trainer=QUIET, evaluation=evaluation)
-  records = _records(tmp_path / "run")
+  records = metric_records(tmp_path / "run")
   evals = [r for r in records if "eval/loss" in r]
   assert [r["step"] for r in evals] == [0, 1, 2, 4, 4, 5, 6, 10]
   # The first stage follows nothing: its evaluations log no forgetting.
@@ -267,14 +252,6 @@ wide/ModelConfig.mlp_dim = 512
 """
 
 
-def _toy_args(model_dir, corpus, gin_file):
-  return [sys.executable, "-m", "jaxlm.train", *quick_run_args(
-      model_dir, corpus, f"--gin_file={gin_file}", "--gin.TrainerConfig.log_every=1",
-      "--gin.TrainerConfig.checkpoint_every=2", "--gin.EvalConfig.every=1000",
-      "--gin.EvalConfig.baseline=False",
-      "--gin.TrainerConfig.sample_tokens=0", "--gin.TrainerConfig.progress='log'")]
-
-
 @pytest.mark.slow  # A minute: a subprocess killed and resumed; .ci/run runs the slow tests.
 def test_the_toy_method_is_killed_in_its_stage_and_resumes_bitwise(tmp_path, small_text_file,
                                                                    monkeypatch):
@@ -284,13 +261,13 @@ def test_the_toy_method_is_killed_in_its_stage_and_resumes_bitwise(tmp_path, sma
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join(  # So the gin file can `import toy_method`.
       [str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
   reference = tmp_path / "reference"
-  done = subprocess.run(_toy_args(reference, small_text_file, gin_file), capture_output=True,
+  done = subprocess.run(cli_run_args(reference, small_text_file, gin_file), capture_output=True,
                         text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
 
   killed = tmp_path / "killed"
-  _kill_once_logged(_toy_args(killed, small_text_file, gin_file), killed, 9)
-  assert 4 < _last_logged_step(killed) < 14  # It died in the method's stage.
-  _resume(_toy_args(killed, small_text_file, gin_file))
-  got = _assert_same_saved_state(reference, killed, 14)
+  kill_once_logged(cli_run_args(killed, small_text_file, gin_file), killed, 9)
+  assert 4 < last_logged_step(killed) < 14  # It died in the method's stage.
+  resume(cli_run_args(killed, small_text_file, gin_file))
+  got = assert_same_saved_state(reference, killed, 14)
   assert toy_method.is_masked_to_zero(got["params"], got["method_state"]["toy_mask"])

@@ -10,40 +10,14 @@ import pytest
 
 from jaxlm import parallel, trainer
 from jaxlm.checkpoint import Checkpointer, DataPosition
-from jaxlm.data.pipeline import DataConfig, build_datasets
-from jaxlm.data.sources import text_files
+from jaxlm.data.pipeline import build_datasets
 from jaxlm.data.tokenizers import ByteTokenizer
 from jaxlm.errors import UserError
 from jaxlm.model import ModelConfig
-from jaxlm.optim.schedules import warmup_constant, warmup_cosine
+from jaxlm.optim.schedules import warmup_constant
 from jaxlm.stages import Stage
-from jaxlm.train_step import init_state, make_train_step, sharded_init, state_shardings
-
-TINY = ModelConfig(vocab_size=384, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                   mlp_dim=192, max_seq_len=128)
-QUIET = trainer.TrainerConfig(log_every=2, checkpoint_every=4, progress="log",
-                              tensorboard=False, peak_flops_per_device=1e12, sample_tokens=0)
-
-
-def _data(path, **overrides):
-  return DataConfig(**{"source": lambda: text_files(str(path)), "seq_len": 64, "batch_size": 4,
-                       "max_eval_batches": 2, **overrides})
-
-
-def _stage(path, num_steps, **overrides):
-  return Stage(**{"num_steps": num_steps, "model": TINY, "data": _data(path),
-                  "schedule": lambda n: warmup_cosine(n, peak_lr=3e-3, warmup_steps=2),
-                  **overrides})
-
-
-def _final_params(model_dir):
-  ckpt = Checkpointer(str(model_dir))
-  step = ckpt.latest_step()
-  abstract = jax.eval_shape(lambda: init_state(_stage("unused", 8), jax.random.key(0)))
-  state = ckpt.restore_state(step, abstract)
-  ckpt.close()
-  return step, state.params
-
+from jaxlm.train_step import make_train_step, sharded_init, state_shardings
+from helpers import QUIET, TINY, final_params, tiny_data, tiny_stage
 
 def test_tiny_model_overfits_a_small_text_far_below_unigram_entropy(tmp_path):
   text = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
@@ -55,7 +29,7 @@ def test_tiny_model_overfits_a_small_text_far_below_unigram_entropy(tmp_path):
   probs = counts[counts > 0] / counts.sum()
   unigram_entropy_nats = float(-(probs * np.log(probs)).sum())  # ~2.9 nats for this text.
 
-  stage = Stage(num_steps=150, model=TINY, data=_data(path, valid_source=lambda: [text]),
+  stage = Stage(num_steps=150, model=TINY, data=tiny_data(path, valid_source=lambda: [text]),
                 schedule=lambda n: warmup_constant(n, peak_lr=1e-2, warmup_steps=10))
   mesh_config = parallel.MeshConfig()
   mesh, rules = parallel.make_mesh(mesh_config), mesh_config.resolved_rules()
@@ -75,22 +49,22 @@ def test_tiny_model_overfits_a_small_text_far_below_unigram_entropy(tmp_path):
 @pytest.mark.slow
 def test_resume_from_latest_continues_the_step_count_bitwise(tmp_path, small_text_file):
   full, interrupted = tmp_path / "full", tmp_path / "interrupted"
-  result = trainer.run(str(full), [_stage(small_text_file, 8)], trainer=QUIET)
+  result = trainer.run(str(full), [tiny_stage(small_text_file, 8)], trainer=QUIET)
   assert result["step"] == 8
 
-  trainer.run(str(interrupted), [_stage(small_text_file, 8)], trainer=QUIET)
+  trainer.run(str(interrupted), [tiny_stage(small_text_file, 8)], trainer=QUIET)
   # Simulate a run that died after its step-4 checkpoint: drop everything after step 4.
   shutil.rmtree(interrupted / "checkpoints" / "8")
   with open(interrupted / "metrics.jsonl") as f:
     kept = [line for line in f if json.loads(line)["step"] <= 4]
   (interrupted / "metrics.jsonl").write_text("".join(kept))
 
-  result = trainer.run(str(interrupted), [_stage(small_text_file, 8)], trainer=QUIET)
+  result = trainer.run(str(interrupted), [tiny_stage(small_text_file, 8)], trainer=QUIET)
   assert result["step"] == 8
   steps = [r["step"] for r in map(json.loads, open(interrupted / "metrics.jsonl"))
            if "train/loss" in r]
   assert sorted(set(steps)) == [2, 4, 6, 8] and steps.count(6) == 1  # Continued, not restarted.
-  (step_a, params_a), (step_b, params_b) = _final_params(full), _final_params(interrupted)
+  (step_a, params_a), (step_b, params_b) = final_params(full), final_params(interrupted)
   assert step_a == step_b == 8
   # Same data (a pure function of the step), same program: the resumed run is bit-identical.
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
@@ -100,8 +74,8 @@ def test_resume_from_latest_continues_the_step_count_bitwise(tmp_path, small_tex
 
 
 def test_two_stages_hand_over_with_the_identity_transition(tmp_path, small_text_file):
-  stages = [_stage(small_text_file, 4, name="first"),
-            _stage(small_text_file, 4, name="second")]
+  stages = [tiny_stage(small_text_file, 4, name="first"),
+            tiny_stage(small_text_file, 4, name="second")]
   result = trainer.run(str(tmp_path / "run"), stages, trainer=QUIET)
   assert result["step"] == 8
   assert math.isfinite(result["eval/loss"])
@@ -115,7 +89,7 @@ def test_two_stages_hand_over_with_the_identity_transition(tmp_path, small_text_
 
 def test_identity_transition_refuses_a_changed_model(tmp_path, small_text_file):
   wider = ModelConfig(**{**TINY.__dict__, "d_model": 128})
-  stages = [_stage(small_text_file, 2, name="small"),
-            _stage(small_text_file, 2, name="wide", model=wider)]
+  stages = [tiny_stage(small_text_file, 2, name="small"),
+            tiny_stage(small_text_file, 2, name="wide", model=wider)]
   with pytest.raises(UserError, match="identity"):
     trainer.run(str(tmp_path / "run"), stages, trainer=QUIET)

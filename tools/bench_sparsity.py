@@ -23,8 +23,7 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench  # noqa: E402  pylint: disable=wrong-import-position
+from jaxlm import benchmarking as bench
 
 ALGORITHMS = ("dense", "static", "nm", "rigl", "gradual")
 

@@ -14,7 +14,7 @@ a moving average lags at the ends instead, so its final value, pulled up by earl
 makes the target easier to reach (biased upward again). A local line has neither bias where the
 curve is straight over K evaluations; where a loss curve bends (convex), its final value is
 slightly low: a harder target, if anything. A run branched from another run's checkpoint (a WSD
-decay) counts the source's compute up to the branch point too (plot_runs.branch_offset).
+decay) counts the source's compute up to the branch point too (jaxlm.reports.runs.branch_offset).
 
 Target: the baseline's smoothed final value, the mean over its seeds; budget: the mean of their
 final compute. For each seed of an arm: the first x where its smoothed curve is at or below the
@@ -33,9 +33,9 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import plot_runs  # noqa: E402  pylint: disable=wrong-import-position
-from plot_runs import PlotError, named_runs, print_report, read_metrics  # noqa: E402  pylint: disable=wrong-import-position
+from jaxlm.reports import plots as report_plots
+from jaxlm.reports import runs as report_runs
+from jaxlm.reports.runs import ReportError, named_runs, print_report, read_metrics
 
 UNITS = {"flops": "FLOPs", "tokens": "tokens"}
 
@@ -72,9 +72,9 @@ def series(run_dir: str, metric: str, x: str) -> tuple[np.ndarray, np.ndarray]:
   """(compute, metric) of one run, from the branch point if it was restored from a run."""
   found = read_metrics(run_dir, x)
   if metric not in found:
-    raise PlotError(f"{run_dir}: no {metric} in metrics.jsonl")
+    raise ReportError(f"{run_dir}: no {metric} in metrics.jsonl")
   xs, ys = (np.asarray(v, float) for v in found[metric])
-  return xs + plot_runs.branch_offset(run_dir, x), ys
+  return xs + report_runs.branch_offset(run_dir, x), ys
 
 
 def mean_std(values: list[float], fmt: str, suffix: str = "") -> str:
@@ -96,9 +96,9 @@ def savings_table(baseline, runs: dict, metric: str = "eval/loss", x: str = "flo
   {arm: MODEL_DIR or [seed MODEL_DIRs]}; `plot`: a .png path to draw the curves into."""
   paper, unit = paper or {}, UNITS[x]
   if smooth_k < 1:
-    raise PlotError(f"--smooth={smooth_k}: give a number of evaluations >= 1")
+    raise ReportError(f"--smooth={smooth_k}: give a number of evaluations >= 1")
   if plot is not None and not plot.endswith(".png"):
-    raise PlotError(f"--plot={plot!r}: give a path ending in .png")
+    raise ReportError(f"--plot={plot!r}: give a path ending in .png")
   base = _load(baseline, metric, x, smooth_k)
   arms = {name: _load(dirs, metric, x, smooth_k, name) for name, dirs in runs.items()}
   target = float(np.mean([s[-1] for _, _, s in base]))
@@ -124,7 +124,7 @@ def savings_table(baseline, runs: dict, metric: str = "eval/loss", x: str = "flo
 def _load(dirs, metric: str, x: str, k: int, name: str = "baseline") -> list[tuple]:
   """(xs, raw ys, smoothed ys) of each seed's MODEL_DIR."""
   if not _dirs(dirs):
-    raise PlotError(f"{name!r} has no MODEL_DIR")
+    raise ReportError(f"{name!r} has no MODEL_DIR")
   return [(xs, ys, smooth(xs, ys, k)) for xs, ys in (series(d, metric, x) for d in _dirs(dirs))]
 
 
@@ -148,7 +148,7 @@ def plot_curves(path: str, arms: list[tuple[str, list, list]], target: float, me
                 x: str) -> None:
   """Smoothed curves (raw evaluations faint) of (name, seeds, crossings) for the baseline and
   each arm, the target line and each seed's crossing; the y range covers the last half of the
-  x span (plot_runs.y_limits), where the curves meet the target."""
+  x span (jaxlm.reports.plots.y_limits), where the curves meet the target."""
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
   fig = Figure(figsize=(8, 4.2), layout="constrained")
   ax = fig.subplots()
@@ -164,13 +164,13 @@ def plot_curves(path: str, arms: list[tuple[str, list, list]], target: float, me
     ax.plot(hits, [target] * len(hits), "o", color=color, mfc="white", mew=1.5, ms=6)
   ax.axhline(target, color="0.2", ls="--", lw=1, label=f"target {target:.4g}")
   x_all = np.concatenate([c[0] for c in shown])
-  limits = plot_runs.y_limits(shown + [(np.array([x_all.min(), x_all.max()]),
+  limits = report_plots.y_limits(shown + [(np.array([x_all.min(), x_all.max()]),
                                         np.array([target, target]))], keep=0.5)
   if limits:
     ax.set_ylim(*limits)
   ylabel = (f"{metric} (bits/byte)" if metric.endswith("bits_per_byte")
             else f"{metric} (nats/token)" if metric.endswith("loss") else metric)
-  plot_runs.style_axes(ax, x, ylabel)
+  report_plots.style_axes(ax, x, ylabel)
   ax.set_title(f"{metric} down to the baseline's final value (crossings circled)")
   ax.legend(fontsize="small", loc="upper right")
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -183,7 +183,7 @@ def _paper_savings(text: str) -> dict[str, str]:
   for item in filter(None, text.split(",")):
     name, sep, percent = item.partition(":")
     if not sep:
-      raise PlotError(f"--paper item {item!r}: expected NAME:PERCENT")
+      raise ReportError(f"--paper item {item!r}: expected NAME:PERCENT")
     pairs[name] = f"{percent}%"
   return pairs
 
@@ -191,7 +191,7 @@ def _paper_savings(text: str) -> dict[str, str]:
 def _baseline_dirs(text: str) -> list[str]:
   dirs = text.split(",")
   if not all(dirs):
-    raise PlotError(f"--baseline={text!r}: expected DIR[,DIR...]")
+    raise ReportError(f"--baseline={text!r}: expected DIR[,DIR...]")
   return dirs
 
 

@@ -25,7 +25,7 @@ point per law, (D, r, L) with
   - D: the tokens the run trained in its last stage: total/tokens at that final loss minus
     total/tokens at the stage's baseline evaluation (the evaluation at its first step; a run
     restored from another run starts its ledger at 0, so this is its own tokens). The last stage
-    starts where tools/plot_runs.py's stage_starts says, else at the run's first evaluation.
+    starts where jaxlm.reports.runs.stage_starts says, else at the run's first evaluation.
     A final loss logged before the run's last step (an eval/ fallback of a run that did not
     evaluate at its end, or did not finish) is flagged in a note.
 The general law is fitted with share 1 - r to eval .../<general>/loss, the domain law with share
@@ -52,9 +52,8 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import plot_runs  # noqa: E402  pylint: disable=wrong-import-position
-from jaxlm.continual import mixture_laws  # noqa: E402  pylint: disable=wrong-import-position
+from jaxlm.continual import mixture_laws
+from jaxlm.reports import runs as report_runs
 
 KINDS = ("general", "domain")
 MIN_RATIOS = 3  # E, C and gamma are the law's ratio-only terms: two ratios cannot separate them.
@@ -117,10 +116,10 @@ def parse_runs(text: str) -> list[tuple[float, str]]:
 def read_run(ratio: float, run_dir: str, general: str, domain: str) -> Run:
   """One run's baseline, final points and curve (see the module docstring)."""
   try:
-    by_step = plot_runs.read_metrics(run_dir, x="step")
-    by_tokens = plot_runs.read_metrics(run_dir, x="tokens")
-    starts = plot_runs.stage_starts(run_dir)
-  except plot_runs.PlotError as e:
+    by_step = report_runs.read_metrics(run_dir, x="step")
+    by_tokens = report_runs.read_metrics(run_dir, x="tokens")
+    starts = report_runs.stage_starts(run_dir)
+  except report_runs.ReportError as e:
     raise LawError(str(e)) from None
 
   def series(key):  # (steps, tokens, values), in step order.

@@ -11,13 +11,11 @@ with n. Bad input is one line on stderr, exit 2.
 """
 
 import argparse
-import os
 import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from plot_runs import PlotError, named_runs, print_report, read_metrics  # noqa: E402  pylint: disable=wrong-import-position
+from jaxlm.reports.runs import ReportError, named_runs, print_report, read_metrics
 
 
 def value_at(series: dict, metric: str, step: int) -> float | None:
@@ -50,7 +48,7 @@ def table(runs: dict[str, list[str]], columns: list[tuple[int, str]]) -> list[st
 def _column(text: str) -> tuple[int, str]:
   step, sep, metric = text.partition(":")
   if not sep or not step.isdigit() or not metric:
-    raise PlotError(f"--at={text!r}: expected STEP:METRIC, e.g. 400:eval/loss")
+    raise ReportError(f"--at={text!r}: expected STEP:METRIC, e.g. 400:eval/loss")
   return int(step), metric
 
 

@@ -58,8 +58,8 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import plot_runs  # noqa: E402  pylint: disable=wrong-import-position
+from jaxlm.reports import plots as report_plots
+from jaxlm.reports.runs import ReportError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- reproduce:begin -->", "<!-- reproduce:end -->"
@@ -441,7 +441,7 @@ def reproduce(family: str, quick: bool = False, only: str | None = None,
   for group in manifest.plots or ({"name": "", "arms": list(trained)},):
     members = {name: trained[name] for name in group["arms"] if name in trained}
     if members:
-      plots += plot_runs.plot_runs(members, os.path.join(out, "plots", group["name"]),
+      plots += report_plots.plot_runs(members, os.path.join(out, "plots", group["name"]),
                                    x=manifest.compare_on, targets=group.get("targets"))
   reports = [(r["title"], *run_report(r, family_runs, os.path.join(out, "plots"), finished))
              for r in manifest.reports]
@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
       raise ReproduceError(f"--seeds={args.seeds}: give 1 or more")
     print(reproduce(args.family, args.quick, args.only, args.runs_dir, args.experiments_dir,
                     args.seeds))
-  except (ReproduceError, plot_runs.PlotError) as e:
+  except (ReproduceError, ReportError) as e:
     print(f"reproduce: error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -9,10 +9,10 @@ s = 1 - r for the general loss) and D the continual-pretraining tokens:
 
 CMR (Gu et al., arXiv:2407.17467): the critical mixture ratio at a budget D is the largest r
 whose general loss stays within `tolerance` of its value before continual pretraining; Gu et al.
-find it grows with the budget as R_CMR(D) = b0 + b1 * D**s. Our reading (their per-ratio fits
-are not restated in METHODS.md): the general and domain losses come from the fitted D-CPT laws,
-the CMR is that constrained maximum on a fine grid of r, and the budget law is fitted to the
-CMRs of several budgets.
+find it grows with the budget as R_CMR(D) = b0 + b1 * D**s. Our reading (the paper does not
+restate its per-ratio fits): the general and domain losses come from the fitted D-CPT laws, the
+CMR is that constrained maximum on a fine grid of r, and the budget law is fitted to the CMRs of
+several budgets.
 """
 
 import dataclasses

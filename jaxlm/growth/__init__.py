@@ -1,4 +1,4 @@
-"""Model growth: start a larger model from a trained smaller one (METHODS.md §B).
+"""Model growth: start a larger model from a trained smaller one (docs/methods.md, part B).
 
 Pure functions on param pytrees, exact where the mathematics is exact, each citing its paper:
 width.py (bert2BERT FPI/AKI, head copies, exact d_model), depth.py (G_stack, interleave,
