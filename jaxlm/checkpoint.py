@@ -10,6 +10,7 @@ never pickled; they are tensorstore arrays and JSON.
 
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import sys
@@ -145,6 +146,25 @@ def _first_line(error: Exception) -> str:
   return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+def _is_empty(leaf) -> bool:
+  return hasattr(leaf, "shape") and math.prod(leaf.shape) == 0
+
+
+def without_empty(tree):
+  """`tree` with every zero-size array as None: orbax refuses to save them (GaLore keeps a (0, 0)
+  projector for each vector it does not project), and they hold nothing to save."""
+  return jax.tree.map(lambda x: None if _is_empty(x) else x, tree)
+
+
+def with_empty(restored, target):
+  """`restored` (saved `without_empty`) with target's zero-size arrays back in place."""
+  leaves, treedef = jax.tree.flatten(target)
+  kept = iter(jax.tree.leaves(restored))
+  return treedef.unflatten([
+      jax.device_put(np.zeros(x.shape, x.dtype), getattr(x, "sharding", None))
+      if _is_empty(x) else next(kept) for x in leaves])
+
+
 def restore_saved_part(directory: str, step: int, target: dict, on_host: bool = False):
   """The parts of the state saved at checkpoints/`step` that `target` names (see
   Checkpointer.restore_part); needs no CheckpointManager, so one tensor can be read at a time.
@@ -218,7 +238,8 @@ class Checkpointer:
   def save(self, step: int, state, record: RunRecord, force: bool = False) -> bool:
     """Save if the cadence says so (or `force`); returns whether a save started."""
     return self._manager.save(step, force=force, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record.to_json())))
+        state=ocp.args.StandardSave(without_empty(state)),
+        meta=ocp.args.JsonSave(record.to_json())))
 
   def restore_record(self, step: int) -> RunRecord:
     raw = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -240,8 +261,12 @@ class Checkpointer:
   def restore_state(self, step: int, target=None):
     """Restore into `target`'s structure, shapes and shardings (ShapeDtypeStructs), or, with no
     target, as saved (nested dicts and lists of arrays)."""
-    args = ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore()
-    return self._manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+    if target is None:
+      return self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore()))["state"]
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(without_empty(target))))["state"]
+    return with_empty(restored, target)
 
   def restore_part(self, step: int, target: dict):
     """Only the parts of the saved state that `target` names ({"params": abstract tree, ...},

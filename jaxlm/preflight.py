@@ -16,6 +16,7 @@ gin does before `run` starts. Only after the checks and the plan (run_plan.plan_
 `trainer.run` write config.gin, open the checkpointer and the metrics, and restore.
 """
 
+import math
 import os
 import shutil
 
@@ -117,7 +118,8 @@ def check_fit(step: int, index: int, saved: dict, stages: list[Stage], where: st
     bounds = ", ".join(f"{s.name!r} {a}..{a + s.num_steps}" for s, a in zip(stages, starts))
     raise UserError(f"the checkpoint at step {step} in {where} (stage {index}) does not fit this "
                     f"run's stages ({bounds}); {FIX_MISMATCH}")
-  wanted = shapes_of(abstract_state(stages[index]))
+  # Zero-size arrays are not saved (checkpoint.without_empty).
+  wanted = {n: s for n, s in shapes_of(abstract_state(stages[index])).items() if math.prod(s)}
   difference = first_difference(saved, wanted, "there", "here")
   if difference:
     raise UserError(f"the checkpoint at step {step} in {where} does not fit this config: "

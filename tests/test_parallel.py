@@ -21,8 +21,10 @@ from jaxlm import parallel
 from jaxlm.errors import UserError
 from jaxlm.model import ModelConfig, init_params, logical_axes
 from jaxlm.optim.optimizers import adamw
+from jaxlm.optim.state_layout import state_layout
 from jaxlm.stages import Stage
 from jaxlm.train_step import sharded_init, state_shardings
+from jaxlm.tree_names import flatten_names
 from helpers import mesh_flags, mesh_result, run_mesh_worker
 
 # Sharded matmuls and all-reduces add float32 partial sums in other orders (~1e-7 relative per
@@ -307,6 +309,25 @@ def test_galore_projectors_split_m_like_their_param_and_replicate_the_rank(mesh)
       else:
         assert moment == sharding, (per_param, keys)
     assert checked == 5
+    assert _init_into(tx, shardings) == shardings
+
+
+@on_eight_devices
+def test_real_adafactor_galore_and_muon_states_shard_by_their_layout(mesh):
+  """optax's own states: every leaf of a param's shape takes the param's sharding, every other
+  a valid one, and the optimizer initialises straight into them."""
+  for optimizer in (lambda lr: optax.adafactor(lr, min_dim_size_to_factor=8),
+                    lambda lr: optax.contrib.galore(lr, rank=4),
+                    lambda lr: optax.contrib.muon(lr)):
+    tx, abstract_params, params, abstract_state = _setup(mesh, optimizer)
+    shardings = parallel.optimizer_state_shardings(tx, abstract_state, params, mesh,
+                                                   abstract_params)
+    _assert_valid(abstract_state, shardings, mesh)
+    by_param = flatten_names(params)
+    layout = state_layout(abstract_state, abstract_params, tx)
+    same = [(tag, sharding) for tag, sharding in zip(layout, jax.tree.leaves(shardings))
+            if tag.relation == "same"]
+    assert same and all(sharding == by_param[tag.param] for tag, sharding in same)
     assert _init_into(tx, shardings) == shardings
 
 

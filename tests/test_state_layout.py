@@ -4,7 +4,9 @@ optimizer state (growth with kept moments, RigL's regrow, vocabulary expansion) 
 or refused with one line naming the leaf and the operation."""
 
 import dataclasses
+import os
 import re
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +24,8 @@ from jaxlm.optim.state_layout import state_layout
 from jaxlm.sparsity.methods import rigl
 from jaxlm.stages import Stage, TransitionContext, hand_over
 from jaxlm.train_step import abstract_state
+from conftest import REPO_ROOT
+from helpers import assert_same_saved_state, cli_run_args, kill_once_logged, resume
 
 MODEL = ModelConfig(vocab_size=320, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                     mlp_dim=64, max_seq_len=64)
@@ -134,3 +138,26 @@ def test_vocabulary_expansion_with_kept_moments_works_or_is_refused(optimizer, e
     with pytest.raises(UserError, match="expand_vocabulary") as error:
       jax.eval_shape(lambda s: hand_over(s, ctx), abstract_state(small))
     _refusal("vocab", optimizer, error.value)
+
+
+@pytest.mark.slow  # Three runs per optimizer, each a subprocess; .ci/run runs the slow tests.
+@pytest.mark.parametrize("optimizer", ["adafactor", "galore", "muon"])
+def test_each_optimizer_is_killed_and_resumes_bitwise(optimizer, tmp_path, small_text_file,
+                                                       monkeypatch):
+  """adamw has its own kill -9 tests (test_fault_tolerance.py); GaLore refreshes its projector
+  every 3 steps, so the resume crosses a refresh."""
+  gin_file = tmp_path / "run.gin"
+  gin_file.write_text(f"import optax_optimizers\nrun.stages = [@only/Stage()]\n"
+                      f"only/Stage.num_steps = 10\nonly/Stage.optimizer = @optax_{optimizer}\n",
+                      encoding="utf-8")
+  monkeypatch.chdir(REPO_ROOT)
+  monkeypatch.setenv("PYTHONPATH", os.pathsep.join(  # So the gin file can import the factories.
+      [str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+  reference = tmp_path / "reference"
+  done = subprocess.run(cli_run_args(reference, small_text_file, gin_file), capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  killed = tmp_path / "killed"
+  kill_once_logged(cli_run_args(killed, small_text_file, gin_file), killed, 6)
+  resume(cli_run_args(killed, small_text_file, gin_file))
+  assert_same_saved_state(reference, killed, 10)
