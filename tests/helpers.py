@@ -202,3 +202,18 @@ def mesh_result(process):
   out, err = process.communicate(timeout=600)
   assert process.returncode == 0, err[-3000:]
   return json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
+
+
+def run_to_the_end(args, cwd=None):
+  """Runs `args` (a `python -m jaxlm.train` command) to the end; it must succeed."""
+  done = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=cwd)
+  assert done.returncode == 0, done.stderr[-2000:]
+
+
+def killed_run_resumes_bitwise(reference, killed, corpus, gin_file, kill_after, final_step):
+  """The run of `gin_file` SIGKILLed once step `kill_after` is logged, then started again, saves
+  at `final_step` exactly what `reference` (the same run, never stopped) saved; returns that
+  saved state."""
+  kill_once_logged(cli_run_args(killed, corpus, gin_file), killed, kill_after)
+  resume(cli_run_args(killed, corpus, gin_file))
+  return assert_same_saved_state(reference, killed, final_step)

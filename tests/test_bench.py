@@ -102,3 +102,10 @@ def test_jaxlm_and_torch_sides_build_the_same_model_and_loss():
   # Same task: both start near ln(V) on uniform random tokens (init std 0.02 on both sides).
   for side in (torch_side, jax_side):
     assert side["first_loss"] == pytest.approx(math.log(MICRO.vocab_size), abs=0.05)
+
+
+def test_compare_step_programs_needs_two_checkouts(tmp_path, capsys):
+  tool = load_tool("compare_step_programs")
+  assert tool.main([str(tmp_path)]) == 2
+  assert tool.main([str(tmp_path), str(REPO_ROOT)]) == 2  # tmp_path holds no jaxlm/.
+  assert "give two checkouts of jaxlm" in capsys.readouterr().err

@@ -8,7 +8,6 @@ Tolerance: 1e-5 on logits of magnitude ~1; observed errors are float32 summation
 differences over the wider contractions, below 2e-6 (printed with -s)."""
 
 import dataclasses
-import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +29,9 @@ from jaxlm.model.anatomy import anatomy
 from jaxlm.stages import Stage, TransitionContext, hand_over
 from jaxlm.train_step import init_state
 from jaxlm.tree_names import flatten_names
-from helpers import (EXACT, QUIET, TINY, assert_same_saved_state, check_exact_width_growth,
-                     cli_run_args, growth_ctx, growth_tokens, kill_once_logged, logit_error,
-                     mesh_flags, mesh_result, metric_records, resume, run_mesh_worker, tiny_stage,
+from helpers import (EXACT, QUIET, TINY, check_exact_width_growth, cli_run_args, growth_ctx,
+                     growth_tokens, killed_run_resumes_bitwise, logit_error, mesh_flags,
+                     mesh_result, metric_records, run_mesh_worker, run_to_the_end, tiny_stage,
                      trained_like, wider)
 
 MHA = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=4,
@@ -284,14 +283,9 @@ def test_a_run_killed_just_after_growth_resumes_bitwise(tmp_path, small_text_fil
   gin_file = tmp_path / "growth.gin"
   gin_file.write_text(GROWTH_GIN, encoding="utf-8")
   monkeypatch.chdir(REPO_ROOT)
-  reference = tmp_path / "reference"
-  done = subprocess.run(cli_run_args(reference, small_text_file, gin_file), capture_output=True,
-                        text=True, timeout=300)
-  assert done.returncode == 0, done.stderr[-2000:]
-  killed = tmp_path / "killed"
-  kill_once_logged(cli_run_args(killed, small_text_file, gin_file), killed, 5)
-  resume(cli_run_args(killed, small_text_file, gin_file))
-  got = assert_same_saved_state(reference, killed, 12)
+  run_to_the_end(cli_run_args(tmp_path / "reference", small_text_file, gin_file))
+  got = killed_run_resumes_bitwise(tmp_path / "reference", tmp_path / "killed", small_text_file,
+                                   gin_file, kill_after=5, final_step=12)
   assert set(got["method_state"]) == {"msg"}
 
 

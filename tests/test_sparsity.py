@@ -6,7 +6,6 @@ function, masks sharded with their params; bad input is one line each."""
 
 import dataclasses
 import math
-import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +26,8 @@ from jaxlm.stages import TransitionContext
 from jaxlm.train_step import init_state, make_train_step, sharded_init, state_shardings
 from jaxlm.tree_names import get_named
 from conftest import REPO_ROOT
-from helpers import (assert_same_saved_state, cli_run_args, kill_once_logged, mesh_and_rules,
-                     mesh_flags, mesh_result, random_batch, resume, run_mesh_worker, tiny_stage)
+from helpers import (cli_run_args, killed_run_resumes_bitwise, mesh_and_rules, mesh_flags,
+                     mesh_result, random_batch, run_mesh_worker, run_to_the_end, tiny_stage)
 
 
 def _train(stage, steps, collect=None):
@@ -352,9 +351,7 @@ def rigl_reference(tmp_path_factory):
   corpus, gin_file = root / "corpus.txt", root / "rigl.gin"
   corpus.write_text(open(textwrap.__file__, encoding="utf-8").read(), encoding="utf-8")
   gin_file.write_text(RIGL_GIN, encoding="utf-8")
-  done = subprocess.run(cli_run_args(root / "reference", corpus, gin_file),
-                        capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
-  assert done.returncode == 0, done.stderr[-2000:]
+  run_to_the_end(cli_run_args(root / "reference", corpus, gin_file), cwd=REPO_ROOT)
   return root, corpus, gin_file
 
 
@@ -365,10 +362,8 @@ def test_a_sparse_run_killed_mid_way_resumes_bitwise(rigl_reference, monkeypatch
   resume point is the last checkpoint (every 2 steps) at or before the kill."""
   root, corpus, gin_file = rigl_reference
   monkeypatch.chdir(REPO_ROOT)
-  killed = root / f"killed_{kill_after}"
-  kill_once_logged(cli_run_args(killed, corpus, gin_file), killed, kill_after)
-  resume(cli_run_args(killed, corpus, gin_file))
-  got = assert_same_saved_state(root / "reference", killed, 12)
+  got = killed_run_resumes_bitwise(root / "reference", root / f"killed_{kill_after}", corpus,
+                                   gin_file, kill_after, final_step=12)
   assert set(got["method_state"]) == {"rigl"}
 
 

@@ -7,7 +7,6 @@ import dataclasses
 import re
 import json
 import os
-import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +29,7 @@ from jaxlm.train_step import (abstract_state, init_state, make_train_step, shard
 from jaxlm.tree_names import flatten_names
 from helpers import (QUIET, TINY, assert_same_saved_state, cli_run_args, kill_once_logged,
                      last_logged_step, mesh_and_rules, metric_records, random_batch, raw_state,
-                     resume, tiny_data, tiny_stage)
+                     resume, run_to_the_end, tiny_data, tiny_stage)
 
 WIDE = dataclasses.replace(TINY, mlp_dim=256)
 
@@ -261,9 +260,7 @@ def test_the_toy_method_is_killed_in_its_stage_and_resumes_bitwise(tmp_path, sma
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join(  # So the gin file can `import toy_method`.
       [str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
   reference = tmp_path / "reference"
-  done = subprocess.run(cli_run_args(reference, small_text_file, gin_file), capture_output=True,
-                        text=True, timeout=300)
-  assert done.returncode == 0, done.stderr[-2000:]
+  run_to_the_end(cli_run_args(reference, small_text_file, gin_file))
 
   killed = tmp_path / "killed"
   kill_once_logged(cli_run_args(killed, small_text_file, gin_file), killed, 9)

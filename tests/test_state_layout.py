@@ -6,7 +6,6 @@ or refused with one line naming the leaf and the operation."""
 import dataclasses
 import os
 import re
-import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +24,7 @@ from jaxlm.sparsity.methods import rigl
 from jaxlm.stages import Stage, TransitionContext, hand_over
 from jaxlm.train_step import abstract_state
 from conftest import REPO_ROOT
-from helpers import assert_same_saved_state, cli_run_args, kill_once_logged, resume
+from helpers import cli_run_args, killed_run_resumes_bitwise, run_to_the_end
 
 MODEL = ModelConfig(vocab_size=320, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                     mlp_dim=64, max_seq_len=64)
@@ -153,11 +152,6 @@ def test_each_optimizer_is_killed_and_resumes_bitwise(optimizer, tmp_path, small
   monkeypatch.chdir(REPO_ROOT)
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join(  # So the gin file can import the factories.
       [str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
-  reference = tmp_path / "reference"
-  done = subprocess.run(cli_run_args(reference, small_text_file, gin_file), capture_output=True,
-                        text=True, timeout=300)
-  assert done.returncode == 0, done.stderr[-2000:]
-  killed = tmp_path / "killed"
-  kill_once_logged(cli_run_args(killed, small_text_file, gin_file), killed, 6)
-  resume(cli_run_args(killed, small_text_file, gin_file))
-  assert_same_saved_state(reference, killed, 10)
+  run_to_the_end(cli_run_args(tmp_path / "reference", small_text_file, gin_file))
+  killed_run_resumes_bitwise(tmp_path / "reference", tmp_path / "killed", small_text_file,
+                             gin_file, kill_after=6, final_step=10)

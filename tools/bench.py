@@ -37,7 +37,8 @@ import sys
 import time
 
 from jaxlm import host_memory
-from jaxlm.benchmarking import ADAMW, CONFIGS, LEARNING_RATE, BenchConfig, random_batch
+from jaxlm.benchmarking import (ADAMW, CONFIGS, LEARNING_RATE, BenchConfig, benchmark_stage,
+                                random_batch)
 
 class PeakMemory:
   """Peak resident set of this process over the timed steps, above what it held before the
@@ -110,17 +111,13 @@ def run_jaxlm(bench: BenchConfig, dtype: str, steps: int, warmup: int, **model_o
   one-device mesh, the batch already on the device."""
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  import optax  # pylint: disable=import-outside-toplevel
   from jaxlm import parallel  # pylint: disable=import-outside-toplevel
-  from jaxlm.optim.optimizers import adamw  # pylint: disable=import-outside-toplevel
-  from jaxlm.stages import Stage  # pylint: disable=import-outside-toplevel
   from jaxlm.train_step import (  # pylint: disable=import-outside-toplevel
       make_train_step, sharded_init, state_shardings)
 
   memory = PeakMemory()
-  stage = Stage(num_steps=steps + warmup, model=bench.model_config(dtype, **model_overrides),
-                schedule=lambda _: optax.constant_schedule(LEARNING_RATE),
-                optimizer=lambda schedule: adamw(schedule, **ADAMW))
+  stage = benchmark_stage(bench, dtype, steps + warmup,
+                          model=bench.model_config(dtype, **model_overrides))
   mesh_config = parallel.MeshConfig(data=1, fsdp=1, tensor=1)
   mesh, rules = parallel.make_mesh(mesh_config, jax.devices()[:1]), mesh_config.resolved_rules()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

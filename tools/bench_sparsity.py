@@ -42,17 +42,11 @@ def measure(config: str, algorithm: str, steps: int, period: int) -> dict:
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import optax  # pylint: disable=import-outside-toplevel
   from jaxlm import parallel  # pylint: disable=import-outside-toplevel
-  from jaxlm.optim.optimizers import adamw  # pylint: disable=import-outside-toplevel
-  from jaxlm.stages import Stage  # pylint: disable=import-outside-toplevel
   from jaxlm.train_step import (  # pylint: disable=import-outside-toplevel
       make_train_step, sharded_init, state_shardings)
   spec = bench.CONFIGS[config]
-  stage = Stage(num_steps=100 * period, model=spec.model_config("float32"),
-                schedule=lambda _: optax.constant_schedule(bench.LEARNING_RATE),
-                optimizer=lambda schedule: adamw(schedule, **bench.ADAMW),
-                methods=_method(algorithm, period))
+  stage = bench.benchmark_stage(spec, "float32", 100 * period, methods=_method(algorithm, period))
   mesh_config = parallel.MeshConfig(data=1, fsdp=1, tensor=1)
   mesh, rules = parallel.make_mesh(mesh_config, jax.devices()[:1]), mesh_config.resolved_rules()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
