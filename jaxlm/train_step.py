@@ -14,6 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxlm import parallel
 from jaxlm.methods.hooks import MethodHooks, init_method_state
 from jaxlm.model import init_params, logical_axes, token_losses
+from jaxlm.model.loss import training_losses
 from jaxlm.stages import Stage, learning_rate_of, set_learning_rate
 
 
@@ -92,9 +93,11 @@ def make_train_step(stage: Stage, shardings: TrainState, batch_sharding,
   update is skipped, so data order and schedules stay tied to the step. The learning rate is
   the stage's schedule at (state.step - stage_start), set into the optimizer state each step.
 
-  The stage's methods (methods/hooks.py) transform the params the loss sees, add auxiliary
-  losses (each micro-batch's, averaged over micro-batches), and transform the state after the
-  update; with no methods none of that is traced."""
+  The model's own auxiliary losses (what its modules sow into "losses", e.g. an MoE layer's
+  balancing loss; logged as train/aux/model/<name>) are added to the loss. The stage's methods
+  (methods/hooks.py) transform the params the loss sees, add auxiliary losses of their own, and
+  transform the state after the update. Auxiliary losses are each micro-batch's, averaged over
+  micro-batches; a dense model with no methods traces none of that."""
   cfg, tx = stage.model, stage.make_optimizer()
   schedule = schedule or stage.make_schedule()  # The trainer's re-warms from the last stage.
   hooks = MethodHooks(stage.methods)
@@ -103,12 +106,14 @@ def make_train_step(stage: Stage, shardings: TrainState, batch_sharding,
     """Summed weighted cross-entropy (+ total_weight x aux / k, so that dividing the summed
     gradient by total_weight gives the mean cross-entropy + the mean auxiliary loss)."""
     params = hooks.params_for_loss(params, method_state, step)
-    if not hooks.wants_intermediates:
-      loss_sum = jnp.sum(token_losses(params, cfg, batch) * batch["weights"])
-      return loss_sum, (loss_sum, {})
-    ce_BL, intermediates = token_losses(params, cfg, batch, with_intermediates=True)
+    ce_BL, model_losses, intermediates = training_losses(params, cfg, batch,
+                                                         hooks.wants_intermediates)
     loss_sum = jnp.sum(ce_BL * batch["weights"])
-    aux = hooks.aux_losses(params, method_state, intermediates)
+    aux = {f"model/{name}": value for name, value in model_losses.items()}
+    if hooks.wants_intermediates:
+      aux.update(hooks.aux_losses(params, method_state, intermediates))
+    if not aux:
+      return loss_sum, (loss_sum, {})
     scale = total_weight / num_microbatches
     return loss_sum + scale * sum(aux.values()), (loss_sum, aux)
 

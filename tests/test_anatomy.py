@@ -1,6 +1,7 @@
 """The model's anatomy: a block variant defined only here (a plain GELU MLP with T5-style keys and
-its output matrix stored [embed, mlp], i.e. reading its second axis) goes through growth,
-N:M sparsity, the FLOPs count, subcloning and interop with no change to those modules."""
+its output matrix stored [embed, mlp], i.e. reading its second axis, and a loss of its own) goes
+through growth, N:M sparsity, the FLOPs count, subcloning, interop and the train step with no
+change to those modules."""
 
 import dataclasses
 from typing import ClassVar
@@ -11,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import flops
+from helpers import mesh_and_rules, random_batch
+from jaxlm import flops, parallel
+from jaxlm.data.pipeline import DataConfig
 from jaxlm.errors import UserError
 from jaxlm.growth.depth import depth_sources, grow_depth
 from jaxlm.growth.subcloning import activation_stats, subclone
@@ -21,8 +24,11 @@ from jaxlm.interop.hf_import import HFParams
 from jaxlm.model import ModelConfig, forward, init_params
 from jaxlm.model.anatomy import anatomy
 from jaxlm.model.layers import Role, param_with_axes, register_mlp
+from jaxlm.model.loss import training_losses
 from jaxlm.sparsity.methods import nm_sparsity
 from jaxlm.sparsity.topk import nm_mask
+from jaxlm.stages import Stage
+from jaxlm.train_step import make_train_step, sharded_init, state_shardings
 
 
 class GeluMLP(nn.Module):
@@ -39,9 +45,11 @@ class GeluMLP(nn.Module):
     w_out = param_with_axes(self, "wo_t", init, shape, ("embed", "mlp"), cfg.param_dtype)
     h_BLF = nn.gelu(jnp.einsum("bld,df->blf", x_BLD, w_in))
     self.sow("activations", "mlp", h_BLF)
+    self.sow("losses", "hidden_l2", HIDDEN_L2 * jnp.mean(h_BLF ** 2))  # The model's own loss.
     return jnp.einsum("blf,df->bld", h_BLF, w_out)
 
 
+HIDDEN_L2 = 1e-2
 register_mlp("gelu_test", GeluMLP)
 VARIANT = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                       mlp_dim=48, max_seq_len=64, mlp="gelu_test")
@@ -122,3 +130,20 @@ def test_an_unknown_mlp_kind_is_one_line():
   with pytest.raises(UserError, match=r"ModelConfig.mlp='moe' is not an MLP jaxlm knows; "
                                       r"choose one of \['gelu_test', 'swiglu'\]"):
     anatomy(dataclasses.replace(VARIANT, mlp="moe"))
+
+
+def test_the_models_own_loss_is_trained_and_logged():
+  model = dataclasses.replace(VARIANT, vocab_size=256)  # random_batch draws ids below 200.
+  stage = Stage(num_steps=200, model=model, data=DataConfig(seq_len=16, batch_size=2))
+  mesh, rules = mesh_and_rules()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    shardings = state_shardings(stage, mesh, rules)
+    state = sharded_init(stage, shardings, jax.random.key(0))
+    batch = random_batch(stage, rows=2)
+    ce_BL, losses, _ = training_losses(state.params, model, batch)
+    _, metrics = make_train_step(stage, shardings, parallel.batch_sharding(mesh, rules))(
+        state, batch)
+  assert sorted(losses) == ["hidden_l2"] and float(losses["hidden_l2"]) > 0
+  np.testing.assert_allclose(metrics["train/aux/model/hidden_l2"], losses["hidden_l2"],
+                             rtol=1e-6)
+  np.testing.assert_allclose(metrics["train/loss"], np.mean(ce_BL), rtol=1e-6)  # CE alone.

@@ -4,7 +4,24 @@ import jax.numpy as jnp
 
 from jaxlm.model.config import ModelConfig
 from jaxlm.model.cross_entropy import head_cross_entropy
-from jaxlm.model.transformer import features
+from jaxlm.model.transformer import features, features_and_losses
+
+
+def _cross_entropy(x_BLD, w_DV, cfg: ModelConfig, batch):
+  b, l, d = x_BLD.shape
+  weights_N = batch["weights"].reshape(-1) if "weights" in batch else jnp.ones((b * l,))
+  ce_N = head_cross_entropy(x_BLD.reshape(b * l, d), w_DV, batch["targets"].reshape(-1),
+                            weights_N, cfg.compute_dtype)
+  return ce_N.reshape(b, l)
+
+
+def training_losses(params, cfg: ModelConfig, batch, with_intermediates: bool = False):
+  """(per-target cross-entropy [B, L], the model's own auxiliary losses {name: weighted
+  scalar}, what the model sowed into "intermediates" or None): what the train step minimises.
+  A dense model has no auxiliary losses; an MoE layer's balancing losses are its own."""
+  (x_BLD, w_DV), losses, intermediates = features_and_losses(
+      params, cfg, batch["inputs"], batch["positions"], batch["segment_ids"], with_intermediates)
+  return _cross_entropy(x_BLD, w_DV, cfg, batch), losses, intermediates
 
 
 def token_losses(params, cfg: ModelConfig, batch, with_intermediates: bool = False):
@@ -16,9 +33,5 @@ def token_losses(params, cfg: ModelConfig, batch, with_intermediates: bool = Fal
   out = features(params, cfg, batch["inputs"], batch["positions"], batch["segment_ids"],
                  with_intermediates=with_intermediates)
   (x_BLD, w_DV), intermediates = out if with_intermediates else (out, None)
-  b, l, d = x_BLD.shape
-  weights_N = batch["weights"].reshape(-1) if "weights" in batch else jnp.ones((b * l,))
-  ce_N = head_cross_entropy(x_BLD.reshape(b * l, d), w_DV, batch["targets"].reshape(-1),
-                            weights_N, cfg.compute_dtype)
-  ce_BL = ce_N.reshape(b, l)
+  ce_BL = _cross_entropy(x_BLD, w_DV, cfg, batch)
   return (ce_BL, intermediates) if with_intermediates else ce_BL

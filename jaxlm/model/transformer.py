@@ -140,6 +140,21 @@ def features(params, config: ModelConfig, tokens_BL, positions_BL=None, segment_
   return out, collections.get("intermediates", {})
 
 
+def features_and_losses(params, config: ModelConfig, tokens_BL, positions_BL=None,
+                        segment_ids_BL=None, with_intermediates: bool = False):
+  """((x_BLD, w_DV), the model's own auxiliary losses, intermediates or None). A module adds a
+  loss to training by sowing a weighted scalar: `self.sow("losses", "load_balancing", value)`;
+  the values sown under one name are summed over the model (every layer's)."""
+  mutable = ["losses", "intermediates"] if with_intermediates else ["losses"]
+  out, collections = Decoder(config).apply({"params": params}, tokens_BL, positions_BL,
+                                           segment_ids_BL, features_only=True, mutable=mutable)
+  losses = {}
+  for path, value in jax.tree_util.tree_flatten_with_path(collections.get("losses", {}))[0]:
+    name = str(path[-2].key)  # sow keeps a tuple of values under each name.
+    losses[name] = losses.get(name, 0.0) + value
+  return out, losses, (collections.get("intermediates", {}) if with_intermediates else None)
+
+
 def init_cache(config: ModelConfig, batch: int, max_len: int):
   """An empty KV cache of `max_len` slots per row for `prefill` and `decode_step`: the 'cache'
   collection of the Decoder, a plain pytree. Keys and values are kept in the compute dtype:
