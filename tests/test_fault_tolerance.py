@@ -4,10 +4,12 @@ assignment map, pre-flight checks, keep policy. Nothing already saved may be los
 import dataclasses
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -125,13 +127,25 @@ def _biggest_file(directory):
   return max(files, key=os.path.getsize)
 
 
+@pytest.fixture(scope="module")
+def trained_to_step_8(tmp_path_factory):
+  """A finished 8-step run (checkpoints 4 and 8) and its corpus, copied by each test."""
+  root = tmp_path_factory.mktemp("trained_to_step_8")
+  corpus = root / "corpus.txt"
+  corpus.write_text(pathlib.Path(textwrap.__file__).read_text(encoding="utf-8"),
+                    encoding="utf-8")
+  trainer.run(str(root / "run"), [tiny_stage(corpus, 8)], trainer=QUIET)
+  return root / "run", corpus
+
+
 @pytest.mark.slow  # Default suite under 15 minutes; .ci/run runs the slow tests.
 @pytest.mark.parametrize("damage", ["truncate_array_file", "delete_meta_item",
                                     "delete_tree_metadata", "garble_record", "damage_manifest"])
-def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, small_text_file,
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, trained_to_step_8,
                                                                  caplog, damage):
+  trained, small_text_file = trained_to_step_8
   model_dir = tmp_path / "run"
-  trainer.run(str(model_dir), [tiny_stage(small_text_file, 8)], trainer=QUIET)
+  shutil.copytree(trained, model_dir)
   newest = model_dir / "checkpoints" / "8"
   if damage == "truncate_array_file":
     victim = _biggest_file(newest / "state")
