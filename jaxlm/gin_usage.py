@@ -151,7 +151,7 @@ def describe(key: Key) -> str:
     fix = _fix_for(scope, name, selector) or "check the name, or remove the binding"
   elif not any(_reaches(scope, s) for s in calls):
     why = f"{name} is called only {'unscoped' if calls == [''] else f'in scopes {scopes}'}"
-    fix = _fix_for(scope, name, selector) or f"bind it in one of those scopes, or remove it"
+    fix = _fix_for(scope, name, selector) or "bind it in one of those scopes, or remove it"
   else:
     why = (f"every call of {name} in scope {scope or 'unscoped'!r} gets {param} from the code "
            "or from a binding in a narrower scope")
