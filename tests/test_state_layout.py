@@ -6,6 +6,7 @@ or refused with one line naming the leaf and the operation."""
 import dataclasses
 import os
 import re
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ from jaxlm.sparsity.methods import rigl
 from jaxlm.stages import Stage, TransitionContext, hand_over
 from jaxlm.train_step import abstract_state
 from conftest import REPO_ROOT
-from helpers import cli_run_args, killed_run_resumes_bitwise, run_to_the_end
+from helpers import assert_same_saved_state, cli_run_args, kill_once_logged, run_to_the_end
 
 MODEL = ModelConfig(vocab_size=320, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                     mlp_dim=64, max_seq_len=64)
@@ -139,19 +140,42 @@ def test_vocabulary_expansion_with_kept_moments_works_or_is_refused(optimizer, e
     _refusal("vocab", optimizer, error.value)
 
 
-@pytest.mark.slow  # Three runs per optimizer, each a subprocess; .ci/run runs the slow tests.
-@pytest.mark.parametrize("optimizer", ["adafactor", "galore", "muon"])
-def test_each_optimizer_is_killed_and_resumes_bitwise(optimizer, tmp_path, small_text_file,
-                                                       monkeypatch):
-  """adamw has its own kill -9 tests (test_fault_tolerance.py); GaLore refreshes its projector
-  every 3 steps, so the resume crosses a refresh."""
-  gin_file = tmp_path / "run.gin"
-  gin_file.write_text(f"import optax_optimizers\nrun.stages = [@only/Stage()]\n"
-                      f"only/Stage.num_steps = 10\nonly/Stage.optimizer = @optax_{optimizer}\n",
-                      encoding="utf-8")
+THREE_OPTIMIZERS_GIN = """
+import optax_optimizers
+run.stages = [@adafactor/Stage(), @galore/Stage(), @muon/Stage()]
+adafactor/Stage.num_steps = 6
+galore/Stage.num_steps = 6
+muon/Stage.num_steps = 6
+adafactor/Stage.optimizer = @optax_adafactor
+galore/Stage.optimizer = @optax_galore
+muon/Stage.optimizer = @optax_muon
+"""
+
+
+@pytest.mark.slow  # Five subprocess runs; .ci/run runs the slow tests.
+def test_adafactor_galore_and_muon_states_are_killed_and_resume_bitwise(tmp_path,
+                                                                        small_text_file,
+                                                                        monkeypatch):
+  """One run whose three stages (6 steps each) train with adafactor, GaLore (its projector
+  refreshed every 3 steps) and Muon, killed with SIGKILL in each stage, resumes each time from
+  a checkpoint inside that stage (so with that optimizer's state restored) and ends exactly
+  where the run that never stopped ends. adamw has its own kill -9 tests."""
+  gin_file = tmp_path / "three.gin"
+  gin_file.write_text(THREE_OPTIMIZERS_GIN, encoding="utf-8")
   monkeypatch.chdir(REPO_ROOT)
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join(  # So the gin file can import the factories.
       [str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
-  run_to_the_end(cli_run_args(tmp_path / "reference", small_text_file, gin_file))
-  killed_run_resumes_bitwise(tmp_path / "reference", tmp_path / "killed", small_text_file,
-                             gin_file, kill_after=6, final_step=10)
+  args = lambda model_dir: cli_run_args(model_dir, small_text_file, gin_file)
+  run_to_the_end(args(tmp_path / "reference"))
+  killed, logs = tmp_path / "killed", []
+  for kill_after in (5, 11, 17):  # Checkpoints every 2 steps; stages end at 6, 12, 18.
+    logs.append(kill_once_logged(args(killed), killed, kill_after).stderr.read())
+  final = subprocess.run(args(killed), capture_output=True, text=True, timeout=300)
+  assert final.returncode == 0, final.stderr[-2000:]
+  resumed_from = [int(m.group(1)) if (m := re.search(r"resuming from step (\d+)", log)) else None
+                  for log in logs + [final.stderr]]
+  # Each restart resumed inside the stage it was killed in: 2 or 4, 8 or 10, 14 or 16.
+  assert resumed_from[0] is None and [step // 6 for step in resumed_from[1:]] == [0, 1, 2], (
+      resumed_from)
+  assert all(step % 6 for step in resumed_from[1:]), resumed_from
+  assert_same_saved_state(tmp_path / "reference", killed, 18)
