@@ -153,6 +153,7 @@ def expand_vocabulary(state, ctx: TransitionContext, init: str = "mean"):
   texts = token_texts(new, new_ids)
   # The params with a token axis (the embedding, an untied head), as the anatomy lists them.
   token_parts = [p for p in anatomy(ctx.previous.model) if "vocab" in p.axes]
+  # Two keys at least: the embedding draws with the first of two whether or not a head follows.
   rngs = jax.random.split(ctx.rng, max(2, len(token_parts)))
   fresh = _fresh_params(ctx) if init == "random" else None
   grown = {}

@@ -37,6 +37,7 @@ from jaxlm.methods.hooks import Method
 from jaxlm.model import ModelConfig, init_params, logical_axes
 from jaxlm.model.anatomy import Anatomy, Part, anatomy
 from jaxlm.stages import TransitionContext, transition
+from jaxlm.tree_names import get_named
 
 NAME = "ligo"
 WIDTH_AXES = ("embed", "mlp", "heads", "kv_heads")
@@ -80,8 +81,8 @@ def materialize(operator: dict, small, parts: Anatomy):
           lambda path, x, key=key: _widen(x, parts[(key, *(str(k.key) for k in path))].axes,
                                           width), value)
   blocks, types = parts.blocks_in(small), block_types(parts)
-  stacked = {t: jnp.stack([_widen(part.get({part.path[0]: small[b]}), part.axes, width)
-                           for b in blocks]) for t, part in types.items()}
+  stacked = {t: jnp.stack([_widen(get_named(small[b], t), part.axes, width) for b in blocks])
+             for t, part in types.items()}
   mixed = {t: jnp.tensordot(depth[t], stacked[t], axes=([1], [0])) for t in types}
   for l in range(next(iter(depth.values())).shape[0]):
     block = {}

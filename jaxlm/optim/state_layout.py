@@ -106,18 +106,22 @@ def state_layout(opt_state, params, tx=None) -> list[StateLeaf]:
   return layout
 
 
+def _refuse_other_relations(leaves: list[StateLeaf], operation: str) -> None:
+  for leaf in leaves:
+    if leaf.relation != "same":
+      raise UserError(f"{operation} cannot carry the optimizer state leaf {leaf.name!r} "
+                      f"{list(leaf.shape)} ({leaf.relation}, of the param {leaf.param!r}); start "
+                      "the stage with a fresh optimizer state (Stage.keep_optimizer_state = "
+                      "False) or use an optimizer whose state has the params' shapes")
+
+
 def map_same_leaves(opt_state, params, fn, operation: str, tx=None, only=None):
   """`opt_state` with fn(param name, leaf) applied to every leaf of its param's shape (of the
   params named in `only`, if given); a leaf tied to one of those params in any other way is
   refused with one line naming it and `operation`."""
   layout = state_layout(opt_state, params, tx)
   chosen = lambda leaf: leaf.param is not None and (only is None or leaf.param in only)
-  for leaf in layout:
-    if chosen(leaf) and leaf.relation != "same":
-      raise UserError(f"{operation} cannot carry the optimizer state leaf {leaf.name!r} "
-                      f"{list(leaf.shape)} ({leaf.relation}, of the param {leaf.param!r}); start "
-                      "the stage with a fresh optimizer state (Stage.keep_optimizer_state = "
-                      "False) or use an optimizer whose state has the params' shapes")
+  _refuse_other_relations([leaf for leaf in layout if chosen(leaf)], operation)
   values, treedef = jax.tree.flatten(opt_state)
   return treedef.unflatten([fn(leaf.param, value) if chosen(leaf) and leaf.relation == "same"
                             else value for leaf, value in zip(layout, values)])
@@ -129,7 +133,7 @@ def map_same_trees(opt_state, params, fn, operation: str, tx=None):
   tree itself (depth growth adds blocks). Refuses like `map_same_leaves`, and refuses a "same"
   leaf outside such a subtree (a moment kept for some params only)."""
   layout = state_layout(opt_state, params, tx)
-  map_same_leaves(opt_state, params, lambda _, leaf: leaf, operation, tx)  # The check.
+  _refuse_other_relations([leaf for leaf in layout if leaf.param is not None], operation)
   treedef = jax.tree.structure(params)
   shapes = [tuple(p.shape) for p in jax.tree.leaves(params)]
 
