@@ -141,6 +141,52 @@ def test_an_arm_cannot_run_more_seeds_than_the_arm_it_restores():
   assert reproduce.seed_counts(manifest, None, quick=True) == {"base": 1, "more": 1}
 
 
+def test_an_arms_binding_of_its_seed_wins_and_reads_seed_k():
+  manifest = reproduce.Manifest("f", "/x", "F", "tokens", (), ())
+  arm = reproduce.Arm("reference", "ref.gin", ("DataConfig.seed = 1{seed}",))
+  flags = reproduce.arm_flags(manifest, arm, "/runs/seed2/reference", quick=False, seed=2)
+  bindings = [f.split("=", 1)[1] for f in flags if f.startswith("--gin_bindings=")]
+  # gin keeps the last binding: the arm's own, with {seed} read as 2.
+  assert [b for b in bindings if b.startswith("DataConfig.seed")] == [
+      "DataConfig.seed = 2", "DataConfig.seed = 12"]
+  assert "DataConfig.seed = 10" in reproduce.arm_flags(manifest, arm, "/runs/reference",
+                                                       quick=False)[1].split("=", 1)[1]
+
+
+def _write_run(folder, records, config=""):
+  folder.mkdir(parents=True)
+  (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  (folder / "config.gin").write_text(config)
+
+
+def test_an_arms_compute_counts_what_it_restored_up_to_the_restored_step(tmp_path):
+  """A branch restored at step 2 of a run that read 100 tokens a step (and was itself
+  restored from a run of 1000 tokens) has spent 1000 + 200 before its own 50."""
+  restores = "Stage.restore_from = @RestoreConfig()\nRestoreConfig.path = '{}'\n{}"
+  _write_run(tmp_path / "first", [{"step": 10, "total/tokens": 1000.0}])
+  _write_run(tmp_path / "stable", [{"step": s, "total/tokens": 100.0 * s} for s in (1, 2, 3, 4)],
+             restores.format(tmp_path / "first", ""))
+  _write_run(tmp_path / "branch", [{"step": 1, "total/tokens": 50.0}],
+             restores.format(tmp_path / "stable", "RestoreConfig.step = 2\n"))
+  metrics = reproduce.with_restored_compute({"total/tokens": 50.0}, str(tmp_path / "branch"),
+                                            "tokens")
+  assert metrics[reproduce.WITH_SOURCES] == 1000 + 200 + 50
+  alone = reproduce.with_restored_compute({"total/tokens": 7.0}, str(tmp_path / "first"), "tokens")
+  assert alone[reproduce.WITH_SOURCES] == 7.0
+
+
+def test_a_paper_number_under_a_metric_the_table_does_not_show_is_refused(tmp_path,
+                                                                          small_text_file):
+  experiments = _family(tmp_path, small_text_file)
+  path = experiments / "toy" / "manifest.json"
+  manifest = json.loads(path.read_text())
+  manifest["tables"][0]["rows"][0]["paper"] = {"eval/wiki/loss": 9.5}
+  path.write_text(json.dumps(manifest))
+  with pytest.raises(reproduce.ReproduceError, match="row 'low': paper number for "
+                                                     "'eval/wiki/loss', which is not among"):
+    reproduce.load_manifest(str(experiments), "toy")
+
+
 @pytest.mark.parametrize("args, expected", [
     (["nope"], "unknown family 'nope'"),
     (["toy", "--seeds=0"], "--seeds=0: give 1 or more"),

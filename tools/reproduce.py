@@ -30,7 +30,8 @@ plots folder. A report is a python script run after the arms; its output goes in
 
 Seeds: an arm runs `seeds` times (default 1; `--seeds=N` sets every arm's), seed k with
 `run.seed = k` and `DataConfig.seed = k` (model initialisation and data order; every arm's seed k
-reads the same rows). Seed 0 lives in RUNS/ARM, seed k > 0 in RUNS/seed{k}/ARM, where {runs}
+reads the same rows); an arm's own binding of either wins, and may write {seed} for k (the
+stability gap's reference model reads "DataConfig.seed = 1{seed}": an order no arm reads). Seed 0 lives in RUNS/ARM, seed k > 0 in RUNS/seed{k}/ARM, where {runs}
 stands for RUNS/seed{k}: an arm's seed k restores seed k of the arm it names. A table cell over
 several seeds is "mean ± standard deviation (n=K)"; a row with "versus": ARM gets a difference
 column, written as a tie where the difference is smaller than the two arms' summed standard
@@ -59,11 +60,15 @@ import sys
 import time
 
 from jaxlm.reports import plots as report_plots
-from jaxlm.reports.runs import ReportError
+from jaxlm.reports.runs import ReportError, branch_offset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- reproduce:begin -->", "<!-- reproduce:end -->"
 COMPARE_ON = {"tokens": "total/tokens", "flops": "total/flops"}
+# An arm's compute counts what it restored from another arm (base's pretraining before a
+# continual arm, a WSD branch's stable prefix up to its branch step): equal compute is
+# the comparison the tables make.
+WITH_SOURCES = "compute with restored runs"
 
 
 class ReproduceError(ValueError):
@@ -135,7 +140,13 @@ def load_manifest(experiments_dir: str, family: str) -> Manifest:
         raise ReproduceError(f"{path}: plot group {group.get('name')!r} names arm {name!r}, "
                              f"which is not among the arms {names}")
   for table in manifest.tables:
+    metrics = table.get("metrics", [])
     for row in table.get("rows", ()):
+      unknown = sorted(set(row.get("paper", {})) - set(metrics))
+      if unknown:  # A paper number under another key would never be shown.
+        raise ReproduceError(f"{path}: table {table.get('title')!r}, row {row['arm']!r}: paper "
+                             f"number for {unknown[0]!r}, which is not among the table's "
+                             f"metrics {metrics}")
       if row.get("versus", row["arm"]) not in names:
         raise ReproduceError(f"{path}: table {table.get('title')!r} compares {row['arm']!r} with "
                              f"{row['versus']!r}, which is not among the arms {names}")
@@ -196,6 +207,15 @@ def final_metrics(model_dir: str) -> dict[str, float]:
   return metrics
 
 
+def with_restored_compute(metrics: dict[str, float], model_dir: str, compare_on: str) -> dict:
+  """`metrics` with WITH_SOURCES: its own compute plus, if it restored another run, that run's
+  compute at the step it restored (and so on up the chain)."""
+  own = metrics.get(COMPARE_ON[compare_on])
+  if own is None:
+    return metrics
+  return {**metrics, WITH_SOURCES: own + branch_offset(model_dir, compare_on)}
+
+
 def run_arm(manifest: Manifest, arm: Arm, model_dir: str, quick: bool, index: int,
             count: int, seed: int = 0) -> dict[str, float]:
   """Trains (or resumes) one seed of an arm; returns its final metrics. A finished one is not
@@ -236,8 +256,10 @@ def arm_flags(manifest: Manifest, arm: Arm, model_dir: str, quick: bool,
   defaults that some arms do not use (--gin_defaults: a warning); the arm's own must be used.
   Seed k > 0 sets the model's initialisation and the data order (seed 0 keeps the manifest's)."""
   runs = os.path.dirname(model_dir)
-  own = [*arm.bindings, f"MODEL_DIR = '{model_dir}'", "TrainerConfig.progress = 'log'",
-         *([f"run.seed = {seed}", f"DataConfig.seed = {seed}"] if seed else [])]
+  # The seed's bindings come first, so an arm that sets its own (with {seed} in it) wins.
+  own = [*([f"run.seed = {seed}", f"DataConfig.seed = {seed}"] if seed else []),
+         *(b.replace("{seed}", str(seed)) for b in arm.bindings),
+         f"MODEL_DIR = '{model_dir}'", "TrainerConfig.progress = 'log'"]
   return [f"--gin_file={os.path.join(manifest.folder, arm.gin)}",
           *[f"--gin_defaults={b.replace('{runs}', runs)}" for b in manifest.bindings],
           *[f"--gin_bindings={b.replace('{runs}', runs)}" for b in own],
@@ -351,7 +373,7 @@ def results_markdown(manifest: Manifest, results: dict[str, list[dict]], plots: 
     # "compare": the metrics a "versus" row is compared on (default: all of them).
     versus = list(table.get("compare", metrics)) if any("versus" in r for r in rows) else []
     lines += [f"**{table.get('title', 'Results')}** — paper: {table.get('paper', '–')}", ""]
-    header = (["arm", compute] + [f"{m} (ours)" for m in metrics]
+    header = (["arm", f"{compute} (with restored runs')"] + [f"{m} (ours)" for m in metrics]
               + [f"{m} minus the compared arm's" for m in versus]
               + [f"{m} (paper)" for m in metrics])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -361,7 +383,7 @@ def results_markdown(manifest: Manifest, results: dict[str, list[dict]], plots: 
       paper = row.get("paper", {})
       compared = [(difference_cell(values(row["arm"], m), values(row["versus"], m))
                    + f" vs {row['versus']}") if "versus" in row else "" for m in versus]
-      cells = ([row.get("label", row["arm"]), _cell(seeds[0].get(compute) if seeds else None)]
+      cells = ([row.get("label", row["arm"]), _cell(seeds[0].get(WITH_SOURCES) if seeds else None)]
                + [_seeds_cell(values(row["arm"], m)) for m in metrics] + compared
                + [_cell(paper.get(m)) for m in metrics])
       lines.append("| " + " | ".join(cells) + " |")
@@ -435,7 +457,8 @@ def reproduce(family: str, quick: bool = False, only: str | None = None,
       finished[arm.name] = done
   training_arms = {a.name for a in manifest.arms if a.gin}
   trained = {name: dirs for name, dirs in finished.items() if name in training_arms}
-  results = {name: [final_metrics(d) for d in dirs] for name, dirs in trained.items()}
+  results = {name: [with_restored_compute(final_metrics(d), d, manifest.compare_on)
+                     for d in dirs] for name, dirs in trained.items()}
   out = family_runs if quick else manifest.folder
   plots = []
   for group in manifest.plots or ({"name": "", "arms": list(trained)},):
