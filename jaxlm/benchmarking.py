@@ -58,7 +58,7 @@ def benchmark_stage(bench: BenchConfig, dtype: str, num_steps: int, model=None, 
   learning rate and jaxlm's adamw with ADAMW's settings (`fields`: other Stage fields)."""
   import optax  # pylint: disable=import-outside-toplevel
   from jaxlm.optim.optimizers import adamw  # pylint: disable=import-outside-toplevel
-  from jaxlm.stages import Stage  # pylint: disable=import-outside-toplevel
+  from jaxlm.training.stages import Stage  # pylint: disable=import-outside-toplevel
   return Stage(num_steps=num_steps, model=model or bench.model_config(dtype),
                schedule=lambda _: optax.constant_schedule(LEARNING_RATE),
                optimizer=lambda schedule: adamw(schedule, **ADAMW), **fields)

@@ -18,7 +18,9 @@ import math
 import os
 import sys
 
-from jaxlm import cli, evaluate, parallel
+from jaxlm import parallel
+from jaxlm.config import cli
+from jaxlm.evaluation import held_out
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -41,19 +43,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def held_out_results(run) -> dict[str, float]:
   """The trainer's evaluation of `run` (a SavedRun): the same eval sets and the same step."""
-  from jaxlm.run_plan import build_stage_data  # pylint: disable=import-outside-toplevel
-  from jaxlm.train_step import make_eval_step, state_shardings  # pylint: disable=import-outside-toplevel
+  from jaxlm.data.pipeline import build_eval_sets  # pylint: disable=import-outside-toplevel
+  from jaxlm.training.train_step import make_eval_step, state_shardings  # pylint: disable=import-outside-toplevel
   stage = run.stage
   with run.scope():
-    datasets = build_stage_data(stage, {}, run.evaluation.domains)
+    with stage.scope():  # The stage's own DataConfig and sources, as the trainer built them.
+      evaluation = build_eval_sets(stage.data, run.evaluation.domains)
     batch_sharding = parallel.batch_sharding(run.mesh, run.rules)
-    eval_sets = evaluate.place_eval_sets(
-        datasets.eval, run.tokenizer.byte_lengths(),
+    eval_sets = held_out.place_eval_sets(
+        evaluation, run.tokenizer.byte_lengths(),
         lambda batch: parallel.global_batch(parallel.host_rows(batch), batch_sharding),
         stage.data.max_eval_batches)
     eval_step = make_eval_step(stage, state_shardings(stage, run.mesh, run.rules).params,
                                batch_sharding)
-    return evaluate.evaluate(eval_step, run.params, eval_sets, final=True)
+    return held_out.evaluate(eval_step, run.params, eval_sets, final=True)
 
 
 def table(results: dict[str, float]) -> str:
@@ -75,15 +78,15 @@ def main(argv: list[str] | None = None) -> int:
   cli.setup_logging()
 
   def run_eval() -> int:
-    from jaxlm.saved_run import load_saved_run  # pylint: disable=import-outside-toplevel
+    from jaxlm.training.saved_run import load_saved_run  # pylint: disable=import-outside-toplevel
     run = load_saved_run(args.model_dir, args.step, args.gin_file, args.gin_bindings,
                          args.gin_search_paths)
     if args.lm_eval_tasks:
-      from jaxlm import lm_eval_adapter  # pylint: disable=import-outside-toplevel
-      results = lm_eval_adapter.evaluate_tasks(run, args.lm_eval_tasks.split(","),
+      from jaxlm.evaluation import harness  # pylint: disable=import-outside-toplevel
+      results = harness.evaluate_tasks(run, args.lm_eval_tasks.split(","),
                                                args.lm_eval_include_path, args.lm_eval_limit,
                                                args.batch_size)
-      print(lm_eval_adapter.table(results))
+      print(harness.table(results))
       record = {"model_dir": run.model_dir, "step": run.step, "lm_eval": results}
     else:
       results = held_out_results(run)

@@ -16,8 +16,8 @@ import time
 import jax
 import numpy as np
 
-from jaxlm import cli
-from jaxlm.decoding import Sampling, generate_tokens
+from jaxlm.config import cli
+from jaxlm.evaluation.decoding import Sampling, generate_tokens
 from jaxlm.errors import UserError
 
 log = logging.getLogger("jaxlm")
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     if args.max_new_tokens < 1:
       raise UserError(f"--max_new_tokens={args.max_new_tokens}; it must be at least 1")
-    from jaxlm.saved_run import load_saved_run  # After the flags: a typo fails fast.
+    from jaxlm.training.saved_run import load_saved_run  # After the flags: a typo fails fast.
     saved = load_saved_run(args.model_dir, args.step, args.gin_file, args.gin_bindings,
                            args.gin_search_paths)
     config, tokenizer = saved.stage.model, saved.tokenizer

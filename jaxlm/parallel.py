@@ -87,6 +87,21 @@ class MeshConfig:
     return rules
 
 
+def mesh_for_devices(config: MeshConfig, num_devices: int) -> MeshConfig:
+  """`config` if it fits `num_devices`, else all of them on the data axis with the same rules
+  (a run trained on 8 devices, evaluated on one), saying so."""
+  try:
+    config.shape(num_devices)
+    return config
+  except UserError:
+    fitted = dataclasses.replace(config, data=-1, fsdp=1, tensor=1)
+    logging.getLogger("jaxlm").warning(
+        "the saved mesh (data=%s, fsdp=%s, tensor=%s) does not fit the %d device(s) here; using "
+        "data=%d (bind MeshConfig.* to choose another)", config.data, config.fsdp, config.tensor,
+        num_devices, num_devices)
+    return fitted
+
+
 def make_mesh(config: MeshConfig, devices=None) -> jax.sharding.Mesh:
   """A mesh laid out by jax's topology-aware device assignment (rings/tori on TPU, NVLink
   islands on GPU). Axes are `Auto`: XLA's sharding propagation fills in what we leave open."""

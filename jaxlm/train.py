@@ -14,9 +14,11 @@ import sys
 
 import jax
 
-from jaxlm import cli, gin_config, host_memory
+from jaxlm.config import cli
+from jaxlm.config import gin_config
+from jaxlm.training import host_memory
 from jaxlm.errors import TrainingDiverged
-from jaxlm.preemption import EXIT_FORCED, EXIT_PREEMPTED
+from jaxlm.training.preemption import EXIT_FORCED, EXIT_PREEMPTED
 
 EXIT_USER_ERROR = cli.EXIT_USER_ERROR
 EXIT_DIVERGED = 3
@@ -31,7 +33,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--host_malloc", choices=("keep", "system"), default="keep",
                       help="keep: glibc malloc keeps freed memory and CPU steps run one at a "
                            "time (faster on CPU, resident memory stays at about one step's "
-                           "worth; see jaxlm/host_memory.py); system: glibc's defaults")
+                           "worth; see jaxlm/training/host_memory.py); system: glibc's defaults")
   parser.add_argument("--dry_run", action="store_true",
                       help="run every start-up check (config, unused bindings, data, MODEL_DIR, "
                            "checkpoints), then exit without writing anything")
@@ -43,6 +45,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   return args
 
 
+def final_summary(results: dict[str, float]) -> str:
+  """The run's final figures, each to 4 significant digits (a learning rate of 3e-5 stays
+  3e-05; rounding to decimals would print it as 0.0)."""
+  return ", ".join(f"{k}={v:.4g}" for k, v in results.items())
+
+
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   if args.host_malloc == "keep":
@@ -51,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 
   def train() -> int:
     gin_config.parse(args.gin_file, args.gin_bindings, args.gin_search_paths)
-    from jaxlm import parallel, trainer  # After parsing: import-time work never hides a flag error.
+    from jaxlm import parallel  # After parsing: import-time work never hides a flag error.
+    from jaxlm.training import trainer
     parallel.initialize_distributed(parallel.DistributedConfig())  # Before any device is used.
     if jax.process_index() != 0:  # One voice per run: other processes only warn.
       logging.getLogger("jaxlm").setLevel(logging.WARNING)
@@ -61,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
       return cli.fail(str(e), EXIT_DIVERGED)
     if results.pop("preempted"):
       return EXIT_PREEMPTED
-    logging.getLogger("jaxlm").info("done: %s", {k: round(v, 4) for k, v in results.items()})
+    logging.getLogger("jaxlm").info("done: %s", final_summary(results))
     return 0
 
   try:

@@ -15,15 +15,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from conftest import REPO_ROOT, quick_run_args
-from jaxlm import parallel, trainer
-from jaxlm.checkpoint import Checkpointer
+from jaxlm import parallel
+from jaxlm.training import trainer
+from jaxlm.checkpointing.checkpoint import Checkpointer
 from jaxlm.data.pipeline import DataConfig
 from jaxlm.data.sources import text_files
-from jaxlm.growth.width import exact_norm_eps, grow_width
+from jaxlm.methods.growth.width import exact_norm_eps, grow_width
 from jaxlm.model import ModelConfig, forward, init_params
 from jaxlm.optim.schedules import warmup_cosine
-from jaxlm.stages import Stage, TransitionContext, identity
-from jaxlm.train_step import init_state
+from jaxlm.training.stages import Stage
+from jaxlm.methods.transition import TransitionContext, identity
+from jaxlm.training.train_step import init_state
 from jaxlm.tree_names import flatten_names
 
 TINY = ModelConfig(vocab_size=384, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,

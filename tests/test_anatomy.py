@@ -13,22 +13,23 @@ import numpy as np
 import pytest
 
 from helpers import mesh_and_rules, random_batch
-from jaxlm import flops, parallel
+from jaxlm import parallel
+from jaxlm.model import flops
 from jaxlm.data.pipeline import DataConfig
 from jaxlm.errors import UserError
-from jaxlm.growth.depth import depth_sources, grow_depth
-from jaxlm.growth.subcloning import activation_stats, subclone
-from jaxlm.growth.width import exact_norm_eps, grow_width
+from jaxlm.methods.growth.depth import depth_sources, grow_depth
+from jaxlm.methods.growth.subcloning import activation_stats, subclone
+from jaxlm.methods.growth.width import exact_norm_eps, grow_width
 from jaxlm.interop import export_hf
 from jaxlm.interop.hf_import import HFParams
 from jaxlm.model import ModelConfig, forward, init_params
 from jaxlm.model.anatomy import anatomy
 from jaxlm.model.layers import Role, param_with_axes, register_mlp
 from jaxlm.model.loss import training_losses
-from jaxlm.sparsity.methods import nm_sparsity
-from jaxlm.sparsity.topk import nm_mask
-from jaxlm.stages import Stage
-from jaxlm.train_step import make_train_step, sharded_init, state_shardings
+from jaxlm.methods.sparsity.methods import nm_sparsity
+from jaxlm.methods.sparsity.topk import nm_mask
+from jaxlm.training.stages import Stage
+from jaxlm.training.train_step import make_train_step, sharded_init, state_shardings
 
 
 class GeluMLP(nn.Module):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import REPO_ROOT, load_tool
-from jaxlm import flops
+from jaxlm.model import flops
 from jaxlm.model import ModelConfig, count_params, forward, init_params
 
 
@@ -80,7 +80,7 @@ def test_harness_runs_end_to_end_on_bench_tiny(tmp_path):
   assert row["peak_mem_mib"] > 0 and row["xla_plan_bytes"] > 0
   assert len(row["step_cpu_s"]) == 2
   # The default, --allocator=keep, is what the trainer sets up: mallopt and CPU steps run one at
-  # a time (jaxlm/host_memory.py), not just the mallopt.
+  # a time (jaxlm/training/host_memory.py), not just the mallopt.
   assert result["allocator"] == "keep" and row["cpu_async_dispatch"] is False
   assert math.isfinite(row["last_loss"])
 

@@ -6,7 +6,7 @@ import re
 import jax.numpy as jnp
 import pytest
 
-from jaxlm.checkpoint import RECORD_VERSION, Checkpointer, DataPosition, RunRecord
+from jaxlm.checkpointing.checkpoint import RECORD_VERSION, Checkpointer, DataPosition, RunRecord
 from jaxlm.errors import UserError
 
 

@@ -9,10 +9,11 @@ import gin
 import pytest
 
 from conftest import REPO_ROOT, quick_run_args
-from jaxlm import gin_config, train
+from jaxlm import train
+from jaxlm.config import gin_config
 from jaxlm.data.pipeline import DataConfig
 from jaxlm.model import ModelConfig
-from jaxlm.stages import Stage
+from jaxlm.training.stages import Stage
 
 
 def _read_metrics(model_dir):
@@ -103,3 +104,8 @@ def test_bad_input_in_a_subprocess_prints_no_traceback(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [result.stderr.strip()]
   assert result.stderr.startswith("jaxlm: error: gin file 'nope.gin' not found")
+
+
+def test_the_final_line_keeps_small_figures():
+  line = train.final_summary({"train/loss": 1.23456789, "train/learning_rate": 3e-5, "step": 600})
+  assert line == "train/loss=1.235, train/learning_rate=3e-05, step=600"

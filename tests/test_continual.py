@@ -9,10 +9,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import run_plan, trainer
+from jaxlm.training import run_plan
+from jaxlm.training import trainer
 from jaxlm.errors import UserError
 from jaxlm.optim.schedules import warmup_cosine, warmup_stable_decay
-from jaxlm.restore import RestoreConfig, source_data_position
+from jaxlm.checkpointing.restore import RestoreConfig, source_data_position
 from helpers import QUIET, final_params, tiny_stage
 
 

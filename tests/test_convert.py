@@ -15,14 +15,15 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 # pylint: disable=wrong-import-position
-from jaxlm import parallel, trainer
+from jaxlm import parallel
+from jaxlm.training import trainer
 from jaxlm.data.tokenizers import HuggingFaceTokenizer
 from jaxlm.errors import UserError
 from jaxlm.interop import import_hf
 from jaxlm.model.transformer import forward
-from jaxlm.restore import RestoreConfig, restore_into
-from jaxlm.saved_run import load_saved_run
-from jaxlm.train_step import sharded_init, state_shardings
+from jaxlm.checkpointing.restore import RestoreConfig, restore_into
+from jaxlm.training.saved_run import load_saved_run
+from jaxlm.training.train_step import sharded_init, state_shardings
 from hf_fixtures import write_hf_model
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))

@@ -15,7 +15,7 @@ from jaxlm.data.sampling import WeightedInterleave, integer_proportions
 from jaxlm.data.sources import documents_source
 from jaxlm.data.tokenizers import ByteTokenizer
 from jaxlm.errors import UserError
-from jaxlm.stages import Stage
+from jaxlm.training.stages import Stage
 
 BOS, EOS = ByteTokenizer.bos_id, ByteTokenizer.eos_id
 

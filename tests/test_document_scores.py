@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import load_tool
-from jaxlm.continual.document_scores import best_documents, scored_documents
+from jaxlm.methods.continual.document_scores import best_documents, scored_documents
 from jaxlm.data.sources import documents_source
 from jaxlm.data.pipeline import DataConfig, build_datasets
 from jaxlm.errors import UserError

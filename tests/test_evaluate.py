@@ -1,4 +1,4 @@
-"""Held-out evaluation (jaxlm/evaluate.py): a fixed subset at every evaluation, every batch at a
+"""Held-out evaluation (jaxlm/evaluation/held_out.py): a fixed subset at every evaluation, every batch at a
 stage's end (eval_final/...), and each loss's standard error over batches."""
 
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from jaxlm import evaluate
+from jaxlm.evaluation import held_out
 from jaxlm.data.pipeline import DataConfig
 from jaxlm.errors import UserError
 
@@ -19,7 +19,7 @@ def _sets(subset):
   byte_lengths = np.array([0, 1, 2])  # Token 1 is one byte, token 2 two.
   host = {d: [{"id": np.array(i), "targets": np.array([1, 2]), "weights": np.array([1, 1])}
               for i in range(len(b))] for d, b in BATCHES.items()}
-  return evaluate.place_eval_sets(host, byte_lengths, lambda batch: batch, subset)
+  return held_out.place_eval_sets(host, byte_lengths, lambda batch: batch, subset)
 
 
 def _expected(sums):
@@ -38,13 +38,13 @@ def test_every_evaluation_reads_the_subset_and_the_final_one_every_batch():
     domain = "a" if any(batch is b for b in sets["a"].batches) else "b"
     return BATCHES[domain][int(batch["id"])]
 
-  results = evaluate.evaluate(step, None, sets)
+  results = held_out.evaluate(step, None, sets)
   assert len(seen) == 4 and not any(k.startswith("eval_final/") for k in results)
   loss, stderr = _expected(BATCHES["a"][:2])
   assert results["eval/a/loss"] == pytest.approx(loss)
   assert results["eval/a/loss_stderr"] == pytest.approx(stderr)
   seen.clear()
-  final = evaluate.evaluate(step, None, sets, final=True)
+  final = held_out.evaluate(step, None, sets, final=True)
   assert len(seen) == 7
   assert final["eval/a/loss"] == pytest.approx(loss)  # The curve's point is unchanged ...
   loss, stderr = _expected(BATCHES["a"])  # ... and the whole set is reported beside it.

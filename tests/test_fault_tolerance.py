@@ -18,16 +18,19 @@ import optax
 import pytest
 
 from conftest import quick_run_args
-from jaxlm import parallel, preflight, run_plan, trainer
-from jaxlm.checkpoint import CORRUPT_DIR, Checkpointer
+from jaxlm import parallel
+from jaxlm.training import preflight
+from jaxlm.training import run_plan
+from jaxlm.training import trainer
+from jaxlm.checkpointing.checkpoint import CORRUPT_DIR, Checkpointer
 from jaxlm.data.pipeline import build_datasets
 from jaxlm.errors import TrainingDiverged, UserError
 from jaxlm.model import token_losses
 from jaxlm.model import ModelConfig
 from jaxlm.optim.schedules import warmup_cosine
-from jaxlm.preemption import EXIT_FORCED, EXIT_PREEMPTED
-from jaxlm.restore import RestoreConfig, restore_into
-from jaxlm.train_step import make_train_step, sharded_init, state_shardings
+from jaxlm.training.preemption import EXIT_FORCED, EXIT_PREEMPTED
+from jaxlm.checkpointing.restore import RestoreConfig, restore_into
+from jaxlm.training.train_step import make_train_step, sharded_init, state_shardings
 from jaxlm.tree_names import flatten_names
 from helpers import (QUIET, TINY, kill_once_logged, last_logged_step, metric_records, raw_state,
                      resume, start_and_wait_for, tiny_stage)
@@ -404,3 +407,22 @@ def test_a_later_stage_continues_each_source_and_resumes_mid_stage_bitwise(
   full, resumed = _raw_params(tmp_path / "full", 10), _raw_params(tmp_path / "resumed", 10)
   for name, value in flatten_names(full).items():
     np.testing.assert_array_equal(flatten_names(resumed)[name], value, err_msg=name)
+
+
+def test_a_resume_at_a_stage_boundary_logs_the_next_stages_start_once(tmp_path):
+  """Killed after stage 1's last checkpoint (step 8) but after stage 2 had logged its start
+  (data proportions, baseline evaluation): the resumed run starts stage 2 again, so those
+  records go with what came after the checkpoint; stage 1's own records at step 8 stay."""
+  from jaxlm.training.metrics import MetricsWriter  # pylint: disable=import-outside-toplevel
+  lines = [{"step": 7, "train/loss": 2.0}, {"step": 8, "train/loss": 1.9},
+           {"step": 8, "eval_final/loss": 1.8},                     # stage 1 ends
+           {"step": 8, "data/proportion/wiki": 1.0}, {"step": 8, "eval/loss": 1.8},  # stage 2
+           {"step": 9, "train/loss": 1.7}]
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 10, "tra')
+  writer = MetricsWriter(str(tmp_path), tensorboard=False, resume_step=8)
+  writer.write(8, {"data/proportion/wiki": 1.0})
+  writer.write(8, {"eval/loss": 1.8})
+  writer.close()
+  records = [json.loads(line) for line in path.read_text().splitlines()]
+  assert records == lines[:5]

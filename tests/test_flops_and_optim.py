@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import flops
+from jaxlm.model import flops
 from jaxlm.errors import UserError
 from jaxlm.model import ModelConfig, count_params, init_params
 from jaxlm.optim.optimizers import adamw

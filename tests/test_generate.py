@@ -1,4 +1,4 @@
-"""Sampling (jaxlm.decoding): the filters on hand-made logits, the KV cache against re-running the
+"""Sampling (jaxlm.evaluation.decoding): the filters on hand-made logits, the KV cache against re-running the
 window, left padding, eos per row, and `python -m jaxlm.generate` on a trained run."""
 
 import json
@@ -13,7 +13,8 @@ import pytest
 from conftest import REPO_ROOT
 from jaxlm import generate
 from jaxlm.errors import UserError
-from jaxlm.decoding import Sampling, filter_logits, generate_tokens, left_pad, sample_tokens
+from jaxlm.evaluation.decoding import (Sampling, filter_logits, generate_tokens, left_pad,
+                                       sample_tokens)
 from jaxlm.model import ModelConfig, forward, init_params
 from jaxlm.model.transformer import decode_step, init_cache, prefill
 

@@ -11,12 +11,14 @@ import jax
 import pytest
 
 from conftest import REPO_ROOT
-from jaxlm import gin_config, parallel, preflight
-from jaxlm.continual.vocab_expansion import byte_tokenizer_json, extend_tokenizer_json
+from jaxlm import parallel
+from jaxlm.config import gin_config
+from jaxlm.training import preflight
+from jaxlm.methods.continual.vocab_expansion import byte_tokenizer_json, extend_tokenizer_json
 from jaxlm.data.sources import shared_corpora_dir
-from jaxlm.saved_run import stages_from_config, upgrade_saved_config
-from jaxlm.stages import configured_stages
-from jaxlm.train_step import abstract_state
+from jaxlm.training.saved_run import stages_from_config, upgrade_saved_config
+from jaxlm.training.stages import configured_stages
+from jaxlm.training.train_step import abstract_state
 from hf_fixtures import write_hf_model
 
 GIN_FILES = sorted(str(p.relative_to(REPO_ROOT))

@@ -1,4 +1,4 @@
-"""No gin binding is silently ignored (jaxlm/gin_usage.py): a scoped stage builds its schedule,
+"""No gin binding is silently ignored (jaxlm/config/gin_usage.py): a scoped stage builds its schedule,
 optimizer and transitions in its own scope, and a binding nothing reads stops the run before
 anything is written, naming where it was set."""
 
@@ -7,8 +7,9 @@ import os
 import pytest
 
 from conftest import REPO_ROOT, quick_run_args
-from jaxlm import gin_config, train
-from jaxlm.stages import configured_stages
+from jaxlm import train
+from jaxlm.config import gin_config
+from jaxlm.training.stages import configured_stages
 
 
 def _learning_rates(stage, steps):

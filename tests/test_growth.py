@@ -1,4 +1,4 @@
-"""Model growth (jaxlm.growth): operators documented as exact keep the logits (float32, random
+"""Model growth (jaxlm.methods.growth): operators documented as exact keep the logits (float32, random
 models and inputs, several shapes including GQA), stacking copies layers exactly, LiGO without
 noise is stacking, MSG at mask 0 is the small model and at mask 1 the plain weights, subcloning
 to the same size is the identity; growth runs as a stage transition in the trainer; bad input is
@@ -15,19 +15,20 @@ import numpy as np
 import optax
 import pytest
 
-from jaxlm import trainer
+from jaxlm.training import trainer
 from jaxlm.errors import UserError
-from jaxlm.eval_schedule import EvalConfig
-from jaxlm.growth import ligo as ligo_lib
-from jaxlm.growth import msg as msg_lib
-from jaxlm.growth.depth import depth_sources, grow_depth
-from jaxlm.growth.subcloning import activation_stats, kept_layers, subclone
-from jaxlm.growth.transitions import grow_depth_transition, grow_width_transition
-from jaxlm.growth.width import exact_norm_eps, grow_width
+from jaxlm.evaluation.schedule import EvalConfig
+from jaxlm.methods.growth import ligo as ligo_lib
+from jaxlm.methods.growth import msg as msg_lib
+from jaxlm.methods.growth.depth import depth_sources, grow_depth
+from jaxlm.methods.growth.subcloning import activation_stats, kept_layers, subclone
+from jaxlm.methods.growth.transitions import grow_depth_transition, grow_width_transition
+from jaxlm.methods.growth.width import exact_norm_eps, grow_width
 from jaxlm.model import ModelConfig, init_params, logical_axes
 from jaxlm.model.anatomy import anatomy
-from jaxlm.stages import Stage, TransitionContext, hand_over
-from jaxlm.train_step import init_state
+from jaxlm.training.stages import Stage, hand_over
+from jaxlm.methods.transition import TransitionContext
+from jaxlm.training.train_step import init_state
 from jaxlm.tree_names import flatten_names
 from helpers import (EXACT, QUIET, TINY, check_exact_width_growth, cli_run_args, growth_ctx,
                      growth_tokens, killed_run_resumes_bitwise, logit_error, mesh_flags,
@@ -326,7 +327,7 @@ def test_growth_from_another_runs_checkpoint_through_a_load_stage(tmp_path, smal
   the other run's final evaluation."""
   import gin  # pylint: disable=import-outside-toplevel
   from jaxlm.optim.schedules import warmup_constant  # pylint: disable=import-outside-toplevel
-  from jaxlm.restore import RestoreConfig  # pylint: disable=import-outside-toplevel
+  from jaxlm.checkpointing.restore import RestoreConfig  # pylint: disable=import-outside-toplevel
   trainer.run(str(tmp_path / "small"), [tiny_stage(small_text_file, 4, model=TINY)], trainer=QUIET,
               evaluation=EvalConfig(every=100))
   load = tiny_stage(small_text_file, 1, name="load", model=TINY,

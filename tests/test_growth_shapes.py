@@ -15,15 +15,16 @@ import optax
 import pytest
 
 from jaxlm.errors import UserError
-from jaxlm.growth import ligo as ligo_lib
-from jaxlm.growth import msg as msg_lib
-from jaxlm.growth.depth import depth_sources, grow_depth
-from jaxlm.growth.subcloning import activation_stats, kept_layers, subclone
-from jaxlm.growth.transitions import grow_depth_transition, grow_width_transition
+from jaxlm.methods.growth import ligo as ligo_lib
+from jaxlm.methods.growth import msg as msg_lib
+from jaxlm.methods.growth.depth import depth_sources, grow_depth
+from jaxlm.methods.growth.subcloning import activation_stats, kept_layers, subclone
+from jaxlm.methods.growth.transitions import grow_depth_transition, grow_width_transition
 from jaxlm.model import ModelConfig, init_params
 from jaxlm.model.anatomy import anatomy
-from jaxlm.stages import Stage, identity
-from jaxlm.train_step import init_state
+from jaxlm.training.stages import Stage
+from jaxlm.methods.transition import identity
+from jaxlm.training.train_step import init_state
 from helpers import EXACT, check_exact_width_growth, growth_ctx, logit_error, trained_like, wider
 
 # One KV group of two heads: head growth starts from num_kv_heads 1.

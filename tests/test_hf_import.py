@@ -71,11 +71,15 @@ def test_hub_config_format_reads_the_same():
   assert model_config_from_hf({**base, "rope_theta": 5.0}).rope_scaling is None
 
 
-def test_gin_model_file_round_trips(models):
-  config = load_hf_config(models["llama3"][0])
+@pytest.mark.parametrize("name", ["llama3", "mistral"])
+def test_gin_model_file_round_trips_and_binds_only_what_applies(models, name):
+  config = load_hf_config(models[name][0])
+  text = gin_model_text(config, name)
+  # RoPE-scaling factors only where the model scales its rotary frequencies (llama3).
+  assert ("ModelConfig.rope_scaling_factor" in text) == (config.rope_scaling == "llama3")
   gin.clear_config()
   try:
-    gin.parse_config(gin_model_text(config, "llama3"))
+    gin.parse_config(text)
     assert ModelConfig() == config
   finally:
     gin.clear_config()

@@ -1,4 +1,4 @@
-"""Host memory on CPU (jaxlm/host_memory.py): freed memory is reused, not faulted in again, and
+"""Host memory on CPU (jaxlm/training/host_memory.py): freed memory is reused, not faulted in again, and
 a step is done (its temporaries freed) before the next one can start."""
 
 import platform
@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
-from jaxlm import host_memory
+from jaxlm.training import host_memory
 from jaxlm.train import parse_args
 
 # Allocate, touch, free, then allocate and touch the same size again: the page faults of the
 # second round show whether the first round's memory came back from the kernel or the process.
 REUSE_SCRIPT = """
 import ctypes, resource, sys
-from jaxlm import host_memory
+from jaxlm.training import host_memory
 if sys.argv[1] == "keep":
   assert host_memory.keep_freed_memory()
 libc = ctypes.CDLL("libc.so.6")
@@ -55,7 +55,7 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again():
 # returns at once and the result is not ready yet; one at a time, it returns once it is.
 DISPATCH_SCRIPT = """
 import sys
-from jaxlm import host_memory
+from jaxlm.training import host_memory
 assert host_memory.keep_freed_memory(one_step_at_a_time=sys.argv[1] == "keep")
 import jax, jax.numpy as jnp
 step = jax.jit(lambda x: jax.lax.fori_loop(0, 32, lambda _, y: jnp.tanh(y @ y), x))

@@ -73,10 +73,10 @@ def _direct_logprob(run, context: str, continuation: str) -> float:
 def test_harness_metrics_equal_a_direct_computation(trained, monkeypatch):
   monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
   model_dir, tasks = trained
-  from jaxlm import lm_eval_adapter  # pylint: disable=import-outside-toplevel
-  from jaxlm.saved_run import load_saved_run  # pylint: disable=import-outside-toplevel
+  from jaxlm.evaluation import harness  # pylint: disable=import-outside-toplevel
+  from jaxlm.training.saved_run import load_saved_run  # pylint: disable=import-outside-toplevel
   run = load_saved_run(str(model_dir))
-  results = lm_eval_adapter.evaluate_tasks(run, ["jaxlm_choice", "jaxlm_text"], str(tasks),
+  results = harness.evaluate_tasks(run, ["jaxlm_choice", "jaxlm_text"], str(tasks),
                                            batch_size=3)
   chosen = [int(np.argmax([_direct_logprob(run, d["context"], c) for c in d["choices"]]))
             for d in DOCS]
@@ -110,10 +110,11 @@ def test_the_eval_command_runs_a_task_and_refuses_an_unknown_one(trained, tmp_pa
 
 def test_generate_until_is_greedy_generation_cut_at_the_stop_string(trained):
   model_dir, _ = trained
-  from jaxlm import decoding, lm_eval_adapter  # pylint: disable=import-outside-toplevel
-  from jaxlm.saved_run import load_saved_run  # pylint: disable=import-outside-toplevel
+  from jaxlm.evaluation import harness  # pylint: disable=import-outside-toplevel
+  from jaxlm.evaluation import decoding
+  from jaxlm.training.saved_run import load_saved_run  # pylint: disable=import-outside-toplevel
   run = load_saved_run(str(model_dir))
-  lm = lm_eval_adapter.JaxlmLM(run)
+  lm = harness.JaxlmLM(run)
 
   class Request:  # The harness's Instance: only .args is read.
     def __init__(self, *args):

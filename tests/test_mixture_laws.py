@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import load_tool
-from jaxlm.continual.mixture_laws import (DcptLaw, critical_mixture_ratio, fit_cmr_budget_law,
+from jaxlm.methods.continual.mixture_laws import (DcptLaw, critical_mixture_ratio, fit_cmr_budget_law,
                                           fit_dcpt)
 
 GENERAL = DcptLaw(E=1.5, B=2.0, eta=-0.3, beta=0.4, C=0.05, gamma=0.3)

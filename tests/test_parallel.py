@@ -22,10 +22,11 @@ from jaxlm.errors import UserError
 from jaxlm.model import ModelConfig, init_params, logical_axes
 from jaxlm.optim.optimizers import adamw
 from jaxlm.optim.state_layout import state_layout
-from jaxlm.stages import Stage
-from jaxlm.train_step import sharded_init, state_shardings
+from jaxlm.training.stages import Stage
+from jaxlm.training.train_step import sharded_init, state_shardings
 from jaxlm.tree_names import flatten_names
 from helpers import mesh_flags, mesh_result, run_mesh_worker
+from jaxlm.training.saved_run import load_saved_run
 
 # Sharded matmuls and all-reduces add float32 partial sums in other orders (~1e-7 relative per
 # op); 20 Adam steps amplify that to the observed ~3e-7. A real bug (a wrong shard, a missing
@@ -44,6 +45,13 @@ def test_loss_trajectory_is_the_same_on_every_mesh_and_with_accumulation(tmp_pat
   assert len(reference) == 20 and reference[-1] < reference[0] - 1.0  # It really trained.
   for name, losses in {**single, **many}.items():
     np.testing.assert_allclose(losses, reference, rtol=RTOL, err_msg=name)
+  # Evaluated here, on this process's one device: the saved 2x2x2 mesh gives way to one that
+  # fits, unless the caller binds the mesh itself.
+  eight_device_run = str(tmp_path / "eight" / "runs" / "2x2x2")
+  assert jax.device_count() == 1
+  assert load_saved_run(eight_device_run).mesh.size == 1
+  with pytest.raises(UserError, match="needs 8 devices but there are 1"):
+    load_saved_run(eight_device_run, gin_bindings=["MeshConfig.data = 2"])
 
 
 @pytest.mark.slow

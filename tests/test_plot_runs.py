@@ -48,7 +48,7 @@ def _records(scale=1.0, forgetting=True, resumed=False):
 
 
 def _restored_from(run, source, step):
-  """What jaxlm.restore writes into a run that started from another run's checkpoint."""
+  """What jaxlm.checkpointing.restore writes into a run that started from another run's checkpoint."""
   (run / "restore_report.json").write_text(json.dumps({"source": str(source), "step": step}))
   return run
 

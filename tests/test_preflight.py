@@ -11,10 +11,12 @@ import optax
 import pytest
 
 from conftest import REPO_ROOT, quick_run_args
-from jaxlm import gin_config, preflight, train
-from jaxlm.checkpoint import CORRUPT_DIR
+from jaxlm import train
+from jaxlm.config import gin_config
+from jaxlm.training import preflight
+from jaxlm.checkpointing.checkpoint import CORRUPT_DIR
 from jaxlm.errors import UserError
-from jaxlm.stages import configured_stages
+from jaxlm.training.stages import configured_stages
 from helpers import tiny_stage
 
 

@@ -44,7 +44,10 @@ def _family(root, corpus):
                    "command": ["-c", "import os, sys; print(sorted(f for f in os.listdir(sys.argv[1])"
                                      " if not f.startswith('.')))",
                                "{runs}"]}],
-      "notes": "A toy: nothing to reproduce."}
+      "notes": "A toy: nothing to reproduce.",
+      "headlines": [{"method": "High LR", "paper": "Nobody 2099", "gin": "experiments/toy/high.gin",
+                     "arm": "high", "versus": "low", "metric": "eval/loss",
+                     "what": "final loss", "paper_result": "-1"}]}
   (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
   (folder / "README.md").write_text(f"# Toy\n\nOur words.\n\n{reproduce.BEGIN}\nold\n"
                                     f"{reproduce.END}\n\nMore words.\n", encoding="utf-8")
@@ -98,7 +101,7 @@ def test_a_family_runs_resumably_and_its_table_and_plots_are_regenerated(
 
 def test_the_table_goes_between_the_markers_of_the_family_readme(tmp_path, small_text_file):
   """Without --quick the family's README is rewritten between its markers only (arms already
-  done are read, not re-run)."""
+  done are read, not re-run; --no_train runs none of the others)."""
   experiments = _family(tmp_path, small_text_file)
   runs = tmp_path / "runs" / "toy"
   # As if both arms had finished two seeds each (--seeds=2).
@@ -112,8 +115,15 @@ def test_the_table_goes_between_the_markers_of_the_family_readme(tmp_path, small
   stale = experiments / "toy" / "plots" / "gone" / "forgetting.png"  # A figure no longer drawn.
   stale.parent.mkdir(parents=True)
   stale.write_bytes(b"png")
+  top = tmp_path / "README.md"  # The repository's README, with the methods table's markers.
+  top.write_text(f"# Top\n\n{reproduce.METHODS_BEGIN}\nold rows\n{reproduce.METHODS_END}\n")
   assert reproduce.main(["toy", "--seeds=2", f"--runs_dir={tmp_path / 'runs'}",
-                         f"--experiments_dir={experiments}"]) == 0
+                         f"--experiments_dir={experiments}", "--no_train"]) == 0
+  assert not (runs / "note").exists()  # --no_train: no arm ran, not even the command arm.
+  # The family's headline row, measured, in the README's methods table.
+  assert ("| toy | High LR | Nobody 2099 | `experiments/toy/high.gin` | final loss: -0.95 "
+          "| -1 |") in top.read_text()
+  assert "old rows" not in top.read_text()
   readme = (experiments / "toy" / "README.md").read_text()
   assert readme.startswith("# Toy\n\nOur words.") and readme.endswith("More words.\n")
   assert "old" not in readme
@@ -173,6 +183,20 @@ def test_an_arms_compute_counts_what_it_restored_up_to_the_restored_step(tmp_pat
   assert metrics[reproduce.WITH_SOURCES] == 1000 + 200 + 50
   alone = reproduce.with_restored_compute({"total/tokens": 7.0}, str(tmp_path / "first"), "tokens")
   assert alone[reproduce.WITH_SOURCES] == 7.0
+
+
+def test_a_headline_must_name_an_arm_and_say_what_it_measures(tmp_path, small_text_file):
+  experiments = _family(tmp_path, small_text_file)
+  path = experiments / "toy" / "manifest.json"
+  manifest = json.loads(path.read_text())
+  manifest["headlines"][0]["versus"] = "nosuch"
+  path.write_text(json.dumps(manifest))
+  with pytest.raises(reproduce.ReproduceError, match="headline 'High LR' names arm 'nosuch'"):
+    reproduce.load_manifest(str(experiments), "toy")
+  del manifest["headlines"][0]["what"]
+  path.write_text(json.dumps(manifest))
+  with pytest.raises(reproduce.ReproduceError, match=r"headline 'High LR' lacks \['what'\]"):
+    reproduce.load_manifest(str(experiments), "toy")
 
 
 def test_a_paper_number_under_a_metric_the_table_does_not_show_is_refused(tmp_path,

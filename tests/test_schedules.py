@@ -9,7 +9,7 @@ import pytest
 from jaxlm.errors import UserError
 from jaxlm.optim.schedules import (infinite, warmup_constant, warmup_cosine,
                                    warmup_stable_decay)
-from jaxlm.stages import Stage, stage_schedules
+from jaxlm.training.stages import Stage, stage_schedules
 
 
 def _values(schedule, num_steps):
@@ -95,3 +95,11 @@ def test_re_warming_starts_from_where_the_previous_stage_ended():
 def test_schedule_phases_that_do_not_fit_are_one_line(make, message):
   with pytest.raises(UserError, match=message):
     make()
+
+
+def test_a_warmup_is_steps_or_a_share_of_the_stage_never_both():
+  assert warmup_cosine(2000, peak_lr=1.0, warmup_fraction=0.05)(100) == 1.0  # Peak at 5%.
+  assert warmup_cosine(2, peak_lr=1.0, warmup_fraction=0.05)(0) == 1.0  # No warm-up step.
+  assert float(warmup_cosine(200, peak_lr=1.0)(50)) == 0.5  # Neither set: 100 steps.
+  with pytest.raises(UserError, match="set warmup_steps or warmup_fraction, not both"):
+    warmup_cosine(100, warmup_steps=10, warmup_fraction=0.1)

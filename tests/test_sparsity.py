@@ -1,4 +1,4 @@
-"""Sparse pretraining (jaxlm.sparsity): exact density and N:M structure after every step, masked
+"""Sparse pretraining (jaxlm.methods.sparsity): exact density and N:M structure after every step, masked
 weights exactly zero after 100 updates, ERK's formula (dense at density 1), RigL's and SET's
 exact per-matrix counts (ERK-dense and near-dense matrices included) and reset moments, gradual
 pruning's exact final counts at any schedule window, exact top-k, densification preserving the
@@ -17,13 +17,13 @@ from jaxlm import parallel
 from jaxlm.errors import UserError
 from jaxlm.model import ModelConfig, forward
 from jaxlm.model.anatomy import anatomy
-from jaxlm.sparsity import selection
-from jaxlm.sparsity.distribution import kept_counts, layer_densities
-from jaxlm.sparsity.methods import (cubic_density, densify, gradual_pruning, nm_sparsity, rigl,
+from jaxlm.methods.sparsity import selection
+from jaxlm.methods.sparsity.distribution import kept_counts, layer_densities
+from jaxlm.methods.sparsity.methods import (cubic_density, densify, gradual_pruning, nm_sparsity, rigl,
                                     static_sparsity)
-from jaxlm.sparsity.topk import as_matrix_shape, nm_mask, topk_mask
-from jaxlm.stages import TransitionContext
-from jaxlm.train_step import init_state, make_train_step, sharded_init, state_shardings
+from jaxlm.methods.sparsity.topk import as_matrix_shape, nm_mask, topk_mask
+from jaxlm.methods.transition import TransitionContext
+from jaxlm.training.train_step import init_state, make_train_step, sharded_init, state_shardings
 from jaxlm.tree_names import get_named
 from conftest import REPO_ROOT
 from helpers import (cli_run_args, killed_run_resumes_bitwise, mesh_and_rules, mesh_flags,
@@ -135,7 +135,7 @@ def test_nm_sparsity_is_exactly_n_of_m_after_every_step_with_sr_ste(small_text_f
 
 
 def test_sr_ste_gradient_passes_and_decays_the_pruned_weights():
-  from jaxlm.sparsity.methods import straight_through  # pylint: disable=import-outside-toplevel
+  from jaxlm.methods.sparsity.methods import straight_through  # pylint: disable=import-outside-toplevel
   w = jnp.array([1.0, -2.0, 3.0, 0.5])
   mask = jnp.array([1.0, 0.0, 1.0, 0.0])
   grad = jax.grad(lambda x: jnp.sum(straight_through(x, mask, 0.1) * jnp.arange(4.0)))(w)
@@ -197,7 +197,7 @@ def _small_params(d_model=48, heads=3, kv_heads=1, mlp=256, seed=0):
 def _mask_updates(method, params, steps):
   """[(active weights per matrix, the density metric, masks)] after the method's init and after
   each of `steps` (stage steps) through its own after_update, with random gradients."""
-  from jaxlm.train_step import TrainState  # pylint: disable=import-outside-toplevel
+  from jaxlm.training.train_step import TrainState  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(1)
   state = TrainState(jnp.int32(0), params, optax.adam(1e-3).init(params),
                      {method.name: jax.jit(method.init)(params, jax.random.key(1))})
@@ -236,7 +236,7 @@ def test_rigl_and_set_keep_every_count_exact_where_erk_makes_a_matrix_dense(grow
 def test_drop_and_grow_keeps_the_count_at_any_density(density, fraction):
   """The per-matrix update alone, from a dense mask to one weight, up to dropping everything:
   the count never changes, only the dropped weights' places can."""
-  from jaxlm.sparsity.methods import drop_and_grow  # pylint: disable=import-outside-toplevel
+  from jaxlm.methods.sparsity.methods import drop_and_grow  # pylint: disable=import-outside-toplevel
   update = jax.jit(drop_and_grow)
   shape = (48, 1, 16)
   weight = jax.random.normal(jax.random.key(3), shape)
@@ -326,7 +326,7 @@ def test_bad_sparsity_settings_are_one_line(make, message):
     (lambda: static_sparsity(patterns=[r"layer_\d+/mlp/upp"]), "matches no parameter"),
 ])
 def test_bad_sparsity_for_the_model_is_refused_before_training(small_text_file, method, message):
-  from jaxlm.train_step import abstract_state  # pylint: disable=import-outside-toplevel
+  from jaxlm.training.train_step import abstract_state  # pylint: disable=import-outside-toplevel
   with pytest.raises(UserError) as error:
     abstract_state(tiny_stage(small_text_file, 2, methods=(method(),)))
   assert message in str(error.value).splitlines()[0]

@@ -16,15 +16,18 @@ import pytest
 
 import toy_method
 from conftest import REPO_ROOT
-from jaxlm import parallel, preflight, trainer
+from jaxlm import parallel
+from jaxlm.training import preflight
+from jaxlm.training import trainer
 from jaxlm.errors import UserError
-from jaxlm.eval_schedule import EvalConfig
+from jaxlm.evaluation.schedule import EvalConfig
 from jaxlm.methods import Method
 from jaxlm.model import token_losses
 from jaxlm.optim.schedules import warmup_constant
-from jaxlm.restore import RestoreConfig, restore_into
-from jaxlm.stages import hand_over, transition, transition_context
-from jaxlm.train_step import (abstract_state, init_state, make_train_step, sharded_init,
+from jaxlm.checkpointing.restore import RestoreConfig, restore_into
+from jaxlm.training.stages import hand_over, transition_context
+from jaxlm.methods.transition import transition
+from jaxlm.training.train_step import (abstract_state, init_state, make_train_step, sharded_init,
                               state_shardings)
 from jaxlm.tree_names import flatten_names
 from helpers import (QUIET, TINY, assert_same_saved_state, cli_run_args, kill_once_logged,

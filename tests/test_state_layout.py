@@ -13,17 +13,18 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from jaxlm.continual.vocab_expansion import (byte_tokenizer_json, expand_vocabulary,
+from jaxlm.methods.continual.vocab_expansion import (byte_tokenizer_json, expand_vocabulary,
                                              extend_tokenizer_json)
 from jaxlm.data.tokenizers import ByteTokenizer, HuggingFaceTokenizer
 from jaxlm.errors import UserError
-from jaxlm.growth.transitions import grow_depth_transition, grow_width_transition
+from jaxlm.methods.growth.transitions import grow_depth_transition, grow_width_transition
 from jaxlm.model import ModelConfig
 from jaxlm.optim.optimizers import adamw
 from jaxlm.optim.state_layout import state_layout
-from jaxlm.sparsity.methods import rigl
-from jaxlm.stages import Stage, TransitionContext, hand_over
-from jaxlm.train_step import abstract_state
+from jaxlm.methods.sparsity.methods import rigl
+from jaxlm.training.stages import Stage, hand_over
+from jaxlm.methods.transition import TransitionContext
+from jaxlm.training.train_step import abstract_state
 from conftest import REPO_ROOT
 from helpers import assert_same_saved_state, cli_run_args, kill_once_logged, run_to_the_end
 

@@ -8,15 +8,16 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import parallel, trainer
-from jaxlm.checkpoint import Checkpointer, DataPosition
+from jaxlm import parallel
+from jaxlm.training import trainer
+from jaxlm.checkpointing.checkpoint import Checkpointer, DataPosition
 from jaxlm.data.pipeline import build_datasets
 from jaxlm.data.tokenizers import ByteTokenizer
 from jaxlm.errors import UserError
 from jaxlm.model import ModelConfig
 from jaxlm.optim.schedules import warmup_constant
-from jaxlm.stages import Stage
-from jaxlm.train_step import make_train_step, sharded_init, state_shardings
+from jaxlm.training.stages import Stage
+from jaxlm.training.train_step import make_train_step, sharded_init, state_shardings
 from helpers import QUIET, TINY, final_params, tiny_data, tiny_stage
 
 def test_tiny_model_overfits_a_small_text_far_below_unigram_entropy(tmp_path):

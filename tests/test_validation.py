@@ -13,10 +13,10 @@ from jaxlm.model import ModelConfig
 from jaxlm.optim.optimizers import adamw
 from jaxlm.optim.schedules import warmup_constant, warmup_cosine
 from jaxlm.parallel import DistributedConfig, MeshConfig
-from jaxlm.restore import RestoreConfig
-from jaxlm.stages import Stage
-from jaxlm.cadence import nonfinite_cause
-from jaxlm.trainer import TrainerConfig
+from jaxlm.checkpointing.restore import RestoreConfig
+from jaxlm.training.stages import Stage
+from jaxlm.training.cadence import nonfinite_cause
+from jaxlm.training.trainer import TrainerConfig
 from jaxlm.validation import check_range
 
 

@@ -14,9 +14,9 @@ pytest.importorskip("tokenizers")
 
 # pylint: disable=wrong-import-position
 from hf_fixtures import train_bpe_tokenizer
-from jaxlm import preflight
+from jaxlm.training import preflight
 from conftest import load_tool
-from jaxlm.continual.vocab_expansion import (byte_tokenizer_json, check_extension,
+from jaxlm.methods.continual.vocab_expansion import (byte_tokenizer_json, check_extension,
                                              expand_vocabulary, extend_tokenizer_json,
                                              token_texts)
 from jaxlm.data.tokenizer_training import train_sentencepiece
@@ -25,8 +25,8 @@ from jaxlm.errors import UserError
 from jaxlm.model import ModelConfig
 from jaxlm.model.transformer import forward
 from jaxlm.optim.optimizers import adamw, train_only
-from jaxlm.stages import Stage, transition_context
-from jaxlm.train_step import init_state
+from jaxlm.training.stages import Stage, transition_context
+from jaxlm.training.train_step import init_state
 
 FRENCH = ("La maison est grande et belle. Les enfants jouent dans le jardin pendant que leur "
           "mère prépare le dîner. Nous avons mangé une excellente soupe à l'oignon. ") * 40

@@ -7,7 +7,7 @@ import gin
 import jax.numpy as jnp
 
 from jaxlm.methods import Method
-from jaxlm.stages import transition
+from jaxlm.methods.transition import transition
 
 
 def _pad_to(x, shape):

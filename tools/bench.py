@@ -5,7 +5,7 @@
 
 For each named config and dtype this measures, after compilation and warm-up, the train-step
 time (median and min-max over --steps steps, each timed to completion), tokens/s, model FLOPs
-per token (6·N + 12·layers·heads·head_dim·seq, see jaxlm/flops.py), achieved FLOP/s and MFU
+per token (6·N + 12·layers·heads·head_dim·seq, see jaxlm/model/flops.py), achieved FLOP/s and MFU
 against the *measured* peak of this device: the best jitted square matmul in the compute dtype,
 measured before and after the rows of the same invocation. It also reports compile time (lower +
 compile) and peak memory: the process's peak resident set (VmHWM) over the timed steps, above
@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 
-from jaxlm import host_memory
+from jaxlm.training import host_memory
 from jaxlm.benchmarking import (ADAMW, CONFIGS, LEARNING_RATE, BenchConfig, benchmark_stage,
                                 random_batch)
 
@@ -112,7 +112,7 @@ def run_jaxlm(bench: BenchConfig, dtype: str, steps: int, warmup: int, **model_o
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   from jaxlm import parallel  # pylint: disable=import-outside-toplevel
-  from jaxlm.train_step import (  # pylint: disable=import-outside-toplevel
+  from jaxlm.training.train_step import (  # pylint: disable=import-outside-toplevel
       make_train_step, sharded_init, state_shardings)
 
   memory = PeakMemory()
@@ -203,7 +203,7 @@ def run_torch(bench: BenchConfig, dtype: str, steps: int, warmup: int) -> dict:
 def measure_peaks(dtype: str, sizes: list[int]) -> dict:
   """The device's matmul peak in `dtype` as XLA reaches it (the MFU denominator): the best
   square matmul over `sizes`; and as PyTorch reaches it, when installed (for reference)."""
-  from jaxlm import flops  # pylint: disable=import-outside-toplevel
+  from jaxlm.model import flops  # pylint: disable=import-outside-toplevel
   xla = {n: flops.measure_peak_flops(dtype, size=n, repeats=10) for n in sizes}
   peaks = {"xla": max(xla.values()), "xla_by_size": xla}
   try:
@@ -223,7 +223,7 @@ WORKERS = {"jaxlm": run_jaxlm, "torch": run_torch}
 # XLA:CPU allocates its temporaries afresh every step; glibc's defaults hand buffers this large
 # back to the kernel on free, so each step page-faults (and zero-fills) gigabytes again: 1.6M
 # minor faults and ~3 s of system time per bench-small step. 'keep' is what `python -m
-# jaxlm.train` sets up by itself (jaxlm/host_memory.py: glibc mallopt that keeps freed memory,
+# jaxlm.train` sets up by itself (jaxlm/training/host_memory.py: glibc mallopt that keeps freed memory,
 # and CPU steps run one at a time so what is kept stays one step's worth); 'keep-async' is the
 # same mallopt with JAX's asynchronous CPU dispatch left on (the trainer's setting before issue
 # 11: consecutive steps' temporaries overlap and the heap grows); 'jemalloc' preloads jemalloc
@@ -275,7 +275,7 @@ def _worker_main(kind: str, spec: dict) -> None:
 
 
 def summarise(name: str, impl: str, dtype: str, raw: dict, peak_flops: float) -> dict:
-  from jaxlm import flops  # pylint: disable=import-outside-toplevel
+  from jaxlm.model import flops  # pylint: disable=import-outside-toplevel
   bench = CONFIGS[name]
   times = raw["step_times_s"]
   step_s = statistics.median(times)

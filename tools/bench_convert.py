@@ -21,8 +21,8 @@ import sys
 import jax
 import numpy as np
 
-from jaxlm import gin_config
-from jaxlm.checkpoint import Checkpointer
+from jaxlm.config import gin_config
+from jaxlm.checkpointing.checkpoint import Checkpointer
 from jaxlm.interop import export_hf, gin_model_text
 from jaxlm.model import ModelConfig, count_params
 from jaxlm.model.transformer import init_params
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
   goal = 1.3 * (shard + tensor)
   idle = os.path.join(args.workdir, "idle.py")
   with open(idle, "w", encoding="utf-8") as f:
-    f.write("import jax, jaxlm.saved_run, jaxlm.interop\njax.devices()\n")
+    f.write("import jax, jaxlm.training.saved_run, jaxlm.interop\njax.devices()\n")
   floor = peak_rss_of(idle, [], args.workdir)
   rows = [("hf_to_jaxlm", peak_rss_of(CONVERT, ["hf_to_jaxlm", hf_dir,
                                                 os.path.join(args.workdir, "imported")],

@@ -18,7 +18,8 @@ import time
 import jax
 import numpy as np
 
-from jaxlm import decoding, gin_config
+from jaxlm.evaluation import decoding
+from jaxlm.config import gin_config
 from jaxlm.model import ModelConfig, count_params, init_params
 
 

@@ -29,7 +29,7 @@ ALGORITHMS = ("dense", "static", "nm", "rigl", "gradual")
 
 
 def _method(name: str, period: int):
-  from jaxlm.sparsity import methods  # pylint: disable=import-outside-toplevel
+  from jaxlm.methods.sparsity import methods  # pylint: disable=import-outside-toplevel
   return {"dense": lambda: (),
           "static": lambda: (methods.static_sparsity(density=0.5),),
           "nm": lambda: (methods.nm_sparsity(),),
@@ -43,7 +43,7 @@ def measure(config: str, algorithm: str, steps: int, period: int) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from jaxlm import parallel  # pylint: disable=import-outside-toplevel
-  from jaxlm.train_step import (  # pylint: disable=import-outside-toplevel
+  from jaxlm.training.train_step import (  # pylint: disable=import-outside-toplevel
       make_train_step, sharded_init, state_shardings)
   spec = bench.CONFIGS[config]
   stage = bench.benchmark_stage(spec, "float32", 100 * period, methods=_method(algorithm, period))

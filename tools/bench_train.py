@@ -4,7 +4,7 @@
 
 Runs the real trainer (no eval, no checkpoints, no sample) into a temporary MODEL_DIR and prints
 the median over its logged intervals, skipping the first (which follows compilation). MFU is
-against the peak the trainer measures on the same device at start-up (see jaxlm/flops.py).
+against the peak the trainer measures on the same device at start-up (see jaxlm/model/flops.py).
 """
 
 import argparse

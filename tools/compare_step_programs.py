@@ -32,7 +32,12 @@ def step_program(config: str) -> str:
   import numpy as np  # pylint: disable=import-outside-toplevel
   from jaxlm import parallel  # pylint: disable=import-outside-toplevel
   from jaxlm.benchmarking import CONFIGS, benchmark_stage  # pylint: disable=import-outside-toplevel
-  from jaxlm.train_step import make_train_step, sharded_init, state_shardings  # pylint: disable=import-outside-toplevel
+  try:
+    from jaxlm.training import train_step  # pylint: disable=import-outside-toplevel
+  except ImportError:  # A checkout from before the subpackages (2026-12-07): jaxlm/train_step.py.
+    from jaxlm import train_step  # pylint: disable=import-outside-toplevel
+  make_train_step, sharded_init = train_step.make_train_step, train_step.sharded_init
+  state_shardings = train_step.state_shardings
   bench = CONFIGS[config]
   stage = benchmark_stage(bench, "float32", num_steps=10)
   mesh_config = parallel.MeshConfig(data=1, fsdp=1, tensor=1)

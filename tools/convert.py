@@ -17,7 +17,7 @@ of tokenizer.json when the source has one. Start a run from it with
 (OUT_DIR is a restore source, not a MODEL_DIR to train in: its record has no stage. It
 converts back with jaxlm_to_hf, bit for bit.)
 jaxlm_to_hf reads a run's checkpoint with the model of the stage that wrote it
-(jaxlm.saved_run.load_saved_run), reading each tensor from the checkpoint only when its shard
+(jaxlm.training.saved_run.load_saved_run), reading each tensor from the checkpoint only when its shard
 is written, and writes config.json, sharded safetensors with their index, and the run's
 tokenizer.json if it has one (jaxlm.interop.export_hf). Peak host memory is about one output
 shard plus one tensor either way (tools/bench_convert.py measures it). Bad input is one line on
@@ -29,7 +29,7 @@ import os
 import shutil
 import sys
 
-from jaxlm.cli import run_guarded, setup_logging
+from jaxlm.config.cli import run_guarded, setup_logging
 from jaxlm.errors import UserError
 
 MODEL_GIN = "model.gin"
@@ -38,7 +38,7 @@ MODEL_GIN = "model.gin"
 def hf_to_jaxlm(src: str, out_dir: str) -> list[str]:
   """Returns the paths written. Every tensor is checked from the safetensors metadata first;
   then each is read, converted and saved before the next (peak host memory: one tensor)."""
-  from jaxlm.checkpoint import Checkpointer, RunRecord  # pylint: disable=import-outside-toplevel
+  from jaxlm.checkpointing.checkpoint import Checkpointer, RunRecord  # pylint: disable=import-outside-toplevel
   from jaxlm.interop import gin_model_text, load_hf_config  # pylint: disable=import-outside-toplevel
   from jaxlm.interop.hf_import import HFParams  # pylint: disable=import-outside-toplevel
   if os.path.isdir(os.path.join(out_dir, "checkpoints")):
@@ -74,7 +74,7 @@ def jaxlm_to_hf(model_dir: str, out_dir: str, step: int | None = None,
                 max_shard_bytes: int | None = None) -> list[str]:
   from jaxlm.interop import export_hf  # pylint: disable=import-outside-toplevel
   from jaxlm.interop.hf_export import DEFAULT_SHARD_BYTES  # pylint: disable=import-outside-toplevel
-  from jaxlm.saved_run import load_saved_run  # pylint: disable=import-outside-toplevel
+  from jaxlm.training.saved_run import load_saved_run  # pylint: disable=import-outside-toplevel
   run = load_saved_run(model_dir, step, lazy_params=True)  # Read one tensor at a time.
   with run.scope():
     files = export_hf(run.params, run.stage.model, out_dir, tokenizer=run.tokenizer,

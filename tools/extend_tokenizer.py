@@ -1,5 +1,5 @@
 """Extend a tokenizer.json or a SentencePiece .model with pieces learned on new-domain text,
-keeping every existing id (jaxlm.continual.vocab_expansion), for the expand_vocabulary
+keeping every existing id (jaxlm.methods.continual.vocab_expansion), for the expand_vocabulary
 transition.
 
     python tools/extend_tokenizer.py --base=/models/x/tokenizer.json --text_file=new.txt \\
@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from jaxlm.cli import run_guarded, setup_logging
+from jaxlm.config.cli import run_guarded, setup_logging
 from jaxlm.errors import UserError
 
 
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
 
   def body() -> int:
     # pylint: disable=import-outside-toplevel
-    from jaxlm.continual.vocab_expansion import (byte_tokenizer_json, extend_sentencepiece,
+    from jaxlm.methods.continual.vocab_expansion import (byte_tokenizer_json, extend_sentencepiece,
                                                  extend_tokenizer_json)
     from jaxlm.data.sources import shared_corpora_dir
     from jaxlm.data.tokenizers import HuggingFaceTokenizer, SentencePieceTokenizer

@@ -1,6 +1,6 @@
 """Fit the D-CPT and CMR mixture laws to continual-pretraining runs over mixture ratios and run
 lengths, the way D-CPT fits them, and check the fit on held-out runs
-(jaxlm.continual.mixture_laws).
+(jaxlm.methods.continual.mixture_laws).
 
     python tools/fit_mixture_law.py \\
         --run=0.125=runs/mix_0125_50,runs/mix_0125_100,runs/mix_0125 \\
@@ -52,7 +52,7 @@ import sys
 
 import numpy as np
 
-from jaxlm.continual import mixture_laws
+from jaxlm.methods.continual import mixture_laws
 from jaxlm.reports import runs as report_runs
 
 KINDS = ("general", "domain")

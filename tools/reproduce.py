@@ -4,6 +4,7 @@ plots.
     python tools/reproduce.py continual                 # every arm, then the table and plots
     python tools/reproduce.py continual --only replay_5  # one arm (and the table of all done)
     python tools/reproduce.py continual --quick          # every arm for a few steps (CI smoke)
+    python tools/reproduce.py continual --no_train       # the table of the arms finished so far
 
 A family is a folder experiments/FAMILY/ holding one small gin file per arm and manifest.json:
 
@@ -19,7 +20,17 @@ A family is a folder experiments/FAMILY/ holding one small gin file per arm and 
                  "rows": [{"arm": "baseline", "paper": {"eval/loss": 2.41}},
                           {"arm": "replay", "versus": "baseline"}, ...]}],
      "reports": [{"title": "Mixture law", "command": ["tools/fit_mixture_law.py", ...]}],
-     "notes": "how to read the table; where our scale differs from the paper's"}
+     "notes": "how to read the table; where our scale differs from the paper's",
+     "headlines": [{"method": "Re-warm + 25% replay", "paper": "Ibrahim et al. 2024 (2403.08763)",
+                    "gin": "experiments/continual/continue.gin", "arm": "replay",
+                    "versus": "baseline", "metric": "eval/loss", "what": "old-domain loss",
+                    "paper_result": "+0.07 against the union"}]}
+
+The headlines are the family's rows in the methods table of the repository's README (between
+its markers): the measured cell is the arm's mean ± std, or its difference from "versus"
+(a tie where inside the spread), regenerated with the family's own table; each family keeps
+its rows in experiments/FAMILY/headlines.json, so regenerating one family redraws the table
+from every family's last results.
 
 An arm may be {"name": ..., "command": ["tools/score_documents.py", ...]} instead: a python
 script run once (data for later arms, written under {model_dir}). In bindings and commands,
@@ -64,6 +75,8 @@ from jaxlm.reports.runs import ReportError, branch_offset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- reproduce:begin -->", "<!-- reproduce:end -->"
+METHODS_BEGIN, METHODS_END = "<!-- methods:begin -->", "<!-- methods:end -->"
+HEADLINE_FIELDS = ("method", "paper", "gin", "arm", "metric", "what", "paper_result")
 COMPARE_ON = {"tokens": "total/tokens", "flops": "total/flops"}
 # An arm's compute counts what it restored from another arm (base's pretraining before a
 # continual arm, a WSD branch's stable prefix up to its branch step): equal compute is
@@ -100,6 +113,7 @@ class Manifest:
   notes: str = ""
   plots: tuple[dict, ...] = ()  # {"name", "arms"}: one set of figures per group of arms.
   reports: tuple[dict, ...] = ()  # {"title", "command"}: scripts run after the arms.
+  headlines: tuple[dict, ...] = ()  # The family's rows in the README's methods table.
 
 
 def families(experiments_dir: str) -> list[str]:
@@ -122,7 +136,8 @@ def load_manifest(experiments_dir: str, family: str) -> Manifest:
     manifest = Manifest(family, folder, raw.get("title", family), raw.get("compare_on", "tokens"),
                         arms, tuple(raw.get("tables", ())), tuple(raw.get("bindings", ())),
                         tuple(raw.get("quick_bindings", ())), raw.get("notes", ""),
-                        tuple(raw.get("plots", ())), tuple(raw.get("reports", ())))
+                        tuple(raw.get("plots", ())), tuple(raw.get("reports", ())),
+                        tuple(raw.get("headlines", ())))
   except (ValueError, KeyError, TypeError) as e:
     raise ReproduceError(f"{path} is not a valid manifest ({type(e).__name__}: {e})") from None
   if manifest.compare_on not in COMPARE_ON:
@@ -133,6 +148,14 @@ def load_manifest(experiments_dir: str, family: str) -> Manifest:
     for row in table.get("rows", ()):
       if row.get("arm") not in names:
         raise ReproduceError(f"{path}: table {table.get('title')!r} names arm {row.get('arm')!r}, "
+                             f"which is not among the arms {names}")
+  for headline in manifest.headlines:
+    missing = [f for f in HEADLINE_FIELDS if f not in headline]
+    if missing:
+      raise ReproduceError(f"{path}: headline {headline.get('method')!r} lacks {missing}")
+    for name in (headline["arm"], headline.get("versus", headline["arm"])):
+      if name not in names:
+        raise ReproduceError(f"{path}: headline {headline['method']!r} names arm {name!r}, "
                              f"which is not among the arms {names}")
   for group in manifest.plots:
     for name in group.get("arms", ()):
@@ -400,6 +423,52 @@ def results_markdown(manifest: Manifest, results: dict[str, list[dict]], plots: 
   return "\n".join(lines).rstrip() + "\n"
 
 
+def headline_rows(manifest: Manifest, results: dict[str, list[dict]]) -> list[dict]:
+  """The family's rows of the README's methods table, measured from `results`."""
+  rows = []
+  for h in manifest.headlines:
+    values = lambda arm: [r[h["metric"]] for r in results.get(arm, []) if h["metric"] in r]
+    if "versus" in h:
+      measured = difference_cell(values(h['arm']), values(h['versus']))
+    else:
+      measured = _seeds_cell(values(h["arm"]))
+    rows.append({"method": h["method"], "paper": h["paper"], "gin": h["gin"],
+                 "ours": f"{h['what']}: {measured}", "paper_result": h["paper_result"]})
+  return rows
+
+
+def methods_table(experiments_dir: str) -> str:
+  """Every family's headline rows (experiments/*/headlines.json) as one markdown table."""
+  lines = ["| family | method | paper | gin file | ours (mean ± std over seeds) | paper's |",
+           "|---|---|---|---|---|---|"]
+  for family in families(experiments_dir):
+    path = os.path.join(experiments_dir, family, "headlines.json")
+    if not os.path.isfile(path):
+      lines.append(f"| {family} | – | – | – | not measured yet: `python tools/reproduce.py "
+                   f"{family}` | – |")
+      continue
+    with open(path, encoding="utf-8") as f:
+      for row in json.load(f):
+        lines.append(f"| {family} | {row['method']} | {row['paper']} | `{row['gin']}` | "
+                     f"{row['ours']} | {row['paper_result']} |")
+  return "\n".join(lines) + "\n"
+
+
+def write_methods_table(readme: str, experiments_dir: str) -> None:
+  """Redraws the table between the README's methods markers (a README without them: nothing)."""
+  if not os.path.isfile(readme):
+    return
+  with open(readme, encoding="utf-8") as f:
+    current = f.read()
+  if METHODS_BEGIN not in current or METHODS_END not in current:
+    return
+  head, rest = current.split(METHODS_BEGIN, 1)
+  tail = rest.split(METHODS_END, 1)[1]
+  with open(readme + ".tmp", "w", encoding="utf-8") as f:
+    f.write(f"{head}{METHODS_BEGIN}\n{methods_table(experiments_dir)}{METHODS_END}{tail}")
+  os.replace(readme + ".tmp", readme)
+
+
 def remove_stale_plots(plots_dir: str, written) -> None:
   """PNGs under plots_dir that this regeneration did not write (a figure no longer drawn) go,
   so the folder holds exactly what the README shows."""
@@ -429,7 +498,7 @@ def write_between_markers(readme: str, text: str, title: str) -> None:
 
 def reproduce(family: str, quick: bool = False, only: str | None = None,
               runs_dir: str | None = None, experiments_dir: str | None = None,
-              seeds: int | None = None) -> str:
+              seeds: int | None = None, train: bool = True) -> str:
   """Runs the family's arms (all, or `only`), each over its seeds, then writes its table and
   plots; returns the markdown written."""
   experiments_dir = experiments_dir or os.path.join(REPO, "experiments")
@@ -447,7 +516,7 @@ def reproduce(family: str, quick: bool = False, only: str | None = None,
   counts = seed_counts(manifest, seeds, quick)
   # Seed by seed: every arm's seed 0 first (the single-seed table), then the further seeds.
   jobs = [(arm, k) for k in range(max(counts.values())) for arm in arms if k < counts[arm.name]]
-  for i, (arm, k) in enumerate(jobs, 1):
+  for i, (arm, k) in enumerate(jobs if train else (), 1):  # --no_train: the finished only.
     run_arm(manifest, arm, seed_dir(family_runs, arm.name, k), quick, i, len(jobs), k)
   finished = {}  # arm -> its finished seeds' MODEL_DIRs, in seed order.
   for arm in manifest.arms:
@@ -472,6 +541,11 @@ def reproduce(family: str, quick: bool = False, only: str | None = None,
                      {*plots, *(image for _, _, images in reports for image in images)})
   text = results_markdown(manifest, results, plots, out, reports, wall_seconds(trained))
   write_between_markers(os.path.join(out, "README.md"), text, manifest.title)
+  if not quick and only is None:  # Only a whole family's results stand in the methods table.
+    with open(os.path.join(manifest.folder, "headlines.json"), "w", encoding="utf-8") as f:
+      json.dump(headline_rows(manifest, results), f, indent=1)
+      f.write("\n")
+    write_methods_table(os.path.join(experiments_dir, os.pardir, "README.md"), experiments_dir)
   return text
 
 
@@ -484,13 +558,15 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--seeds", type=int, default=None,
                       help="seeds per arm (default: each arm's manifest 'seeds', else 1)")
   parser.add_argument("--runs_dir", default=None, help="where each arm's MODEL_DIR goes")
+  parser.add_argument("--no_train", action="store_true",
+                      help="train nothing: the tables and plots of the arms finished so far")
   parser.add_argument("--experiments_dir", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
   try:
     if args.seeds is not None and args.seeds < 1:
       raise ReproduceError(f"--seeds={args.seeds}: give 1 or more")
     print(reproduce(args.family, args.quick, args.only, args.runs_dir, args.experiments_dir,
-                    args.seeds))
+                    args.seeds, train=not args.no_train))
   except (ReproduceError, ReportError) as e:
     print(f"reproduce: error: {e}", file=sys.stderr)
     return 2

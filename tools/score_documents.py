@@ -1,5 +1,5 @@
 """Score every document of a text source with a trained run's loss, for quality subsets against
-the stability gap (jaxlm.continual.document_scores; Guo et al., arXiv:2406.14833).
+the stability gap (jaxlm.methods.continual.document_scores; Guo et al., arXiv:2406.14833).
 
     python tools/score_documents.py /runs/small_ref --domain=french --separator='\\n' \\
         --out=/runs/french_scores.jsonl [--step=N] [--max_len=256] [--batch_size=16]
@@ -17,7 +17,7 @@ import os
 import pathlib
 import sys
 
-from jaxlm.cli import run_guarded, setup_logging
+from jaxlm.config.cli import run_guarded, setup_logging
 from jaxlm.errors import UserError
 
 
@@ -26,9 +26,9 @@ def score(run_dir: str, text_file: str, out: str, separator: str, valid_file: st
           batch_size: int = 16, valid_separator: str | None = None) -> int:
   """Writes the scores file; returns the number of documents scored."""
   # pylint: disable=import-outside-toplevel
-  from jaxlm.continual.document_scores import document_losses, write_scores
+  from jaxlm.methods.continual.document_scores import document_losses, write_scores
   from jaxlm.data import readers
-  from jaxlm.saved_run import load_saved_run
+  from jaxlm.training.saved_run import load_saved_run
   if not os.path.isfile(text_file):
     raise UserError(f"{text_file} does not exist; give a UTF-8 text file or a --domain")
   documents = readers.read_all([pathlib.Path(text_file)], "documents to score",

@@ -4,7 +4,7 @@
         --num_heads 2 --num_kv_heads 1 --mlp_dim 192 [--batches 4] [--step N]
 
 Ranks the large model's neurons by their mean activation magnitude on the first --batches
-training batches of the stage that wrote the checkpoint (jaxlm.growth.subcloning), keeps the
+training batches of the stage that wrote the checkpoint (jaxlm.methods.growth.subcloning), keeps the
 most important ones, and writes OUT_DIR as a Hugging Face directory (config.json, safetensors)
 that a run starts from:
 
@@ -20,7 +20,7 @@ import argparse
 import dataclasses
 import sys
 
-from jaxlm.cli import run_guarded, setup_logging
+from jaxlm.config.cli import run_guarded, setup_logging
 from jaxlm.errors import UserError
 
 SIZES = ("d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim")
@@ -29,10 +29,10 @@ SIZES = ("d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim")
 def subclone_run(model_dir: str, out_dir: str, sizes: dict, batches: int = 4,
                  step: int | None = None) -> list[str]:
   import jax  # pylint: disable=import-outside-toplevel
-  from jaxlm.growth.subcloning import activation_stats, subclone  # pylint: disable=import-outside-toplevel
+  from jaxlm.methods.growth.subcloning import activation_stats, subclone  # pylint: disable=import-outside-toplevel
   from jaxlm.interop import export_hf  # pylint: disable=import-outside-toplevel
-  from jaxlm.run_plan import build_stage_data  # pylint: disable=import-outside-toplevel
-  from jaxlm.saved_run import load_saved_run  # pylint: disable=import-outside-toplevel
+  from jaxlm.training.run_plan import build_stage_data  # pylint: disable=import-outside-toplevel
+  from jaxlm.training.saved_run import load_saved_run  # pylint: disable=import-outside-toplevel
   run = load_saved_run(model_dir, step)
   large = run.stage.model
   small = dataclasses.replace(large, head_dim=large.resolved_head_dim,

@@ -173,6 +173,18 @@ def _eval_batches(valid, name: str, config: DataConfig, tokenizer) -> list[Batch
                       config.eval_batches_to_build())
 
 
+def build_eval_sets(config: DataConfig, eval_domains: Sequence[Any] = ()) -> dict[str, list]:
+  """The eval batches of every source and of `eval_domains`, exactly as build_datasets makes
+  them, without packing any train rows (python -m jaxlm.eval needs only these)."""
+  tokenizer = resolve_tokenizer(config.tokenizer)
+  evaluation = {}
+  for source in [*_sources_of(config), *_eval_domain_sources(eval_domains)]:
+    if source.name not in evaluation:
+      evaluation[source.name] = _eval_batches(_train_and_valid(source, config, tokenizer)[1],
+                                              source.name, config, tokenizer)
+  return evaluation
+
+
 def build_datasets(config: DataConfig, shard_index: int = 0, shard_count: int = 1, *,
                    start_rows: Mapping[str, int] | None = None,
                    eval_domains: Sequence[Any] = ()) -> Datasets:

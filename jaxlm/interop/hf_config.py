@@ -24,6 +24,9 @@ GIN_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads"
               "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len",
               "attention_bias", "tie_embeddings", "norm_eps")
 
+LLAMA3_SCALING_FIELDS = ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                         "rope_original_max_len")
+
 
 def read_json(path: str) -> dict:
   try:
@@ -132,6 +135,8 @@ def gin_model_text(config: ModelConfig, source: str = "") -> str:
   lines = [f"# Imported from the Hugging Face model {source}." if source else
            "# Imported from a Hugging Face model."]
   for name in GIN_FIELDS:
+    if name in LLAMA3_SCALING_FIELDS and config.rope_scaling != "llama3":
+      continue  # Only what applies: these factors mean nothing without llama3 scaling.
     lines.append(f"ModelConfig.{name} = {getattr(config, name)!r}")
   return "\n".join(lines) + "\n"
 

@@ -1,18 +1,12 @@
-"""Methods: pure functions on pytrees that plug into a stage through transitions (stages.py) and
-the step hooks of `Method` (hooks.py). The method families are the packages FAMILIES lists."""
-
-import importlib
+"""Methods: pure functions on pytrees that plug into a stage through its transitions
+(transition.py) and the step hooks of `Method` (hooks.py). They never import the trainer. The
+method families are the packages FAMILIES lists: continual/, growth/, sparsity/."""
 
 from jaxlm.methods.hooks import Method, MethodHooks
 
 # Every method family, in one place: importing one registers its gin configurables (its
-# transitions and methods), which gin must know before it parses a config.
-FAMILIES = ("jaxlm.continual", "jaxlm.growth", "jaxlm.sparsity")
+# transitions and methods), which gin must know before it parses a config
+# (config/gin_config.py imports them).
+FAMILIES = ("jaxlm.methods.continual", "jaxlm.methods.growth", "jaxlm.methods.sparsity")
 
-
-def import_families() -> None:
-  for family in FAMILIES:
-    importlib.import_module(family)
-
-
-__all__ = ["FAMILIES", "Method", "MethodHooks", "import_families"]
+__all__ = ["FAMILIES", "Method", "MethodHooks"]

@@ -81,11 +81,18 @@ def _phase_steps(name: str, field: str, num_steps: int, steps, fraction, default
 
 
 @gin.configurable
-def warmup_cosine(num_steps: int, peak_lr: float = 3e-3, warmup_steps: int = 100,
+def warmup_cosine(num_steps: int, peak_lr: float = 3e-3, warmup_steps: int | None = None,
                   final_lr_fraction: float = 0.1, warmup_from: str = "zero",
-                  previous_lr: float = 0.0) -> optax.Schedule:
+                  previous_lr: float = 0.0,
+                  warmup_fraction: float | None = None) -> optax.Schedule:
   """Linear warmup to peak_lr, then cosine decay to final_lr_fraction * peak_lr at the stage's
-  end. With warmup_from="previous": re-warm + re-decay (Ibrahim et al., arXiv:2403.08763)."""
+  end. With warmup_from="previous": re-warm + re-decay (Ibrahim et al., arXiv:2403.08763).
+  The warmup is `warmup_steps` steps or a `warmup_fraction` of the stage (100 steps if
+  neither is set)."""
+  if warmup_steps is None and warmup_fraction is None:
+    warmup_steps = 100
+  warmup_steps = _phase_steps("warmup_cosine", "warmup", num_steps, warmup_steps,
+                              warmup_fraction, None)
   _check("warmup_cosine", num_steps, warmup_steps, peak_lr)
   check_range("warmup_cosine.final_lr_fraction", final_lr_fraction, low=0, high=1)
   return optax.warmup_cosine_decay_schedule(
