@@ -1,7 +1,11 @@
-"""What the benchmark tools share (tools/bench.py, bench_sparsity.py): the benchmark models, the
-random batch they train on, and the optimizer settings both jaxlm and PyTorch use."""
+"""What the benchmark tools share (tools/bench.py, bench_sparsity.py, bench_attention.py,
+accelerator_check.py): the benchmark models, the random batch they train on, the optimizer
+settings both jaxlm and PyTorch use, the trainer's step compiled on one device, and attention
+timed forward and backward."""
 
 import dataclasses
+import statistics
+import time
 
 import numpy as np
 
@@ -62,3 +66,90 @@ def benchmark_stage(bench: BenchConfig, dtype: str, num_steps: int, model=None, 
   return Stage(num_steps=num_steps, model=model or bench.model_config(dtype),
                schedule=lambda _: optax.constant_schedule(LEARNING_RATE),
                optimizer=lambda schedule: adamw(schedule, **ADAMW), **fields)
+
+
+def compiled_train_step(stage, batch: dict, seed: int = 0):
+  """The trainer's own jitted step (train_step.make_train_step) for `stage` on a one-device mesh,
+  compiled, its state initialised and `batch` placed on the device. Returns (step, compile
+  seconds, the compiled executable); `step()` runs one update to completion, returns metrics."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from jaxlm import parallel  # pylint: disable=import-outside-toplevel
+  from jaxlm.training.train_step import (  # pylint: disable=import-outside-toplevel
+      make_train_step, sharded_init, state_shardings)
+  mesh_config = parallel.MeshConfig(data=1, fsdp=1, tensor=1)
+  mesh, rules = parallel.make_mesh(mesh_config, jax.devices()[:1]), mesh_config.resolved_rules()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    shardings = state_shardings(stage, mesh, rules)
+    batch_sharding = parallel.batch_sharding(mesh, rules)
+    state = sharded_init(stage, shardings, jax.random.key(seed))
+    batch = parallel.global_batch(batch, batch_sharding)
+    start = time.perf_counter()
+    compiled = make_train_step(stage, shardings, batch_sharding).lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+
+  def step():
+    nonlocal state
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    return metrics
+  return step, compile_s, compiled
+
+
+def attention_flops(batch: int, heads: int, length: int, head_dim: int, causal: bool) -> float:
+  """Forward FLOPs as FlashAttention-2 counts them (2307.08691, section 4): 4·B·H·L²·D, halved
+  when causal (the masked half is skipped); forward+backward is 3.5 times this."""
+  return 4 * batch * heads * length * length * head_dim * (0.5 if causal else 1.0)
+
+
+def time_compiled(fn, args, iters: int) -> tuple[float, float]:
+  """(median seconds per call of jit(fn)(*args) after a warm-up call, XLA's planned scratch
+  bytes)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  compiled = jax.jit(fn).lower(*args).compile()
+  memory = compiled.memory_analysis()
+  scratch = float(getattr(memory, "temp_size_in_bytes", float("nan"))) if memory else float("nan")
+  jax.block_until_ready(compiled(*args))  # Warm-up (allocation, autotuning).
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times), scratch
+
+
+def attention_inputs(batch, length, heads, kv_heads, head_dim, dtype, doc_len, seed=0):
+  """Random q, k, v, an output cotangent, and segment ids of packed documents of `doc_len`
+  tokens (the last one cut short)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  keys = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(keys[0], (batch, length, heads, head_dim), dtype)
+  k = jax.random.normal(keys[1], (batch, length, kv_heads, head_dim), dtype)
+  v = jax.random.normal(keys[2], (batch, length, kv_heads, head_dim), dtype)
+  do = jax.random.normal(keys[3], q.shape, dtype)
+  ids = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32) // doc_len + 1, (batch, length))
+  return q, k, v, do, ids
+
+
+def attention_fwd_and_grad(impl: str, ids, do, causal: bool = True):
+  """(forward(q, k, v), forward+backward(q, k, v) -> dq, dk, dv) of an ATTENTION_IMPLS entry."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from jaxlm.model.attention import ATTENTION_IMPLS  # pylint: disable=import-outside-toplevel
+  attention = ATTENTION_IMPLS[impl]
+
+  def fwd(q, k, v):
+    return attention(q, k, v, ids, causal=causal)
+
+  def fwd_bwd(q, k, v):
+    out, pullback = jax.vjp(fwd, q, k, v)
+    return pullback(do.astype(out.dtype))
+  return fwd, fwd_bwd
+
+
+def time_attention(impl, batch, length, heads, kv_heads, head_dim, dtype, causal, doc_len,
+                   iters):
+  """((forward seconds, scratch bytes), (forward+backward seconds, scratch bytes))."""
+  q, k, v, do, ids = attention_inputs(batch, length, heads, kv_heads, head_dim, dtype, doc_len)
+  fwd, fwd_bwd = attention_fwd_and_grad(impl, ids, do, causal)
+  return time_compiled(fwd, (q, k, v), iters), time_compiled(fwd_bwd, (q, k, v), iters)

@@ -38,7 +38,7 @@ import time
 
 from jaxlm.training import host_memory
 from jaxlm.benchmarking import (ADAMW, CONFIGS, LEARNING_RATE, BenchConfig, benchmark_stage,
-                                random_batch)
+                                compiled_train_step, random_batch)
 
 class PeakMemory:
   """Peak resident set of this process over the timed steps, above what it held before the
@@ -109,37 +109,17 @@ def _timed_steps(step, steps: int, warmup: int, memory: PeakMemory | None = None
 def run_jaxlm(bench: BenchConfig, dtype: str, steps: int, warmup: int, **model_overrides) -> dict:
   """Time jaxlm's own train step (train_step.make_train_step, as the trainer builds it) on a
   one-device mesh, the batch already on the device."""
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  from jaxlm import parallel  # pylint: disable=import-outside-toplevel
-  from jaxlm.training.train_step import (  # pylint: disable=import-outside-toplevel
-      make_train_step, sharded_init, state_shardings)
 
   memory = PeakMemory()
   stage = benchmark_stage(bench, dtype, steps + warmup,
                           model=bench.model_config(dtype, **model_overrides))
-  mesh_config = parallel.MeshConfig(data=1, fsdp=1, tensor=1)
-  mesh, rules = parallel.make_mesh(mesh_config, jax.devices()[:1]), mesh_config.resolved_rules()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    shardings = state_shardings(stage, mesh, rules)
-    batch_sharding = parallel.batch_sharding(mesh, rules)
-    state = sharded_init(stage, shardings, jax.random.key(0))
-    batch = parallel.global_batch(random_batch(bench), batch_sharding)
-    start = time.perf_counter()
-    train_step = make_train_step(stage, shardings, batch_sharding).lower(state, batch).compile()
-    compile_s = time.perf_counter() - start
-
-    def step():
-      nonlocal state
-      state, metrics = train_step(state, batch)
-      jax.block_until_ready((state, metrics))
-      return metrics
-
-    first_loss = float(step()["train/loss"])
-    cpu_times = []
-    times = _timed_steps(step, steps, max(warmup - 1, 0), memory, cpu_times)
-    peak_bytes = memory.peak_bytes()
-    last_loss = float(step()["train/loss"])
+  step, compile_s, train_step = compiled_train_step(stage, random_batch(bench))
+  first_loss = float(step()["train/loss"])
+  cpu_times = []
+  times = _timed_steps(step, steps, max(warmup - 1, 0), memory, cpu_times)
+  peak_bytes = memory.peak_bytes()
+  last_loss = float(step()["train/loss"])
   plan = train_step.memory_analysis()
   plan = None if plan is None else plan.argument_size_in_bytes + plan.temp_size_in_bytes
   return {"step_times_s": times, "step_cpu_s": cpu_times, "compile_s": compile_s,

@@ -16,63 +16,19 @@ and its times mean nothing about kernel speed.
 """
 
 import argparse
-import statistics
 import sys
-import time
 
 import gin
 import jax
 import jax.numpy as jnp
 
+from jaxlm.benchmarking import attention_flops, time_attention
 from jaxlm.errors import UserError
 from jaxlm.kernels import attention_impls  # choose_attention_impl.
-from jaxlm.model.attention import ATTENTION_IMPLS
 
 
 def _ints(text: str) -> list[int]:
   return [int(x) for x in text.split(",") if x]
-
-
-def _segment_ids(batch: int, length: int, doc_len: int):
-  """Packed documents of `doc_len` tokens (the last one cut short)."""
-  return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32) // doc_len + 1, (batch, length))
-
-
-def _attention_flops(batch, heads, length, head_dim, causal: bool) -> float:
-  return 4 * batch * heads * length * length * head_dim * (0.5 if causal else 1.0)
-
-
-def _measure(fn, args, iters: int) -> tuple[float, float]:
-  """(median seconds per call, compiled scratch bytes)."""
-  compiled = jax.jit(fn).lower(*args).compile()
-  memory = compiled.memory_analysis()
-  scratch = float(getattr(memory, "temp_size_in_bytes", float("nan"))) if memory else float("nan")
-  jax.block_until_ready(compiled(*args))  # Warm-up (allocation, autotuning).
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), scratch
-
-
-def bench_one(impl, batch, length, heads, kv_heads, head_dim, dtype, causal, doc_len, iters):
-  attention = ATTENTION_IMPLS[impl]
-  keys = jax.random.split(jax.random.key(0), 4)
-  q = jax.random.normal(keys[0], (batch, length, heads, head_dim), dtype)
-  k = jax.random.normal(keys[1], (batch, length, kv_heads, head_dim), dtype)
-  v = jax.random.normal(keys[2], (batch, length, kv_heads, head_dim), dtype)
-  do = jax.random.normal(keys[3], q.shape, dtype)
-  ids = _segment_ids(batch, length, doc_len)
-
-  def fwd(q, k, v):
-    return attention(q, k, v, ids, causal=causal)
-
-  def fwd_bwd(q, k, v):
-    out, pullback = jax.vjp(fwd, q, k, v)
-    return pullback(do.astype(out.dtype))
-
-  return _measure(fwd, (q, k, v), iters), _measure(fwd_bwd, (q, k, v), iters)
 
 
 def main(argv=None) -> int:
@@ -117,7 +73,7 @@ def main(argv=None) -> int:
             name = f"auto:{attention_impls.choose_attention_impl(q_shape)}"
           row = f"{name:<8}{length:>7}{head_dim:>5}{ratio:>5}{batch:>4}"
           try:
-            (t_f, m_f), (t_fb, m_fb) = bench_one(
+            (t_f, m_f), (t_fb, m_fb) = time_attention(
                 impl, batch, length, args.num_heads, args.num_heads // ratio, head_dim, dtype,
                 causal, args.doc_len, args.iters)
           except UserError as e:
@@ -129,7 +85,7 @@ def main(argv=None) -> int:
             # Out of memory or a shape the library refuses: report the row, keep sweeping.
             print(f"{row}  failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
             continue
-          flops = _attention_flops(batch, args.num_heads, length, head_dim, causal)
+          flops = attention_flops(batch, args.num_heads, length, head_dim, causal)
           print(f"{row}{t_f * 1e3:>10.2f}{flops / t_f / 1e12:>9.2f}{t_fb * 1e3:>12.2f}"
                 f"{3.5 * flops / t_fb / 1e12:>9.2f}{m_f / 2**20:>14.1f} / {m_fb / 2**20:<11.1f}")
   return 0
