@@ -123,8 +123,17 @@ SHARED_CORPORA_ENV = "JAXLM_SHARED_CORPORA"
 
 
 def shared_corpora_dir() -> str:
-  return os.environ.get(SHARED_CORPORA_ENV) or str(
-      pathlib.Path(__file__).resolve().parents[3] / "shared" / "corpora")
+  """$JAXLM_SHARED_CORPORA; else ../shared/corpora beside the repository, if it is there; else
+  the cache that `python tools/fetch_corpora.py` fills (~/.cache/jaxlm/corpora)."""
+  if os.environ.get(SHARED_CORPORA_ENV):
+    return os.environ[SHARED_CORPORA_ENV]
+  beside = pathlib.Path(__file__).resolve().parents[3] / "shared" / "corpora"
+  return str(beside) if beside.is_dir() else corpora_cache_dir()
+
+
+def corpora_cache_dir() -> str:
+  cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(cache, "jaxlm", "corpora")
 
 
 @gin.configurable
@@ -137,8 +146,9 @@ def shared_corpus(domain: str = gin.REQUIRED, name: str | None = None,
   root = directory or shared_corpora_dir()
   train = os.path.join(root, domain, "train.txt")
   if not os.path.isfile(train):
-    raise UserError(f"shared corpus {domain!r} not found ({train} does not exist); set "
-                    f"${SHARED_CORPORA_ENV} or shared_corpus.directory to the corpora folder")
+    raise UserError(f"shared corpus {domain!r} not found ({train} does not exist); fetch it "
+                    f"with `python tools/fetch_corpora.py`, or set ${SHARED_CORPORA_ENV} or "
+                    "shared_corpus.directory to the corpora folder")
   return _file_source(train, os.path.join(root, domain, "valid.txt"), name or domain,
                       "shared_corpus", file_format="text", separator=None, on_bad_utf8="replace")
 
