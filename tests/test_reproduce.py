@@ -3,6 +3,7 @@ and plots are regenerated; every family in experiments/ passes its --quick smoke
 
 import json
 import os
+import time
 
 import pytest
 
@@ -151,6 +152,24 @@ def test_an_arm_cannot_run_more_seeds_than_the_arm_it_restores():
   assert reproduce.seed_counts(manifest, None, quick=True) == {"base": 1, "more": 1}
 
 
+def test_arms_side_by_side_start_after_the_arms_they_restore(monkeypatch):
+  manifest = reproduce.Manifest("f", "/x", "F", "tokens", (
+      reproduce.Arm("base", "b.gin"), reproduce.Arm("other", "o.gin"),
+      reproduce.Arm("branch", "c.gin", ("BASE_RUN = '{runs}/base'",))), ())
+  events = []
+
+  def fake_run_arm(manifest, arm, model_dir, quick, index, count, seed=0, progress=True):
+    assert not progress  # No live counters from two arms at once.
+    events.append(("start", arm.name))
+    time.sleep(0.3 if arm.name == "base" else 0.05)
+    events.append(("end", arm.name))
+    return {}
+  monkeypatch.setattr(reproduce, "run_arm", fake_run_arm)
+  reproduce.run_jobs(manifest, [(a, 0) for a in manifest.arms], "/runs", False, parallel=2)
+  assert events.index(("end", "base")) < events.index(("start", "branch"))
+  assert events.index(("start", "other")) < events.index(("end", "base"))  # Side by side.
+
+
 def test_an_arms_binding_of_its_seed_wins_and_reads_seed_k():
   manifest = reproduce.Manifest("f", "/x", "F", "tokens", (), ())
   arm = reproduce.Arm("reference", "ref.gin", ("DataConfig.seed = 1{seed}",))
@@ -214,6 +233,7 @@ def test_a_paper_number_under_a_metric_the_table_does_not_show_is_refused(tmp_pa
 @pytest.mark.parametrize("args, expected", [
     (["nope"], "unknown family 'nope'"),
     (["toy", "--seeds=0"], "--seeds=0: give 1 or more"),
+    (["toy", "--jobs=0"], "--jobs=0: give 1 or more"),
     (["toy", "--only=medium"], "family 'toy' has no arm 'medium'"),
 ])
 def test_bad_input_is_one_line(tmp_path, small_text_file, capsys, args, expected):
@@ -235,4 +255,5 @@ def test_every_family_runs_quick(family, tmp_path):
   if (any("shared_corpus" in p.read_text() for p in folder.glob("*.gin"))
       and not os.path.isdir(shared_corpora_dir())):
     pytest.skip("the family reads ../shared/corpora, which is not present")
-  assert reproduce.main([family, "--quick", f"--runs_dir={tmp_path}"]) == 0
+  # Two arms side by side (each after the arms it restores): CI's two cores, half the wall time.
+  assert reproduce.main([family, "--quick", "--jobs=2", f"--runs_dir={tmp_path}"]) == 0

@@ -5,6 +5,7 @@ plots.
     python tools/reproduce.py continual --only replay_5  # one arm (and the table of all done)
     python tools/reproduce.py continual --quick          # every arm for a few steps (CI smoke)
     python tools/reproduce.py continual --no_train       # the table of the arms finished so far
+    python tools/reproduce.py continual --jobs=4         # four arms side by side
 
 A family is a folder experiments/FAMILY/ holding one small gin file per arm and manifest.json:
 
@@ -61,6 +62,7 @@ the runs folder instead, leaving the README's measured table alone.
 """
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -240,9 +242,9 @@ def with_restored_compute(metrics: dict[str, float], model_dir: str, compare_on:
 
 
 def run_arm(manifest: Manifest, arm: Arm, model_dir: str, quick: bool, index: int,
-            count: int, seed: int = 0) -> dict[str, float]:
+            count: int, seed: int = 0, progress: bool = True) -> dict[str, float]:
   """Trains (or resumes) one seed of an arm; returns its final metrics. A finished one is not
-  re-run."""
+  re-run. `progress`: a live step counter (off when arms run side by side)."""
   done = os.path.join(model_dir, "done.json")
   label = f"[{index}/{count}] {manifest.family}/{arm.name}" + (f" seed {seed}" if seed else "")
   if os.path.exists(done):
@@ -259,10 +261,13 @@ def run_arm(manifest: Manifest, arm: Arm, model_dir: str, quick: bool, index: in
   with open(os.path.join(model_dir, "train.log"), "a", encoding="utf-8") as log:
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                                env=arm_env(runs))
+    if not progress:
+      print(f"{label}: started", flush=True)
     while process.poll() is None:
       time.sleep(2)
-      step = final_metrics(model_dir).get("step", 0)
-      print(f"\r{label}: step {step}, {time.time() - start:.0f} s", end="", flush=True)
+      if progress:
+        step = final_metrics(model_dir).get("step", 0)
+        print(f"\r{label}: step {step}, {time.time() - start:.0f} s", end="", flush=True)
   print(f"\r{label}: exit {process.returncode} after {time.time() - start:.0f} s", flush=True)
   if process.returncode != 0:
     raise ReproduceError(f"arm {arm.name!r} failed (exit {process.returncode}); see "
@@ -271,6 +276,31 @@ def run_arm(manifest: Manifest, arm: Arm, model_dir: str, quick: bool, index: in
   with open(done, "w", encoding="utf-8") as f:
     json.dump(metrics, f, indent=1)
   return metrics
+
+
+def run_jobs(manifest: Manifest, jobs: list, family_runs: str, quick: bool,
+             parallel: int = 1) -> None:
+  """Runs the (arm, seed) jobs in order; with `parallel` > 1, that many side by side, each
+  starting once the arms it restores ({runs}/NAME, same seed) have finished. Jobs are listed
+  after the arms they restore, so a started job never waits on one that has not started."""
+  def run(index, arm, seed, wait_for=()):
+    for job in wait_for:
+      job.result()  # Raises if that arm failed: this one does not start.
+    return run_arm(manifest, arm, seed_dir(family_runs, arm.name, seed), quick, index,
+                   len(jobs), seed, progress=parallel == 1)
+  if parallel == 1:
+    for i, (arm, seed) in enumerate(jobs, 1):
+      run(i, arm, seed)
+    return
+  names = [a.name for a in manifest.arms]
+  with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+    started = {}
+    for i, (arm, seed) in enumerate(jobs, 1):
+      restored = _arms_named(" ".join((*arm.bindings, *arm.command)), names)
+      started[arm.name, seed] = pool.submit(
+          run, i, arm, seed, [started[r, seed] for r in restored if (r, seed) in started])
+    for job in started.values():
+      job.result()
 
 
 def arm_flags(manifest: Manifest, arm: Arm, model_dir: str, quick: bool,
@@ -498,7 +528,7 @@ def write_between_markers(readme: str, text: str, title: str) -> None:
 
 def reproduce(family: str, quick: bool = False, only: str | None = None,
               runs_dir: str | None = None, experiments_dir: str | None = None,
-              seeds: int | None = None, train: bool = True) -> str:
+              seeds: int | None = None, train: bool = True, parallel: int = 1) -> str:
   """Runs the family's arms (all, or `only`), each over its seeds, then writes its table and
   plots; returns the markdown written."""
   experiments_dir = experiments_dir or os.path.join(REPO, "experiments")
@@ -516,8 +546,7 @@ def reproduce(family: str, quick: bool = False, only: str | None = None,
   counts = seed_counts(manifest, seeds, quick)
   # Seed by seed: every arm's seed 0 first (the single-seed table), then the further seeds.
   jobs = [(arm, k) for k in range(max(counts.values())) for arm in arms if k < counts[arm.name]]
-  for i, (arm, k) in enumerate(jobs if train else (), 1):  # --no_train: the finished only.
-    run_arm(manifest, arm, seed_dir(family_runs, arm.name, k), quick, i, len(jobs), k)
+  run_jobs(manifest, jobs if train else [], family_runs, quick, parallel)  # --no_train: none.
   finished = {}  # arm -> its finished seeds' MODEL_DIRs, in seed order.
   for arm in manifest.arms:
     dirs = [seed_dir(family_runs, arm.name, k) for k in range(counts[arm.name])]
@@ -558,6 +587,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--seeds", type=int, default=None,
                       help="seeds per arm (default: each arm's manifest 'seeds', else 1)")
   parser.add_argument("--runs_dir", default=None, help="where each arm's MODEL_DIR goes")
+  parser.add_argument("--jobs", type=int, default=1,
+                      help="arms trained side by side (each waits for the arms it restores); "
+                           "their wall times then overlap")
   parser.add_argument("--no_train", action="store_true",
                       help="train nothing: the tables and plots of the arms finished so far")
   parser.add_argument("--experiments_dir", default=None, help=argparse.SUPPRESS)
@@ -565,8 +597,10 @@ def main(argv: list[str] | None = None) -> int:
   try:
     if args.seeds is not None and args.seeds < 1:
       raise ReproduceError(f"--seeds={args.seeds}: give 1 or more")
+    if args.jobs < 1:
+      raise ReproduceError(f"--jobs={args.jobs}: give 1 or more")
     print(reproduce(args.family, args.quick, args.only, args.runs_dir, args.experiments_dir,
-                    args.seeds, train=not args.no_train))
+                    args.seeds, train=not args.no_train, parallel=args.jobs))
   except (ReproduceError, ReportError) as e:
     print(f"reproduce: error: {e}", file=sys.stderr)
     return 2
