@@ -44,7 +44,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def held_out_results(run) -> dict[str, float]:
   """The trainer's evaluation of `run` (a SavedRun): the same eval sets and the same step."""
   from jaxlm.data.pipeline import build_eval_sets  # pylint: disable=import-outside-toplevel
-  from jaxlm.training.train_step import make_eval_step, state_shardings  # pylint: disable=import-outside-toplevel
+  from jaxlm.training.train_step import (  # pylint: disable=import-outside-toplevel
+      make_eval_step, state_shardings)
   stage = run.stage
   with run.scope():
     with stage.scope():  # The stage's own DataConfig and sources, as the trainer built them.

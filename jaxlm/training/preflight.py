@@ -8,8 +8,8 @@ written, moved or truncated (issue 11). It reads and never writes:
   3. the checkpoints already in MODEL_DIR: the newest that reads must fit this run (its stage
      and step, and every tensor's shape); one that does not fit is a configuration error, never
      corruption. Only checkpoints that cannot be read are left for the restore to set aside;
-  4. the data of the stage that trains first is built (jaxlm/training/run_plan.py, after these checks: a
-     missing or empty corpus fails there).
+  4. the data of the stage that trains first is built (jaxlm/training/run_plan.py, after these
+     checks: a missing or empty corpus fails there).
 
 Configurable values themselves are checked where they are built (jaxlm/validation.py), which
 gin does before `run` starts. Only after the checks and the plan (run_plan.plan_run) does

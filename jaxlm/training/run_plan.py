@@ -1,5 +1,5 @@
-"""The run's plan, made after the pre-flight checks (jaxlm/training/preflight.py) and before anything in
-MODEL_DIR is written: every stage's schedule (given where the one before it, or its restored
+"""The run's plan, made after the pre-flight checks (jaxlm/training/preflight.py) and before
+anything in MODEL_DIR is written: every stage's schedule (given where the one before it, or its restored
 run, ended), the checkpoint to resume from and which stage trains first, how many rows of each
 source the earlier stages drew, and the first stage's data. It reads and never writes.
 """

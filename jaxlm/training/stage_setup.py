@@ -16,8 +16,8 @@ from jaxlm.data.pipeline import TrainBatches
 from jaxlm.model import count_params
 from jaxlm.checkpointing.restore import restore_into
 from jaxlm.training.stages import Stage, check_transition_result, hand_over, transition_context
-from jaxlm.training.train_step import (TrainState, abstract_state, make_eval_step, make_params_for_eval,
-                              make_train_step, sharded_init)
+from jaxlm.training.train_step import (TrainState, abstract_state, make_eval_step,
+                                       make_params_for_eval, make_train_step, sharded_init)
 
 log = logging.getLogger("jaxlm")
 

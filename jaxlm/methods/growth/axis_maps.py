@@ -7,7 +7,8 @@ copy count, so duplicated activations sum to the original, Net2Net/bert2BERT FPI
 
 Every weight reads some axes and writes others, as the model's anatomy declares
 (jaxlm/model/anatomy.py): `query` [embed, heads, head_dim] reads the residual (`embed`) and
-writes heads; `out` [heads, head_dim, embed] reads heads and writes the residual. New indices take zeros on one side and the large model's fresh initialisation on the
+writes heads; `out` [heads, head_dim, embed] reads heads and writes the residual. New indices
+take zeros on one side and the large model's fresh initialisation on the
 other (`AxisMap.zero_side`): new MLP units or heads have zero *readers* (their output weights),
 so they add nothing yet still receive gradients; new residual dimensions have zero *writers*
 (embedding columns, output projections), so the residual stream keeps zeros there, which an

@@ -17,8 +17,8 @@ pruned weights start at zero and train.
 Metrics (train/<method>/...): density overall and per matrix, non-zero parameters of the whole
 model now and averaged over the stage's steps so far (n_avg, the parameter count of "The Journey
 Matters"' law), the bytes the params and the masks hold, and the matmul FLOPs per token the
-zeros would save (6 x masked zeros). The ledger's total/flops stays dense-equivalent: dense CPU and GPU kernels
-are not faster on unstructured zeros (2:4 needs sparse tensor cores to be).
+zeros would save (6 x masked zeros). The ledger's total/flops stays dense-equivalent: dense
+CPU and GPU kernels are not faster on unstructured zeros (2:4 needs sparse tensor cores to be).
 """
 
 import math
