@@ -64,22 +64,27 @@ def relative_error(got, want) -> float:
   return float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-30))
 
 
+def outputs_and_grads(impl: str, ids, do, qkv) -> tuple:
+  """(out, dq, dk, dv) of one implementation, in one compiled program (one compile per case
+  keeps the device run under its time budget)."""
+  fwd, fwd_bwd = attention_fwd_and_grad(impl, ids, do)
+  return jax.jit(lambda q, k, v: (fwd(q, k, v), *fwd_bwd(q, k, v)))(*qkv)
+
+
 def check_correctness(lens, heads, head_dim) -> list[dict]:
   """Pallas and XLA attention against a float32, highest-precision XLA reference."""
   rows = []
   for length in lens:
     for ratio in GQA_RATIOS:
+      q, k, v, do, ids = attention_inputs(2, length, heads, heads // ratio, head_dim,
+                                          jnp.float32, doc_len=max(length // 3, 1))
+      with jax.default_matmul_precision("highest"):
+        reference = outputs_and_grads("xla", ids, do, (q, k, v))
       for dtype in (jnp.float32, jnp.bfloat16):
-        q, k, v, do, ids = attention_inputs(2, length, heads, heads // ratio, head_dim,
-                                            jnp.float32, doc_len=max(length // 3, 1))
-        with jax.default_matmul_precision("highest"):
-          ref_fwd, ref_grad = attention_fwd_and_grad("xla", ids, do)
-          reference = (jax.jit(ref_fwd)(q, k, v), *jax.jit(ref_grad)(q, k, v))
         cast = [x.astype(dtype) for x in (q, k, v)]
         errors = {}
         for impl in ("xla", "pallas"):
-          fwd, grad = attention_fwd_and_grad(impl, ids, do.astype(dtype))
-          outputs = (jax.jit(fwd)(*cast), *jax.jit(grad)(*cast))
+          outputs = outputs_and_grads(impl, ids, do.astype(dtype), cast)
           errors[impl] = {name: relative_error(o, r) for name, o, r in
                           zip(("out", "dq", "dk", "dv"), outputs, reference)}
         ok = all(errors["pallas"][n] <= 2 * errors["xla"][n] + 1e-3 for n in errors["pallas"])
