@@ -109,3 +109,20 @@ def test_compare_step_programs_needs_two_checkouts(tmp_path, capsys):
   assert tool.main([str(tmp_path)]) == 2
   assert tool.main([str(tmp_path), str(REPO_ROOT)]) == 2  # tmp_path holds no jaxlm/.
   assert "give two checkouts of jaxlm" in capsys.readouterr().err
+
+
+def test_the_step_profile_attributes_op_time_to_parts_of_the_model(tmp_path, capsys):
+  """tools/profile_step.py: a real trace of bench-tiny's step, every op's time given to a part
+  (attention, MLP, optimizer update, ...) and a pass; the shares add up to the whole."""
+  profile_step = load_tool("profile_step")
+  assert profile_step.main(["--configs=bench-tiny", "--steps=1", "--warmup=1",
+                            f"--out={tmp_path}"]) == 0
+  (result,) = json.loads((tmp_path / "profile.json").read_text())
+  assert result["step_ms"] > 0
+  assert sum(r["share"] for r in result["rows"]) == pytest.approx(1.0)
+  parts = {(r["part"], r["pass"]) for r in result["rows"]}
+  assert {("attention", "forward"), ("attention", "backward"), ("mlp", "backward"),
+          ("optimizer", "update")} <= parts
+  assert "bench-tiny float32" in capsys.readouterr().out
+  assert profile_step.main(["--configs=bench-huge"]) == 2
+  assert "unknown config 'bench-huge'" in capsys.readouterr().err

@@ -141,9 +141,10 @@ def make_train_step(stage: Stage, shardings: TrainState, batch_sharding,
     loss_sum, aux, grads = summed_grads(state.params, state.method_state, stage_step, batch,
                                         total_weight)
     grads = jax.tree.map(lambda g: g / total_weight, grads)
-    opt_state = set_learning_rate(state.opt_state, schedule(stage_step))
-    updates, opt_state = tx.update(grads, opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    with jax.named_scope("optimizer"):  # Names the update's ops in profiles (tools/profile_step.py).
+      opt_state = set_learning_rate(state.opt_state, schedule(stage_step))
+      updates, opt_state = tx.update(grads, opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
     new = hooks.after_update(state.replace(step=state.step + 1, params=params,
                                            opt_state=opt_state), grads, stage_step)
     loss, grad_norm = loss_sum / total_weight, optax.tree.norm(grads)
