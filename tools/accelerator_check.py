@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -133,7 +134,6 @@ def model_from_gin(path: str, **overrides) -> ModelConfig:
   try:
     return ModelConfig(**overrides)
   finally:
-    import gin  # pylint: disable=import-outside-toplevel
     gin.clear_config()
 
 

@@ -176,13 +176,19 @@ def _eval_batches(valid, name: str, config: DataConfig, tokenizer) -> list[Batch
 def build_eval_sets(config: DataConfig, eval_domains: Sequence[Any] = ()) -> dict[str, list]:
   """The eval batches of every source and of `eval_domains`, exactly as build_datasets makes
   them, without packing any train rows (python -m jaxlm.eval needs only these)."""
-  tokenizer = resolve_tokenizer(config.tokenizer)
-  evaluation = {}
-  for source in [*_sources_of(config), *_eval_domain_sources(eval_domains)]:
+  evaluation, tokenizer = {}, resolve_tokenizer(config.tokenizer)
+  _add_eval_sets(evaluation, [*_sources_of(config), *_eval_domain_sources(eval_domains)], config,
+                 tokenizer)
+  return evaluation
+
+
+def _add_eval_sets(evaluation: dict, sources, config: DataConfig, tokenizer) -> None:
+  """The eval batches of each source not in `evaluation` yet (a domain the stage also trains on
+  is evaluated once)."""
+  for source in sources:
     if source.name not in evaluation:
       evaluation[source.name] = _eval_batches(_train_and_valid(source, config, tokenizer)[1],
                                               source.name, config, tokenizer)
-  return evaluation
 
 
 def build_datasets(config: DataConfig, shard_index: int = 0, shard_count: int = 1, *,
@@ -213,10 +219,7 @@ def build_datasets(config: DataConfig, shard_index: int = 0, shard_count: int = 
                 "%d tokens, %d eval batches", source.name, train.num_documents, train.num_tokens,
                 train_rows[source.name].num_rows, config.seq_len, valid.num_documents,
                 valid.num_tokens, len(evaluation[source.name]))
-  for source in _eval_domain_sources(eval_domains):
-    if source.name not in evaluation:  # A domain the stage also trains on is evaluated once.
-      evaluation[source.name] = _eval_batches(_train_and_valid(source, config, tokenizer)[1],
-                                              source.name, config, tokenizer)
+  _add_eval_sets(evaluation, _eval_domain_sources(eval_domains), config, tokenizer)
   weights = _weights(config, found, train_rows)
   batches = TrainBatches(train_rows, weights, config.batch_size, config.seed, shard_index,
                          shard_count, start_rows)

@@ -52,27 +52,22 @@ def _drop_records_after(path: str, step: int) -> None:
   cut off in), so the log reads as if the run had never stopped."""
   if not os.path.exists(path):
     return
-  kept = []
+  kept = []  # (record, line)
   with open(path, encoding="utf-8") as f:
     for line in f:
       try:
-        if json.loads(line)["step"] <= step:
-          kept.append(line if line.endswith("\n") else line + "\n")
+        record = json.loads(line)
+        if record["step"] <= step:
+          kept.append((record, line if line.endswith("\n") else line + "\n"))
       except (ValueError, KeyError):
         pass  # A partial last line from a killed process.
   # A stage that started at `step` (its data proportions, then its baseline evaluation) is
   # started again by the resumed run: its first records go too, or they would appear twice.
-  starts = [i for i, line in enumerate(kept) if _starts_stage_at(line, step)]
-  if starts:
-    kept = kept[:starts[0]]
+  starts = [i for i, (record, _) in enumerate(kept) if record["step"] == step
+            and any(k.startswith("data/proportion/") for k in record)]
   with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.writelines(kept)
+    f.writelines(line for _, line in kept[:starts[0] if starts else len(kept)])
   os.replace(path + ".tmp", path)
-
-
-def _starts_stage_at(line: str, step: int) -> bool:
-  record = json.loads(line)
-  return record["step"] == step and any(k.startswith("data/proportion/") for k in record)
 
 
 class Progress:
