@@ -1,8 +1,8 @@
 """Device meshes, logical-axis rules and multi-host start-up.
 
 The model names *logical* axes (`batch`, `embed`, `mlp`, `heads`, ...). A rule set, chosen in
-gin, maps them onto the mesh axes `data`, `fsdp` and `tensor`; nothing outside this module names
-a mesh axis. Rules are ordered candidates: a logical axis takes the first rule whose mesh axes
+gin, maps them onto the mesh axes `data`, `fsdp`, `tensor` and `expert`; nothing outside this
+module names a mesh axis. Rules are ordered candidates: a logical axis takes the first rule whose mesh axes
 are not already used by an earlier dimension of the same array (flax's semantics), so
 `("embed", "fsdp")` shards weights over fsdp while activations, whose batch dimension already
 uses fsdp, keep `embed` whole.
@@ -27,19 +27,26 @@ from jaxlm.validation import check_field_types, check_range
 
 log = logging.getLogger("jaxlm")
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # The global batch is split over every non-model axis.
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+# The global batch is split over every axis but `tensor`: outside its MoE layers an
+# expert-parallel group is data-parallel (as in MaxText and GShard).
+BATCH_AXES = ("data", "fsdp", "expert")
+# Expert parallelism (GShard, 2006.16668): MoE expert weights split over `expert`; inside an
+# MoE layer the tokens dispatched to experts ("expert_batch") leave `expert` to the experts,
+# so XLA moves them with an all-to-all.
+_EXPERT_RULES = (("expert", "expert"), ("expert_batch", ("data", "fsdp")))
 
 RULE_SETS: dict[str, tuple[tuple[str, Any], ...]] = {
     # Replicated weights, sharded batch (DDP).
-    "data_parallel": (("batch", BATCH_AXES),),
+    "data_parallel": (("batch", BATCH_AXES), *_EXPERT_RULES),
     # ZeRO-3 / FSDP (Rajbhandari et al. 1910.02054): weights and optimizer state sharded along
     # the embedding dimension, gathered per layer by XLA.
-    "fsdp": (("batch", BATCH_AXES), ("embed", "fsdp")),
+    "fsdp": (("batch", BATCH_AXES), ("embed", "fsdp"), *_EXPERT_RULES),
     # FSDP plus Megatron tensor parallelism (Shoeybi et al. 1909.08053): heads and MLP columns
     # split over `tensor`.
     "fsdp_tensor": (("batch", BATCH_AXES), ("embed", "fsdp"), ("mlp", "tensor"),
-                    ("heads", "tensor"), ("kv_heads", "tensor"), ("vocab", "tensor")),
+                    ("heads", "tensor"), ("kv_heads", "tensor"), ("vocab", "tensor"),
+                    *_EXPERT_RULES),
 }
 
 
@@ -50,6 +57,7 @@ class MeshConfig:
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
+  expert: int = 1  # Expert parallelism: MoE experts split over this many devices.
   rules: Any = "fsdp_tensor"  # A RULE_SETS name, or ((logical, mesh axis or None), ...).
 
   def __post_init__(self):
@@ -57,7 +65,7 @@ class MeshConfig:
     self.resolved_rules()  # An unknown rule set or mesh axis fails when the config is built.
 
   def shape(self, num_devices: int) -> tuple[int, ...]:
-    sizes = [self.data, self.fsdp, self.tensor]
+    sizes = [self.data, self.fsdp, self.tensor, self.expert]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
       raise UserError(f"mesh {tuple(sizes)} is invalid: sizes must be >= 1, with at most one -1")
     known = int(np.prod([s for s in sizes if s != -1]))
@@ -94,11 +102,11 @@ def mesh_for_devices(config: MeshConfig, num_devices: int) -> MeshConfig:
     config.shape(num_devices)
     return config
   except UserError:
-    fitted = dataclasses.replace(config, data=-1, fsdp=1, tensor=1)
+    fitted = dataclasses.replace(config, data=-1, fsdp=1, tensor=1, expert=1)
     logging.getLogger("jaxlm").warning(
-        "the saved mesh (data=%s, fsdp=%s, tensor=%s) does not fit the %d device(s) here; using "
-        "data=%d (bind MeshConfig.* to choose another)", config.data, config.fsdp, config.tensor,
-        num_devices, num_devices)
+        "the saved mesh (data=%s, fsdp=%s, tensor=%s, expert=%s) does not fit the %d device(s) "
+        "here; using data=%d (bind MeshConfig.* to choose another)", config.data, config.fsdp,
+        config.tensor, config.expert, num_devices, num_devices)
     return fitted
 
 

@@ -141,7 +141,8 @@ def test_the_models_own_loss_is_trained_and_logged():
     shardings = state_shardings(stage, mesh, rules)
     state = sharded_init(stage, shardings, jax.random.key(0))
     batch = random_batch(stage, rows=2)
-    ce_BL, losses, _ = training_losses(state.params, model, batch)
+    ce_BL, extras = training_losses(state.params, model, batch)
+    losses = extras.losses
     _, metrics = make_train_step(stage, shardings, parallel.batch_sharding(mesh, rules))(
         state, batch)
   assert sorted(losses) == ["hidden_l2"] and float(losses["hidden_l2"]) > 0

@@ -141,7 +141,7 @@ def test_param_and_optimizer_state_shardings_follow_the_rule_set(rules):
 
 
 def test_a_dimension_that_does_not_divide_its_mesh_axes_is_a_clear_error():
-  mesh = AbstractMesh((1, 1, 3), parallel.MESH_AXES)
+  mesh = AbstractMesh((1, 1, 3, 1), parallel.MESH_AXES)
   stage = Stage(num_steps=200, model=ModelConfig(num_heads=4, num_kv_heads=4))
   with pytest.raises(UserError, match="cannot split evenly"):
     state_shardings(stage, mesh, parallel.RULE_SETS["fsdp_tensor"])

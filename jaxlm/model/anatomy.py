@@ -22,8 +22,8 @@ import numpy as np
 from jaxlm.errors import UserError
 from jaxlm.model.attention import Attention
 from jaxlm.model.config import ModelConfig
-from jaxlm.model.layers import Embed, RMSNorm, Role, mlp_kind
-from jaxlm.model.transformer import Decoder
+from jaxlm.model.layers import Embed, RMSNorm, Role
+from jaxlm.model.transformer import Decoder, block_mlp
 
 _BLOCK = re.compile(r"layer_(\d+)")
 
@@ -131,7 +131,8 @@ class Anatomy:
 
   @property
   def block_matmuls(self) -> list[Part]:
-    return [p for p in self.parts if p.role.matmul and p.block is not None]
+    """The blocks' matrices that sparsity methods mask by default (all but an MoE router)."""
+    return [p for p in self.parts if p.role.matmul and p.role.prunable and p.block is not None]
 
   def blocks_in(self, tree) -> list[str]:
     """The block keys of a param-shaped `tree` (of this model's kind, any depth), in order."""
@@ -140,10 +141,11 @@ class Anatomy:
   def sizes(self, tree) -> dict[str, int]:
     """The size of every logical axis of a block, and "layers", read from a param-shaped tree of
     this model's kind (whatever widths and depth it has now)."""
-    found = {}
-    for part in self.block_parts(0):
-      for axis, size in zip(part.axes, part.get(tree).shape):
-        found.setdefault(axis, size)
+    found = {}  # Block 0's sizes first: an MoE block's experts may be narrower than its MLP.
+    for index in range(min(self.num_blocks, len(self.blocks_in(tree)))):
+      for part in self.block_parts(index):
+        for axis, size in zip(part.axes, part.get(tree).shape):
+          found.setdefault(axis, size)
     return {**found, "layers": len(self.blocks_in(tree))}
 
   def residual_writers(self, index: int) -> list[Part]:
@@ -152,17 +154,19 @@ class Anatomy:
     return [p for p in self.block_parts(index) if p.role.matmul and "embed" in p.writes]
 
 
-def _roles(config: ModelConfig) -> dict[str, dict]:
-  """The module behind each key: the root's, and a block's (its MLP as ModelConfig.mlp says)."""
-  block = {"attention": Attention.PARTS, "attention_norm": RMSNorm.PARTS,
-           "mlp": mlp_kind(config).PARTS, "mlp_norm": RMSNorm.PARTS}
-  root = {"embed": Embed.PARTS, "final_norm": RMSNorm.PARTS, "lm_head": Decoder.PARTS["lm_head"]}
-  return {"block": block, "root": root}
+def _roles(config: ModelConfig, block: int | None) -> dict:
+  """The modules' PARTS under the root's keys, or under block `block`'s (its MLP as
+  ModelConfig.mlp and moe_layers say)."""
+  if block is None:
+    return {"embed": Embed.PARTS, "final_norm": RMSNorm.PARTS,
+            "lm_head": Decoder.PARTS["lm_head"]}
+  return {"attention": Attention.PARTS, "attention_norm": RMSNorm.PARTS,
+          "mlp": block_mlp(config, block).PARTS, "mlp_norm": RMSNorm.PARTS}
 
 
-def _role(path: tuple[str, ...], roles: dict) -> tuple[Role, int | None]:
+def _role(path: tuple[str, ...], config: ModelConfig) -> tuple[Role, int | None]:
   block = Anatomy.block_index(path[0])
-  node = roles["block"] if block is not None else roles["root"]
+  node = _roles(config, block)
   for key in path[1:] if block is not None else path:
     node = node.get(key) if isinstance(node, dict) else None
   if not isinstance(node, Role):
@@ -176,12 +180,11 @@ def anatomy(config: ModelConfig) -> Anatomy:
   """Every param of `config`'s model, from its abstract init (no compute)."""
   boxed = jax.eval_shape(lambda: Decoder(config).init(
       jax.random.key(0), np.zeros((1, 1), np.int32)))["params"]
-  roles = _roles(config)
   parts = []
   leaves = jax.tree_util.tree_flatten_with_path(
       boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
   for key_path, leaf in leaves:
     path = tuple(str(k.key) for k in key_path)
-    role, block = _role(path, roles)
+    role, block = _role(path, config)
     parts.append(Part(path, tuple(leaf.value.shape), tuple(leaf.names), role, block))
   return Anatomy(config, tuple(parts))

@@ -6,10 +6,16 @@ import gin
 import jax.numpy as jnp
 
 from jaxlm.errors import UserError
-from jaxlm.validation import check_field_types, check_range
+from jaxlm.validation import check_choice, check_field_types, check_range
 
 REMAT_POLICIES = ("none", "full", "dots")
 ROPE_SCALINGS = (None, "llama3")
+ROUTERS = ("topk_softmax", "softmax_topk")
+MOE_DISPATCHES = ("auto", "dropless", "capacity")
+MOE_LAYER_PATTERNS = ("all", "every_other")
+# The fields that mean something only when some block is an MoE layer.
+MOE_FIELDS = ("num_experts", "experts_per_token", "expert_mlp_dim", "router", "moe_dispatch",
+              "capacity_factor", "load_balancing_weight", "router_z_loss_weight")
 
 
 @gin.configurable
@@ -45,6 +51,19 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs, recompute the rest).
   attention_impl: str = "auto"  # See jaxlm.model.attention / jaxlm.kernels.attention_impls.
+  # Mixture of experts (jaxlm/model/moe.py): the blocks whose MLP is an MoE layer: () none,
+  # "all", "every_other" (blocks 1, 3, 5, ...: Switch / upcycling's choice), or block indices.
+  moe_layers: str | tuple = ()
+  num_experts: int = 8
+  experts_per_token: int = 2  # top-k.
+  expert_mlp_dim: int | None = None  # Each expert's hidden units; None: mlp_dim.
+  # "topk_softmax": softmax over the k chosen logits (Mixtral; weights sum to 1).
+  # "softmax_topk": the k largest of the softmax over all experts (Switch, GShard, T5X).
+  router: str = "topk_softmax"
+  moe_dispatch: str = "auto"  # "dropless" | "capacity" | "auto" (the faster on this backend).
+  capacity_factor: float = 1.25  # Capacity path: slots per expert = ceil(L k / E x this).
+  load_balancing_weight: float = 0.01  # x E sum_i f_i P_i (Switch, 2101.03961).
+  router_z_loss_weight: float = 1e-3  # x mean logsumexp(logits)^2 (ST-MoE, 2202.08906).
 
   def __post_init__(self):
     check_field_types(self)
@@ -74,6 +93,7 @@ class ModelConfig:
           "set ModelConfig.head_dim explicitly")
     if self.resolved_head_dim % 2:
       raise UserError(f"head_dim={self.resolved_head_dim} must be even for rotary embeddings")
+    self._check_moe()
     if self.remat not in REMAT_POLICIES:
       raise UserError(f"ModelConfig.remat={self.remat!r}; choose one of {REMAT_POLICIES}")
     for name in ("dtype", "param_dtype"):
@@ -82,6 +102,55 @@ class ModelConfig:
       except TypeError:
         raise UserError(f"ModelConfig.{name}={getattr(self, name)!r} is not a dtype name "
                         "(use 'float32' or 'bfloat16')") from None
+
+  def _check_moe(self) -> None:
+    layers = self.moe_layers
+    if isinstance(layers, list):  # gin writes a list; the config must stay hashable.
+      layers = tuple(layers)
+      object.__setattr__(self, "moe_layers", layers)
+    if isinstance(layers, str):
+      if layers not in MOE_LAYER_PATTERNS:
+        raise UserError(f"ModelConfig.moe_layers={layers!r}; choose one of {MOE_LAYER_PATTERNS}, "
+                        "() or a tuple of block indices")
+    elif not isinstance(layers, tuple) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in layers):
+      raise UserError(f"ModelConfig.moe_layers={layers!r}; give 'all', 'every_other', () or a "
+                      "tuple of block indices")
+    elif any(not 0 <= i < self.num_layers for i in layers) or len(set(layers)) < len(layers):
+      raise UserError(f"ModelConfig.moe_layers={layers!r} must name distinct blocks in "
+                      f"0..{self.num_layers - 1}")
+    check_range("ModelConfig.num_experts", self.num_experts, low=1, integer=True)
+    check_range("ModelConfig.experts_per_token", self.experts_per_token, low=1,
+                high=self.num_experts, integer=True)
+    check_range("ModelConfig.expert_mlp_dim", self.expert_mlp_dim, low=1, integer=True,
+                optional=True)
+    check_range("ModelConfig.capacity_factor", self.capacity_factor, low=0, low_open=True)
+    for name in ("load_balancing_weight", "router_z_loss_weight"):
+      check_range(f"ModelConfig.{name}", getattr(self, name), low=0)
+    check_choice("ModelConfig.router", self.router, ROUTERS)
+    check_choice("ModelConfig.moe_dispatch", self.moe_dispatch, MOE_DISPATCHES)
+    if not self.moe_blocks:
+      defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+      unused = [n for n in MOE_FIELDS if getattr(self, n) != defaults[n]]
+      if unused:
+        raise UserError(f"ModelConfig.{unused[0]} is set but no block is an MoE layer "
+                        f"(moe_layers={self.moe_layers!r}); bind ModelConfig.moe_layers or drop it")
+
+  def is_moe_block(self, index: int) -> bool:
+    """Whether block `index`'s MLP is a mixture of experts (ModelConfig.moe_layers)."""
+    if self.moe_layers == "all":
+      return True
+    if self.moe_layers == "every_other":
+      return index % 2 == 1
+    return index in self.moe_layers
+
+  @property
+  def moe_blocks(self) -> tuple[int, ...]:
+    return tuple(i for i in range(self.num_layers) if self.is_moe_block(i))
+
+  @property
+  def resolved_expert_mlp_dim(self) -> int:
+    return self.expert_mlp_dim or self.mlp_dim
 
   @property
   def resolved_head_dim(self) -> int:

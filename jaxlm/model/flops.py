@@ -4,8 +4,8 @@ Training FLOPs per token follow PaLM (Chowdhery et al. 2022, 2204.02311, appendi
 
     flops_per_token = 6 * N  +  12 * n_layers * n_heads * head_dim * seq_len
 
-N counts the parameters that take part in matmuls: every weight matrix of the blocks plus the
-output head (the input embedding is a lookup, not a matmul; with tied embeddings the table is
+N counts the parameters that take part in matmuls: every weight matrix of the blocks (of an MoE
+layer's experts, the k a token is routed to) plus the output head (the input embedding is a lookup, not a matmul; with tied embeddings the table is
 counted once, as the head). Norm gains are left out. 6 = 2 (multiply-add) x 3 (forward +
 backward w.r.t. activations + backward w.r.t. weights). The attention term counts QKᵀ and AV for
 all L x L pairs, as PaLM does (a causal kernel does about half of that work, so MFU is
@@ -24,8 +24,11 @@ from jaxlm.model.anatomy import anatomy
 
 def matmul_params(cfg: ModelConfig) -> int:
   """Weights each token is multiplied by: the blocks' matrices and the output head, as the
-  model's anatomy lists them (whatever its MLP)."""
-  return sum(part.size for part in anatomy(cfg).matmuls)
+  model's anatomy lists them (whatever its MLP). Of an MoE layer's experts, only the
+  experts_per_token a token is routed to count (active parameters); its router counts whole."""
+  active = lambda part: (part.size * cfg.experts_per_token // cfg.num_experts
+                         if part.role.routed else part.size)
+  return sum(active(part) for part in anatomy(cfg).matmuls)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -31,6 +31,9 @@ class Role:
   # other axis indexes the activation it writes.
   reads: tuple[str, ...] = ()
   matmul: bool = True  # Multiplies every token's activation: counted in FLOPs, sparsified.
+  prunable: bool = True  # A matmul that sparsity methods mask by default (an MoE router is not).
+  # An MoE expert weight [expert, ...]: each token multiplies experts_per_token of its experts.
+  routed: bool = False
 
 
 class Embed(nn.Module):

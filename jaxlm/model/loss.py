@@ -16,12 +16,12 @@ def _cross_entropy(x_BLD, w_DV, cfg: ModelConfig, batch):
 
 
 def training_losses(params, cfg: ModelConfig, batch, with_intermediates: bool = False):
-  """(per-target cross-entropy [B, L], the model's own auxiliary losses {name: weighted
-  scalar}, what the model sowed into "intermediates" or None): what the train step minimises.
-  A dense model has no auxiliary losses; an MoE layer's balancing losses are its own."""
-  (x_BLD, w_DV), losses, intermediates = features_and_losses(
+  """(per-target cross-entropy [B, L], ModelExtras: the model's own auxiliary losses, its
+  metrics, and what it sowed into "intermediates" or None): what the train step minimises. A
+  dense model has none; an MoE layer's balancing losses and expert load are its own."""
+  (x_BLD, w_DV), extras = features_and_losses(
       params, cfg, batch["inputs"], batch["positions"], batch["segment_ids"], with_intermediates)
-  return _cross_entropy(x_BLD, w_DV, cfg, batch), losses, intermediates
+  return _cross_entropy(x_BLD, w_DV, cfg, batch), extras
 
 
 def token_losses(params, cfg: ModelConfig, batch, with_intermediates: bool = False):

@@ -13,7 +13,7 @@ and for decoding with a KV cache (jaxlm/generate.py samples with it):
 """
 
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jaxlm.model.attention import Attention, CacheSlots, uninitialized_cache
 from jaxlm.model.config import ModelConfig
 from jaxlm.model.layers import Embed, RMSNorm, Role, mlp_kind, param_with_axes
+from jaxlm.model.moe import MoEMLP
 
 _REMAT_POLICY = {
     "full": None,  # Save nothing: recompute the whole block in the backward pass.
@@ -29,17 +30,24 @@ _REMAT_POLICY = {
 }
 
 
+def block_mlp(config: ModelConfig, index: int) -> type:
+  """Block `index`'s MLP module: an MoE layer where ModelConfig.moe_layers says so, else the
+  kind ModelConfig.mlp names."""
+  return MoEMLP if config.is_moe_block(index) else mlp_kind(config)
+
+
 class Block(nn.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); the MLP is the kind
-  ModelConfig.mlp names."""
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); the MLP is
+  `block_mlp(config, index)`."""
   config: ModelConfig
+  index: int = 0
 
   @nn.compact
   def __call__(self, x_BLD, positions_BL, segment_ids_BL, cache_slots: CacheSlots | None = None):
     x_BLD = x_BLD + Attention(self.config, name="attention")(
         RMSNorm(self.config, name="attention_norm")(x_BLD), positions_BL, segment_ids_BL,
         cache_slots)
-    mlp = mlp_kind(self.config)(self.config, name="mlp")
+    mlp = block_mlp(self.config, self.index)(self.config, name="mlp")
     x_BLD = x_BLD + mlp(RMSNorm(self.config, name="mlp_norm")(x_BLD))
     x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "embed"))
     self.sow("activations", "stream", x_BLD)  # The residual stream after the block.
@@ -84,7 +92,7 @@ class Decoder(nn.Module):
     embed = Embed(cfg, name="embed")
     x_BLD = embed(tokens_BL)
     for i in range(cfg.num_layers):
-      x_BLD = block(cfg, name=f"layer_{i}")(x_BLD, positions_BL, segment_ids_BL, *extra)
+      x_BLD = block(cfg, i, name=f"layer_{i}")(x_BLD, positions_BL, segment_ids_BL, *extra)
     x_BLD = RMSNorm(cfg, name="final_norm")(x_BLD)
     if cfg.tie_embeddings:
       w_DV = embed.embedding_VD.T
@@ -140,19 +148,35 @@ def features(params, config: ModelConfig, tokens_BL, positions_BL=None, segment_
   return out, collections.get("intermediates", {})
 
 
+class ModelExtras(NamedTuple):
+  """What a training forward pass yields besides the features: the model's own auxiliary losses
+  {name: weighted scalar}, summed over layers; its metrics {"layer_1/mlp/expert_load": array}
+  (stop-gradient, logged); and what it sowed into "intermediates" (None unless asked)."""
+  losses: dict
+  metrics: dict
+  intermediates: dict | None
+
+
+def _sown_name(path) -> str:
+  return "/".join(str(k.key) for k in path[:-1])  # sow keeps a tuple of values under each name.
+
+
 def features_and_losses(params, config: ModelConfig, tokens_BL, positions_BL=None,
                         segment_ids_BL=None, with_intermediates: bool = False):
-  """((x_BLD, w_DV), the model's own auxiliary losses, intermediates or None). A module adds a
-  loss to training by sowing a weighted scalar: `self.sow("losses", "load_balancing", value)`;
-  the values sown under one name are summed over the model (every layer's)."""
-  mutable = ["losses", "intermediates"] if with_intermediates else ["losses"]
+  """((x_BLD, w_DV), ModelExtras). A module adds a loss to training by sowing a weighted
+  scalar (`self.sow("losses", "load_balancing", value)`; summed over the model's layers) and a
+  metric by sowing under "metrics" (an MoE layer's expert load)."""
+  mutable = ["losses", "metrics"] + (["intermediates"] if with_intermediates else [])
   out, collections = Decoder(config).apply({"params": params}, tokens_BL, positions_BL,
                                            segment_ids_BL, features_only=True, mutable=mutable)
   losses = {}
   for path, value in jax.tree_util.tree_flatten_with_path(collections.get("losses", {}))[0]:
-    name = str(path[-2].key)  # sow keeps a tuple of values under each name.
+    name = str(path[-2].key)
     losses[name] = losses.get(name, 0.0) + value
-  return out, losses, (collections.get("intermediates", {}) if with_intermediates else None)
+  metrics = {_sown_name(path): jax.lax.stop_gradient(value) for path, value in
+             jax.tree_util.tree_flatten_with_path(collections.get("metrics", {}))[0]}
+  intermediates = collections.get("intermediates", {}) if with_intermediates else None
+  return out, ModelExtras(losses, metrics, intermediates)
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int):

@@ -85,6 +85,18 @@ def _split_microbatches(batch, num_microbatches: int):
   return jax.tree.map(split, batch)
 
 
+def scalar_metrics(prefix: str, metrics: dict) -> dict:
+  """{prefix/name: scalar}: an array metric (an MoE layer's expert load [E]) gives one scalar
+  per entry, prefix/name/i."""
+  flat = {}
+  for name, value in metrics.items():
+    if value.ndim == 0:
+      flat[f"{prefix}/{name}"] = value
+    else:
+      flat.update({f"{prefix}/{name}/{i}": v for i, v in enumerate(value.reshape(-1))})
+  return flat
+
+
 def make_train_step(stage: Stage, shardings: TrainState, batch_sharding,
                     num_microbatches: int = 1, stage_start: int = 0, schedule=None):
   """jit(state, batch) -> (state, metrics), donating the old state. With k micro-batches the
@@ -94,7 +106,8 @@ def make_train_step(stage: Stage, shardings: TrainState, batch_sharding,
   the stage's schedule at (state.step - stage_start), set into the optimizer state each step.
 
   The model's own auxiliary losses (what its modules sow into "losses", e.g. an MoE layer's
-  balancing loss; logged as train/aux/model/<name>) are added to the loss. The stage's methods
+  balancing loss; logged as train/aux/model/<name>) are added to the loss; what it sows into
+  "metrics" is logged as train/model/<layer>/<module>/<name> (an MoE layer's expert load). The stage's methods
   (methods/hooks.py) transform the params the loss sees, add auxiliary losses of their own, and
   transform the state after the update. Auxiliary losses are each micro-batch's, averaged over
   micro-batches; a dense model with no methods traces none of that."""
@@ -106,40 +119,42 @@ def make_train_step(stage: Stage, shardings: TrainState, batch_sharding,
     """Summed weighted cross-entropy (+ total_weight x aux / k, so that dividing the summed
     gradient by total_weight gives the mean cross-entropy + the mean auxiliary loss)."""
     params = hooks.params_for_loss(params, method_state, step)
-    ce_BL, model_losses, intermediates = training_losses(params, cfg, batch,
-                                                         hooks.wants_intermediates)
+    ce_BL, extras = training_losses(params, cfg, batch, hooks.wants_intermediates)
     loss_sum = jnp.sum(ce_BL * batch["weights"])
-    aux = {f"model/{name}": value for name, value in model_losses.items()}
+    aux = {f"model/{name}": value for name, value in extras.losses.items()}
     if hooks.wants_intermediates:
-      aux.update(hooks.aux_losses(params, method_state, intermediates))
+      aux.update(hooks.aux_losses(params, method_state, extras.intermediates))
     if not aux:
-      return loss_sum, (loss_sum, {})
+      return loss_sum, (loss_sum, {}, extras.metrics)
     scale = total_weight / num_microbatches
-    return loss_sum + scale * sum(aux.values()), (loss_sum, aux)
+    return loss_sum + scale * sum(aux.values()), (loss_sum, aux, extras.metrics)
 
   grad_fn = jax.grad(objective, has_aux=True)
 
   def summed_grads(params, method_state, step, batch, total_weight):
+    """(summed loss, mean aux losses, mean model metrics, summed gradient)."""
     if num_microbatches == 1:
-      grads, (loss_sum, aux) = grad_fn(params, method_state, step, batch, total_weight)
-      return loss_sum, aux, grads
+      grads, (loss_sum, aux, model_metrics) = grad_fn(params, method_state, step, batch,
+                                                      total_weight)
+      return loss_sum, aux, model_metrics, grads
 
     def accumulate(carry, microbatch):
-      grads, (loss_sum, aux) = grad_fn(params, method_state, step, microbatch, total_weight)
-      return jax.tree.map(jnp.add, carry, (loss_sum, aux, grads)), None
+      grads, (loss_sum, aux, model_metrics) = grad_fn(params, method_state, step, microbatch,
+                                                      total_weight)
+      return jax.tree.map(jnp.add, carry, (loss_sum, aux, model_metrics, grads)), None
 
-    aux_shapes = jax.eval_shape(lambda: grad_fn(params, method_state, step, batch, total_weight))
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
-                         (aux_shapes[1][0], aux_shapes[1][1], aux_shapes[0]))
-    (loss_sum, aux, grads), _ = jax.lax.scan(accumulate, zeros,
-                                             _split_microbatches(batch, num_microbatches))
-    return loss_sum, jax.tree.map(lambda a: a / num_microbatches, aux), grads
+    shapes = jax.eval_shape(lambda: grad_fn(params, method_state, step, batch, total_weight))
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (*shapes[1], shapes[0]))
+    (loss_sum, aux, model_metrics, grads), _ = jax.lax.scan(
+        accumulate, zeros, _split_microbatches(batch, num_microbatches))
+    mean = lambda tree: jax.tree.map(lambda a: a / num_microbatches, tree)
+    return loss_sum, mean(aux), mean(model_metrics), grads
 
   def train_step(state: TrainState, batch):
     stage_step = state.step - stage_start
     total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
-    loss_sum, aux, grads = summed_grads(state.params, state.method_state, stage_step, batch,
-                                        total_weight)
+    loss_sum, aux, model_metrics, grads = summed_grads(state.params, state.method_state,
+                                                       stage_step, batch, total_weight)
     grads = jax.tree.map(lambda g: g / total_weight, grads)
     with jax.named_scope("optimizer"):  # Names the update's ops in profiles (tools/profile_step.py).
       opt_state = set_learning_rate(state.opt_state, schedule(stage_step))
@@ -157,7 +172,8 @@ def make_train_step(stage: Stage, shardings: TrainState, batch_sharding,
     metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
                "train/learning_rate": learning_rate_of(opt_state),  # As applied.
                "train/nonfinite": 1.0 - finite.astype(jnp.float32),
-               **{f"train/aux/{name}": value for name, value in aux.items()}}
+               **{f"train/aux/{name}": value for name, value in aux.items()},
+               **scalar_metrics("train/model", model_metrics)}
     new = new.replace(params=keep(new.params, state.params),
                       opt_state=keep(new.opt_state, state.opt_state),
                       method_state=keep(new.method_state, state.method_state))
