@@ -1,0 +1,100 @@
+"""Sparse upcycling (jaxlm/methods/growth/upcycling.py): dense MLPs into MoE layers, plain
+(2212.05055) and fine-grained (2410.07524), exact where the router's weights sum to one."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from helpers import EXACT, growth_ctx, logit_error, trained_like
+from jaxlm.errors import UserError
+from jaxlm.methods.growth.upcycling import upcycle_params, upcycle_scale, upcycle_transition
+from jaxlm.model import ModelConfig, init_params
+from jaxlm.training.train_step import TrainState
+
+DENSE = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2, num_kv_heads=2,
+                    mlp_dim=48)
+
+
+def moe(**fields):
+  fields = {"moe_layers": "all", "num_experts": 4, "experts_per_token": 2, **fields}
+  return dataclasses.replace(DENSE, **fields)
+
+
+@pytest.mark.parametrize("target, granularity", [
+    (moe(moe_dispatch="dropless"), 1),
+    (moe(moe_dispatch="capacity", capacity_factor=2.0), 1),
+    (moe(moe_layers="every_other", moe_dispatch="dropless"), 1),
+    (moe(num_experts=8, expert_mlp_dim=24, moe_dispatch="dropless"), 2),  # 4 groups of 2 shards.
+    (moe(num_experts=8, experts_per_token=4, expert_mlp_dim=12, moe_dispatch="capacity",
+         capacity_factor=4.0), 4),
+])
+def test_upcycling_with_topk_softmax_keeps_the_dense_function(target, granularity):
+  params = trained_like(DENSE)
+  fresh = init_params(target, jax.random.key(3))
+  upcycled = upcycle_params(params, DENSE, target, fresh, granularity)
+  assert jax.tree.map(jnp.shape, upcycled) == jax.tree.map(jnp.shape, fresh)
+  assert logit_error(params, DENSE, upcycled, target) < EXACT
+
+
+@pytest.mark.parametrize("granularity", [1, 2])
+def test_softmax_topk_is_scaled_by_e_g_over_k_and_exact_under_a_uniform_router(granularity):
+  target = moe(router="softmax_topk", num_experts=8, expert_mlp_dim=48 // granularity,
+               moe_dispatch="dropless")
+  assert upcycle_scale(target, granularity) == 8 * granularity / 2
+  params = trained_like(DENSE)
+  upcycled = upcycle_params(params, DENSE, target, init_params(target, jax.random.key(3)),
+                            granularity)
+  shard = params["layer_0"]["mlp"]["down"][:48 // granularity]
+  np.testing.assert_array_equal(upcycled["layer_0"]["mlp"]["down"][0],
+                                shard * upcycle_scale(target, granularity))
+  # A zero router: every expert weighs 1/E and the k chosen ones are group 0's shards.
+  for layer in ("layer_0", "layer_1"):
+    upcycled[layer]["mlp"]["router"] = jnp.zeros_like(upcycled[layer]["mlp"]["router"])
+  assert logit_error(params, DENSE, upcycled, target) < EXACT
+
+
+def test_the_router_repeats_one_fresh_row_per_group_and_the_rest_is_copied():
+  target = moe(num_experts=8, expert_mlp_dim=24)
+  params, fresh = trained_like(DENSE), init_params(target, jax.random.key(3))
+  upcycled = upcycle_params(params, DENSE, target, fresh, granularity=2)
+  router = upcycled["layer_1"]["mlp"]["router"]
+  np.testing.assert_array_equal(router[:, 0::2], fresh["layer_1"]["mlp"]["router"][:, :4])
+  np.testing.assert_array_equal(router[:, 1::2], router[:, 0::2])
+  np.testing.assert_array_equal(upcycled["layer_1"]["mlp"]["gate"][3],  # Expert 1*2 + 1.
+                                params["layer_1"]["mlp"]["gate"][:, 24:])
+  np.testing.assert_array_equal(upcycled["layer_0"]["attention"]["query"],
+                                params["layer_0"]["attention"]["query"])
+  np.testing.assert_array_equal(upcycled["embed"]["embedding"], params["embed"]["embedding"])
+
+
+def test_the_transition_keeps_moments_of_copied_params_and_zeroes_the_new_ones():
+  target = moe(moe_dispatch="dropless")
+  tx = optax.adamw(1e-3)
+  params = trained_like(DENSE)
+  opt_state = jax.tree.map(lambda x: x + 1.0, tx.init(params))  # Non-zero moments.
+  state = TrainState(step=jnp.array(5), params=params, opt_state=opt_state, method_state={})
+  ctx = growth_ctx(DENSE, target, keep=True)
+  new = upcycle_transition(state, ctx)
+  mu = new.opt_state[0].mu
+  np.testing.assert_array_equal(mu["layer_0"]["attention"]["key"],
+                                opt_state[0].mu["layer_0"]["attention"]["key"])
+  assert float(jnp.abs(mu["layer_0"]["mlp"]["gate"]).max()) == 0.0
+  assert float(jnp.abs(mu["layer_0"]["mlp"]["router"]).max()) == 0.0
+  assert logit_error(params, DENSE, new.params, target) < EXACT
+
+
+@pytest.mark.parametrize("target, granularity, match", [
+    (moe(), 3, "granularity=3 must divide"),
+    (moe(num_experts=8, experts_per_token=1, expert_mlp_dim=24), 2, "multiple of it"),
+    (moe(num_experts=8), 2, "set the MoE model's ModelConfig.expert_mlp_dim = 24"),
+    (moe(d_model=64), 1, r"also changes \['d_model'\]"),
+    (DENSE, 1, "has no MoE layer"),
+])
+def test_what_upcycling_cannot_do_is_one_line(target, granularity, match):
+  with pytest.raises(UserError, match=match):
+    upcycle_params(trained_like(DENSE), DENSE, target, init_params(target, jax.random.key(0)),
+                   granularity)
