@@ -14,6 +14,8 @@ from jaxlm.model.transformer import init_params
 # Llama with GQA 2; a vocabulary above the tokenizer's 400 ids.
 TINY = dict(vocab_size=512, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=96,
             max_seq_len=128)
+# What makes TINY a Mixtral: 4 experts, top 2, in every block.
+TINY_MOE = dict(moe_layers="all", num_experts=4, experts_per_token=2)
 
 
 def train_bpe_tokenizer(path, text_file, vocab_size: int = 400) -> None:
@@ -50,7 +52,7 @@ HF_TINY = dict(hidden_size=64, num_hidden_layers=2, vocab_size=128, max_position
                intermediate_size=96, initializer_range=0.1)
 LLAMA3 = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
               high_freq_factor=4.0, original_max_position_embeddings=32)
-HF_MODEL_NAMES = ("llama_mha", "llama_gqa4_tied", "llama3", "mistral", "qwen2")
+HF_MODEL_NAMES = ("llama_mha", "llama_gqa4_tied", "llama3", "mistral", "qwen2", "mixtral")
 
 
 def _rope(transformers, rope_parameters):
@@ -78,6 +80,10 @@ def _hf_model_spec(transformers, name):
                                      **_rope(transformers, LLAMA3)), None),
       "mistral": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=2), None),
       "qwen2": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2), None),
+      # 4 experts, top 2, sharded so that a param's experts lie in several files.
+      "mixtral": ("MixtralConfig", dict(num_attention_heads=4, num_key_value_heads=2,
+                                        num_local_experts=4, num_experts_per_tok=2,
+                                        router_aux_loss_coef=0.02), "100KB"),
   }[name]
 
 

@@ -116,5 +116,5 @@ def test_restart_sources_must_name_a_source_of_the_stage(tmp_path, small_text_fi
 def test_a_transition_on_the_first_stage_is_refused(tmp_path, small_text_file, capsys):
   line = _error(capsys, quick_run_args(tmp_path / "run", small_text_file,
                                        "--gin.Stage.transition=[@densify]"))
-  assert "is the first stage, so its transition ['densify'] would never run" in line
+  assert "is the first stage, so its transition ['densify'] has nothing to map" in line
   assert not os.path.exists(tmp_path / "run")

@@ -1,6 +1,8 @@
 """Hugging Face export: import then export gives the original tensors bit for bit; a randomly
-initialised jaxlm model, exported, loads in transformers with the same logits; sharding."""
+initialised jaxlm model (Llama, Qwen2 or Mixtral), exported, loads in transformers with the same
+logits; sharding; one line for what no exported architecture expresses."""
 
+import dataclasses
 import json
 import os
 
@@ -16,7 +18,8 @@ pytest.importorskip("safetensors")
 # pylint: disable=wrong-import-position
 from safetensors import safe_open
 
-from hf_fixtures import HF_MODEL_NAMES, hf_tokens, make_hf_model, train_bpe_tokenizer
+from hf_fixtures import (HF_MODEL_NAMES, TINY, TINY_MOE, hf_tokens, make_hf_model,
+                         train_bpe_tokenizer)
 from jaxlm.data.tokenizers import HuggingFaceTokenizer
 from jaxlm.errors import UserError
 from jaxlm.interop import export_hf, import_hf
@@ -32,7 +35,11 @@ RANDOM = {
     # Tied, llama3 scaling (every band, as in the import test), head_dim != d_model / heads.
     "tied_llama3": dict(num_heads=4, num_kv_heads=1, head_dim=32, tie_embeddings=True,
                         rope_theta=500000.0, rope_scaling="llama3", rope_original_max_len=32),
+    # Mixtral: 4 experts, top 2, tied; dropless, as transformers computes it (no token dropped).
+    "moe": dict(num_heads=4, num_kv_heads=2, tie_embeddings=True, moe_dispatch="dropless",
+                load_balancing_weight=0.005, **TINY_MOE),
 }
+ARCHITECTURE = {"bias": "Qwen2ForCausalLM", "moe": "MixtralForCausalLM"}
 
 
 @pytest.fixture(scope="module")
@@ -88,13 +95,15 @@ def exported(tmp_path_factory):
 @pytest.mark.parametrize("name", list(RANDOM))
 def test_exported_logits_match_transformers(exported, name):
   path, config, params = exported[name]
-  model = transformers.AutoModelForCausalLM.from_pretrained(path).float().eval()
-  assert type(model).__name__ == ("Qwen2ForCausalLM" if name == "bias" else "LlamaForCausalLM")
+  model, info = transformers.AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+  assert type(model).__name__ == ARCHITECTURE.get(name, "LlamaForCausalLM")
+  assert not any(info.values()), info  # Every tensor used, none missing.
   tokens = hf_tokens(3)
   with torch.no_grad():
-    got = model(torch.from_numpy(tokens).long()).logits.numpy()
+    got = model.float().eval()(torch.from_numpy(tokens).long()).logits.numpy()
   want = np.asarray(forward(params, config, jnp.asarray(tokens)))
-  # Observed max |difference| on CPU float32: 1.8e-6 .. 2.4e-6 over these models (logits ~3).
+  # Observed max |difference| on CPU float32: 1.8e-6 .. 2.4e-6 over these models (logits ~3;
+  # Mixtral MIXTRAL_ERR).
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
@@ -110,6 +119,37 @@ def test_sharded_export_has_an_index_naming_every_tensor(exported):
       held |= {n for n in f.keys() if weight_map[n] == shard}
   assert held == set(weight_map) and len(weight_map) == 2 + 2 * 9 + 1  # embed, layers, norm, head
   assert not os.path.exists(os.path.join(exported["bias"][0], "model.safetensors.index.json"))
+
+
+def test_mixtral_is_written_as_on_the_hub(exported):
+  """Per-expert tensors (what the Hub holds and transformers 5 saves and loads), and a
+  config.json whose balancing coefficient is jaxlm's weight x L / k."""
+  path, config, _ = exported["moe"]
+  names = set(checkpoint_files(path))
+  assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in names
+  assert "model.layers.0.block_sparse_moe.gate.weight" in names
+  assert not any("gate_up_proj" in n or ".mlp." in n for n in names)
+  assert len(names) == 1 + 2 * (2 + 4 + 1 + 3 * 4) + 1  # embed, blocks, norm; tied: no head.
+  with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+    saved = json.load(f)
+  assert (saved["num_local_experts"], saved["num_experts_per_tok"], saved["sliding_window"],
+          saved["output_router_logits"], saved["router_aux_loss_coef"]) == (4, 2, None, False,
+                                                                           0.005)
+  back = import_hf(path)[0]  # config.json has no init_std, the rest reads back.
+  assert dataclasses.replace(back, init_std=config.init_std) == config
+
+
+@pytest.mark.parametrize("fields, line", [
+    (dict(moe_layers="every_other"), r"moe_layers='every_other' makes only some blocks MoE"),
+    (dict(moe_layers=(1,)), r"moe_layers=\(1,\) makes only some blocks MoE layers"),
+    (dict(TINY_MOE, router="softmax_topk"),
+     r"router='softmax_topk' has no Mixtral equivalent: Mixtral renormalises"),
+    (dict(TINY_MOE, attention_bias=True), r"attention_bias=True \(q/k/v biases\) has no Mixtral"),
+])
+def test_export_refuses_what_mixtral_cannot_express(fields, line, tmp_path):
+  with pytest.raises(UserError, match="^ModelConfig." + line) as refused:
+    export_hf({}, ModelConfig(**{**TINY, **fields}), str(tmp_path / "out"))
+  assert "\n" not in str(refused.value) and not any((tmp_path / "out").iterdir())
 
 
 def test_tokenizer_json_is_copied(exported, tmp_path):

@@ -1,6 +1,6 @@
-"""Hugging Face Llama-family import: random tiny transformers models (no download), saved as
-safetensors, imported, and their logits compared with PyTorch's; plus one clear error per kind
-of bad input."""
+"""Hugging Face Llama-family and Mixtral import: random tiny transformers models (no download),
+saved as safetensors, imported, and their logits compared with PyTorch's; plus one clear error
+per kind of bad input."""
 
 import json
 import os
@@ -20,6 +20,7 @@ pytest.importorskip("safetensors")
 from hf_fixtures import HF_MODEL_NAMES, LLAMA3, hf_tokens, make_hf_model
 from jaxlm.errors import UserError
 from jaxlm.interop import gin_model_text, import_hf, load_hf_config, model_config_from_hf
+from jaxlm.interop.hf_config import router_aux_loss_coef
 from jaxlm.model import ModelConfig
 from jaxlm.model.transformer import decode_step, forward, init_cache, prefill
 
@@ -37,7 +38,8 @@ def test_logits_match_pytorch(models, name):
   with torch.no_grad():
     want = model(torch.from_numpy(tokens).long()).logits.numpy()
   got = np.asarray(forward(params, config, jnp.asarray(tokens)))
-  # Observed max |difference| on CPU float32: 1.7e-6 .. 3.0e-6 over these models (logits ~3).
+  # Observed max |difference| on CPU float32: 1.7e-6 .. 3.0e-6 over these models (logits ~3;
+  # Mixtral MIXTRAL_ERR).
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
@@ -54,6 +56,38 @@ def test_imported_configs(models):
   assert (mha.rope_theta, mha.norm_eps) == (123456.0, 3e-5)
   assert load_hf_config(models["qwen2"][0]).attention_bias
   assert not load_hf_config(models["mistral"][0]).attention_bias
+  mixtral = load_hf_config(models["mixtral"][0])
+  assert (mixtral.moe_layers, mixtral.num_experts, mixtral.experts_per_token, mixtral.mlp_dim,
+          mixtral.router, mixtral.moe_dispatch, mixtral.router_z_loss_weight,
+          mixtral.rope_theta) == ("all", 4, 2, 96, "topk_softmax", "dropless", 0.0, 1e6)
+  assert mixtral.load_balancing_weight == 0.02  # 0.02 x k / L with k = L = 2.
+
+
+MIXTRAL_HUB = dict(architectures=["MixtralForCausalLM"], model_type="mixtral", hidden_size=64,
+                   num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4,
+                   intermediate_size=96, vocab_size=128, max_position_embeddings=128)
+
+
+def test_mixtral_config_fields():
+  """transformers' MixtralConfig defaults fill what config.json leaves out; the balancing
+  coefficient converts to jaxlm's per-layer weight (x k / L) and back."""
+  config = model_config_from_hf(MIXTRAL_HUB)
+  assert (config.rope_theta, config.norm_eps, config.num_experts, config.experts_per_token,
+          config.max_seq_len) == (1e6, 1e-5, 8, 2, 128)
+  config = model_config_from_hf({**MIXTRAL_HUB, "router_aux_loss_coef": 0.02,
+                                 "num_experts_per_tok": 3})
+  assert config.load_balancing_weight == pytest.approx(0.02 * 3 / 4)
+  assert router_aux_loss_coef(config) == 0.02
+  # A sliding window shorter than the context caps it, as for Mistral: exact up to the window.
+  assert model_config_from_hf({**MIXTRAL_HUB, "sliding_window": 64}).max_seq_len == 64
+  assert model_config_from_hf({**MIXTRAL_HUB, "sliding_window": 4096}).max_seq_len == 128
+
+
+def test_refuses_router_jitter_noise():
+  with pytest.raises(UserError, match=r"^config.json router_jitter_noise=0.01 is not supported "
+                                      r"\(jaxlm's router adds no training noise\); set it to 0"):
+    model_config_from_hf({**MIXTRAL_HUB, "router_jitter_noise": 0.01})
+  assert model_config_from_hf({**MIXTRAL_HUB, "router_jitter_noise": 0.0}).moe_layers == "all"
 
 
 def test_hub_config_format_reads_the_same():
@@ -71,12 +105,14 @@ def test_hub_config_format_reads_the_same():
   assert model_config_from_hf({**base, "rope_theta": 5.0}).rope_scaling is None
 
 
-@pytest.mark.parametrize("name", ["llama3", "mistral"])
+@pytest.mark.parametrize("name", ["llama3", "mistral", "mixtral"])
 def test_gin_model_file_round_trips_and_binds_only_what_applies(models, name):
   config = load_hf_config(models[name][0])
   text = gin_model_text(config, name)
-  # RoPE-scaling factors only where the model scales its rotary frequencies (llama3).
+  # RoPE-scaling factors only where the model scales its rotary frequencies (llama3), MoE fields
+  # only where it has MoE layers.
   assert ("ModelConfig.rope_scaling_factor" in text) == (config.rope_scaling == "llama3")
+  assert ("ModelConfig.num_experts" in text) == (name == "mixtral")
   gin.clear_config()
   try:
     gin.parse_config(text)
@@ -154,6 +190,29 @@ def test_refuses_shape_mismatch(models, tmp_path):
   with pytest.raises(UserError, match=r"model\.embed_tokens\.weight has shape \[128, 64\] .*"
                                       r"implies \[100, 64\]"):
     import_hf(str(path))
+
+
+def test_refuses_a_missing_expert(models, tmp_path):
+  path = _copy(models, "mixtral", tmp_path)
+  with open(path / "model.safetensors.index.json") as f:
+    index = json.load(f)
+  del index["weight_map"]["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+  with open(path / "model.safetensors.index.json", "w") as f:
+    json.dump(index, f)
+  with pytest.raises(UserError, match=r"lacks 1 of the 41 tensors config\.json implies, e\.g\. "
+                                      r"model\.layers\.1\.block_sparse_moe\.experts\.3\.w2\."
+                                      r"weight \(for layer_1/mlp/down\)"):
+    import_hf(str(path))
+
+
+def test_refuses_transformers_fused_experts_with_the_way_to_resave(models, tmp_path):
+  """transformers 5 saves the Hub's per-expert names by default; asked not to, it writes its
+  fused in-memory tensors, which jaxlm names and refuses."""
+  models["mixtral"][1].save_pretrained(tmp_path / "fused", save_original_format=False)
+  with pytest.raises(UserError, match=r"^model\.layers\.\d\.mlp\.(gate\.weight|experts\.\w+) "
+                                      r"is transformers 5's fused in-memory layout of Mixtral.*"
+                                      r"save_original_format=True"):
+    import_hf(str(tmp_path / "fused"))
 
 
 def test_refuses_pickle_checkpoints(models, tmp_path):

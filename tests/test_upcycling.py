@@ -9,10 +9,13 @@ import numpy as np
 import optax
 import pytest
 
-from helpers import EXACT, growth_ctx, logit_error, trained_like
+from helpers import (EXACT, QUIET, TINY, growth_ctx, logit_error, metric_records, tiny_stage,
+                     trained_like)
+from jaxlm.checkpointing.restore import RestoreConfig
 from jaxlm.errors import UserError
 from jaxlm.methods.growth.upcycling import upcycle_params, upcycle_scale, upcycle_transition
 from jaxlm.model import ModelConfig, init_params
+from jaxlm.training import trainer
 from jaxlm.training.train_step import TrainState
 
 DENSE = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2, num_kv_heads=2,
@@ -98,3 +101,27 @@ def test_what_upcycling_cannot_do_is_one_line(target, granularity, match):
   with pytest.raises(UserError, match=match):
     upcycle_params(trained_like(DENSE), DENSE, target, init_params(target, jax.random.key(0)),
                    granularity)
+
+
+def test_a_first_stage_upcycles_a_run_trained_elsewhere(tmp_path, small_text_file):
+  """No learning-rate-0 load stage: the MoE stage restores the dense run and its transition
+  upcycles it; its baseline evaluation equals the dense run's final one."""
+  dense_dir, moe_dir = tmp_path / "dense", tmp_path / "moe"
+  trainer.run(str(dense_dir), [tiny_stage(small_text_file, 2)], trainer=QUIET)
+  target = dataclasses.replace(TINY, moe_layers="every_other", num_experts=4,
+                               experts_per_token=2, moe_dispatch="dropless")
+  restore = RestoreConfig(path=str(dense_dir), model=TINY)
+  moe_stage = tiny_stage(small_text_file, 2, model=target, transition=[upcycle_transition],
+                         restore_from=restore)
+  trainer.run(str(moe_dir), [moe_stage], trainer=QUIET)
+  dense_final = [r for r in metric_records(dense_dir) if "eval/loss" in r][-1]
+  moe_start = [r for r in metric_records(moe_dir) if "eval/loss" in r][0]
+  assert moe_start["step"] == 0
+  np.testing.assert_allclose(moe_start["eval/loss"], dense_final["eval/loss"], atol=EXACT)
+  assert any("expert_load" in key for r in metric_records(moe_dir) for key in r)
+  # Without RestoreConfig.model the source is taken to be the stage's own (MoE) model: refused
+  # before anything is written, saying what to bind.
+  unbound = dataclasses.replace(moe_stage, restore_from=RestoreConfig(path=str(dense_dir)))
+  with pytest.raises(UserError, match="bind RestoreConfig.model to the model the source holds"):
+    trainer.run(str(tmp_path / "refused"), [unbound], trainer=QUIET)
+  assert not (tmp_path / "refused").exists()

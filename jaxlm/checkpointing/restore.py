@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+from typing import Any
 
 import gin
 import jax
@@ -31,6 +32,7 @@ import numpy as np
 from jaxlm.checkpointing.checkpoint import find_step, restore_saved_leaf
 from jaxlm.errors import UserError
 from jaxlm.interop import hf_import, load_hf_config
+from jaxlm.model.config import RUN_FIELDS, ModelConfig
 from jaxlm.optim.state_layout import state_layout
 from jaxlm.tree_names import flatten_names, path_name
 from jaxlm.validation import check_field_types, check_range
@@ -49,6 +51,12 @@ class RestoreConfig:
   # a decay branched from a stable-phase checkpoint (MiniCPM, arXiv:2404.06395).
   continue_data: bool = False
   assignment_map: tuple[tuple[str, str | None], ...] = ()
+  # When the first stage's transitions turn the restored model into the stage's (upcycling,
+  # growth or vocabulary expansion from another run): the model the source holds (None: a
+  # Hugging Face directory's config.json, else the stage's own model) and the tokenizer it was
+  # trained with (None: the stage's own; @byte_tokenizer() for bytes).
+  model: Any = None
+  tokenizer: Any = None
 
   def __post_init__(self):
     check_field_types(self)
@@ -230,6 +238,21 @@ def assign_sources(config: RestoreConfig, state, tx, source_shapes: dict, step: 
   used = {s for s in jax.tree.leaves(sources) if s is not None}
   report.skipped = sorted(k for k in source_shapes if k.startswith("params/") and k not in used)
   return sources, report
+
+
+def source_model(config: RestoreConfig, stage_model: ModelConfig) -> ModelConfig:
+  """The model a restore source holds: RestoreConfig.model, else a Hugging Face directory's
+  config.json (run as the stage runs: its dtype, remat, attention), else the stage's model."""
+  if config.model is not None:
+    if not isinstance(config.model, ModelConfig):
+      raise UserError(f"RestoreConfig.model must be a ModelConfig (@source/ModelConfig()), got "
+                      f"{config.model!r}")
+    return config.model
+  if is_hf_directory(config.path):
+    hf = load_hf_config(config.path)
+    return dataclasses.replace(hf, **{name: getattr(stage_model, name) for name in RUN_FIELDS
+                                      if name != "moe_dispatch" or hf.moe_blocks})
+  return stage_model
 
 
 def check_restore_source(config: RestoreConfig, state, tx) -> None:

@@ -1,5 +1,5 @@
-"""Interop with other ecosystems' checkpoints: Hugging Face Llama-family import (hf_import) and
-export (hf_export)."""
+"""Interop with other ecosystems' checkpoints: Hugging Face Llama-family and Mixtral import
+(hf_import) and export (hf_export)."""
 
 from jaxlm.interop.hf_config import (gin_model_text, hf_model_config, load_hf_config,
                                      model_config_from_hf, write_gin_model_file)

@@ -1,8 +1,19 @@
-"""A Hugging Face config.json of the Llama family -> ModelConfig, and a gin model file for it.
+"""A Hugging Face config.json of the Llama family or Mixtral -> ModelConfig, and a gin model
+file for it.
 
 Reads both ways rotary settings are written: transformers 5's `rope_parameters` (theta and
 scaling inside), and the Hub's top-level `rope_theta` with `rope_scaling` (keyed `type` or
 `rope_type`). Anything jaxlm's decoder would compute differently is refused, never approximated.
+
+Mixtral's balancing loss. transformers (load_balancing_loss_func, added to the loss only when
+output_router_logits is true) computes coef x E sum_i F_i P_i once for the whole model: F_i is
+the number of a token's k choices that go to expert i (summing to k) and P_i expert i's mean
+router probability, both pooled over every layer's tokens. jaxlm adds weight x E sum_i f_i P_i
+for each layer, f_i being the share of the choices (summing to 1). When every layer routes
+alike the two are coef x k x X and weight x L x X for one layer's E sum f P = X, so
+load_balancing_weight = coef x k / L (L layers), and back on export. No coefficient makes them
+equal otherwise: transformers multiplies averages over layers, so one layer's overload can
+cancel another's, while jaxlm penalises each layer's own imbalance.
 """
 
 import json
@@ -11,18 +22,23 @@ import os
 import gin
 
 from jaxlm.errors import UserError
-from jaxlm.model.config import ModelConfig
+from jaxlm.model.config import MOE_FIELDS, ModelConfig
 
 # One decoder (RMSNorm, rotary, GQA, SwiGLU) under three names, each with its model_type; what
-# differs is in the config.
+# differs is in the config. Mixtral is that decoder with an MoE layer for every block's MLP.
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-               "Qwen2ForCausalLM": "qwen2"}
+               "Qwen2ForCausalLM": "qwen2", "MixtralForCausalLM": "mixtral"}
 ARCHITECTURES = tuple(MODEL_TYPES)
+MIXTRAL = "MixtralForCausalLM"
+# transformers' MixtralConfig defaults, for a config.json that leaves a field out (its theta,
+# epsilon and context differ from the fallbacks below, which are Llama's).
+MIXTRAL_DEFAULTS = dict(rope_theta=1e6, rms_norm_eps=1e-5, max_position_embeddings=131072,
+                        num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.001)
 # Fields that describe the network; a gin model file sets these (dtype, remat... are the run's).
 GIN_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
               "mlp_dim", "max_seq_len", "rope_theta", "rope_scaling", "rope_scaling_factor",
               "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len",
-              "attention_bias", "tie_embeddings", "norm_eps")
+              "attention_bias", "tie_embeddings", "norm_eps", "moe_layers", *MOE_FIELDS)
 
 LLAMA3_SCALING_FIELDS = ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
                          "rope_original_max_len")
@@ -64,16 +80,19 @@ def _rope(hf: dict) -> tuple[float, dict | None]:
 def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
   """The ModelConfig of a parsed config.json; `overrides` (e.g. dtype, remat) are passed through.
 
-  Mistral's (and Qwen2's, when used) sliding window: jaxlm attends to the whole causal prefix.
-  That equals sliding-window attention for every sequence no longer than the window, so the
-  model is imported with max_seq_len = min(max_position_embeddings, sliding_window): exact, at
-  the cost of context beyond the window (Mistral 7B v0.1: 4096 of 32768). Refusing instead
-  would reject the model family; approximating would be silently wrong past the window."""
+  Mistral's and Mixtral's (and Qwen2's, when used) sliding window: jaxlm attends to the whole
+  causal prefix. That equals sliding-window attention for every sequence no longer than the
+  window, so the model is imported with max_seq_len = min(max_position_embeddings,
+  sliding_window): exact, at the cost of context beyond the window (Mistral 7B v0.1: 4096 of
+  32768). Refusing instead would reject the model family; approximating would be silently wrong
+  past the window."""
   archs = hf.get("architectures") or []
   if len(archs) != 1 or archs[0] not in ARCHITECTURES:
     raise UserError(f"config.json architectures={archs}; jaxlm imports exactly one of "
                     f"{list(ARCHITECTURES)}")
   arch = archs[0]
+  if arch == MIXTRAL:
+    hf = {**MIXTRAL_DEFAULTS, **hf}
   if hf.get("model_type") != MODEL_TYPES[arch]:
     # transformers builds the model from model_type: another one is another network.
     raise UserError(f"config.json model_type={hf.get('model_type')!r} with architectures={archs}; "
@@ -116,7 +135,32 @@ def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
         rope_high_freq_factor=float(scaling["high_freq_factor"]),
         rope_original_max_len=int(scaling.get("original_max_position_embeddings")
                                   or hf.get("max_position_embeddings")))
+  if arch == MIXTRAL:
+    fields.update(_moe_fields(hf))
   return ModelConfig(**{**fields, **overrides})
+
+
+def _moe_fields(hf: dict) -> dict:
+  """Mixtral's MoE layers: one in every block; transformers' router (softmax, top k,
+  renormalised: softmax over the k chosen logits) and dispatch (no token dropped); its
+  balancing coefficient converted (module docstring); no z-loss (Mixtral has none)."""
+  if hf.get("router_jitter_noise"):
+    # Noise only in training: logits agree, but a run continued in jaxlm would train without it.
+    raise UserError(f"config.json router_jitter_noise={hf['router_jitter_noise']} is not "
+                    "supported (jaxlm's router adds no training noise); set it to 0 in "
+                    "config.json to import the weights without it")
+  k = hf["num_experts_per_tok"]
+  return dict(moe_layers="all", num_experts=hf["num_local_experts"], experts_per_token=k,
+              router="topk_softmax", moe_dispatch="dropless",
+              load_balancing_weight=float(hf["router_aux_loss_coef"]) * k
+              / hf["num_hidden_layers"], router_z_loss_weight=0.0)
+
+
+def router_aux_loss_coef(config: ModelConfig) -> float:
+  """Mixtral's router_aux_loss_coef for `config`'s balancing weight (module docstring), to 15
+  significant digits so that a coefficient converted both ways reads as it was written."""
+  coef = config.load_balancing_weight * config.num_layers / config.experts_per_token
+  return float(f"{coef:.15g}")
 
 
 def load_hf_config(model_dir: str, **overrides) -> ModelConfig:
@@ -137,6 +181,8 @@ def gin_model_text(config: ModelConfig, source: str = "") -> str:
   for name in GIN_FIELDS:
     if name in LLAMA3_SCALING_FIELDS and config.rope_scaling != "llama3":
       continue  # Only what applies: these factors mean nothing without llama3 scaling.
+    if name in ("moe_layers", *MOE_FIELDS) and not config.moe_blocks:
+      continue  # Nor the MoE fields in a dense model (ModelConfig refuses them there).
     lines.append(f"ModelConfig.{name} = {getattr(config, name)!r}")
   return "\n".join(lines) + "\n"
 

@@ -1,4 +1,5 @@
-"""Export jaxlm params as a Hugging Face Llama / Qwen2 directory, one output shard at a time.
+"""Export jaxlm params as a Hugging Face Llama / Qwen2 / Mixtral directory, one output shard at
+a time.
 
     export_hf(params, config, "/tmp/hf", tokenizer=run.tokenizer, max_shard_bytes=2 << 30)
     transformers.AutoModelForCausalLM.from_pretrained("/tmp/hf")
@@ -7,7 +8,8 @@ The exact inverse of hf_import's mapping (see its docstring, and its RoPE statem
 transformers both use the half-split layout, so no q/k permutation either way). Shards are
 planned from the params' shapes alone; then each shard's tensors are converted (one jaxlm leaf
 at a time, float32) and written before the next shard's are made, so the host holds the params
-plus at most one shard, never a second copy of the model. `params` may hold numpy or jax arrays.
+plus at most one shard and one param (an MoE param [E, ...] is read once and written as its E
+expert tensors), never a second copy of the model. `params` may hold numpy or jax arrays.
 """
 
 import json
@@ -16,8 +18,9 @@ import os
 import numpy as np
 
 from jaxlm.errors import UserError
+from jaxlm.interop.hf_config import MIXTRAL, MODEL_TYPES, router_aux_loss_coef
 from jaxlm.interop.hf_import import INDEX_FILE, SINGLE_FILE, _safetensors
-from jaxlm.interop.names import check_interop, hf_shape, tensor_names, to_hf
+from jaxlm.interop.names import Row, check_interop, hf_shape, tensor_names, to_hf
 from jaxlm.model.anatomy import anatomy
 from jaxlm.model.config import ModelConfig
 
@@ -26,23 +29,30 @@ TOKENIZER_FILE = "tokenizer.json"
 
 
 def hf_config_dict(config: ModelConfig) -> dict:
-  """config.json for `config`: LlamaForCausalLM, or Qwen2ForCausalLM when it has q/k/v biases
-  (Llama's attention_bias would also put one on o_proj). Rotary settings in the Hub format
+  """config.json for `config`: LlamaForCausalLM, Qwen2ForCausalLM when it has q/k/v biases
+  (Llama's attention_bias would also put one on o_proj), or MixtralForCausalLM when every block
+  is an MoE layer (intermediate_size is then each expert's). Rotary settings in the Hub format
   (rope_theta, rope_scaling), which transformers 4 and 5 both read."""
   check_interop(config)
-  qwen = config.attention_bias
+  moe, qwen = bool(config.moe_blocks), config.attention_bias
+  arch = MIXTRAL if moe else "Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"
   hf = {
-      "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
-      "model_type": "qwen2" if qwen else "llama",
+      "architectures": [arch], "model_type": MODEL_TYPES[arch],
       "vocab_size": config.vocab_size, "hidden_size": config.d_model,
       "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
       "num_key_value_heads": config.num_kv_heads, "head_dim": config.resolved_head_dim,
-      "intermediate_size": config.mlp_dim, "max_position_embeddings": config.max_seq_len,
+      "intermediate_size": config.resolved_expert_mlp_dim if moe else config.mlp_dim,
+      "max_position_embeddings": config.max_seq_len,
       "hidden_act": "silu", "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
       "rope_scaling": None, "tie_word_embeddings": config.tie_embeddings,
       "initializer_range": config.init_std, "torch_dtype": "float32", "use_cache": True,
   }
-  if qwen:
+  if moe:  # Mixtral drops no token: jaxlm's dropless path (the capacity path's where none drop).
+    hf.update(sliding_window=None, num_local_experts=config.num_experts,
+              num_experts_per_tok=config.experts_per_token,
+              router_aux_loss_coef=router_aux_loss_coef(config), router_jitter_noise=0.0,
+              output_router_logits=False)
+  elif qwen:
     hf.update(use_sliding_window=False, sliding_window=None)  # jaxlm attends to every prefix.
   else:
     hf.update(attention_bias=False, mlp_bias=False)
@@ -58,12 +68,10 @@ def hf_config_dict(config: ModelConfig) -> dict:
   return hf
 
 
-def hf_tensors(config: ModelConfig) -> list[tuple[str, tuple, tuple, str]]:
-  """(HF name, HF shape, jaxlm param path, layout) of every tensor, in transformers' order
-  (jaxlm.interop.names)."""
+def hf_tensors(config: ModelConfig) -> list[tuple[Row, tuple]]:
+  """(Row, HF shape) of every tensor, in transformers' order (jaxlm.interop.names)."""
   parts = anatomy(config)
-  return [(name, hf_shape(parts[path].shape, layout), path, layout)
-          for name, path, layout in tensor_names(parts)]
+  return [(row, hf_shape(parts[row.path].shape, row.layout)) for row in tensor_names(parts)]
 
 
 def _leaf(params, path: tuple):
@@ -104,22 +112,28 @@ def export_hf(params, config: ModelConfig, out_dir: str, tokenizer=None,
                     "(stale shards would mix with the new ones)")
   hf_config = hf_config_dict(config)
   tensors = hf_tensors(config)
-  for name, shape_there, path, _ in tensors:  # Check every shape before writing anything.
-    shape = tuple(np.shape(_leaf(params, path)))
+  for row, shape_there in tensors:  # Check every shape before writing anything.
+    shape = tuple(np.shape(_leaf(params, row.path)))
+    if row.expert is not None:
+      shape = shape[1:]
     if int(np.prod(shape)) != int(np.prod(shape_there)):
-      raise UserError(f"{'/'.join(path)} has shape {list(shape)}, but the model config implies "
-                      f"{name} {list(shape_there)}; params and config disagree")
+      raise UserError(f"{'/'.join(row.path)} has shape {list(shape)}, but the model config "
+                      f"implies {row.name} {list(shape_there)}; params and config disagree")
   save_file = _safetensors_numpy().save_file
   shards = plan_shards(tensors, max_shard_bytes)
   written, weight_map, total = [], {}, 0
+  path, leaf = None, None  # The param being written, kept while its experts are.
   for i, shard in enumerate(shards):
     filename = (SINGLE_FILE if len(shards) == 1 else
                 f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
     block = {}
-    for name, _, path, layout in shard:  # device_get one leaf at a time (jax or numpy arrays).
-      block[name] = to_hf(np.asarray(_leaf(params, path)), layout)
-      weight_map[name] = filename
-      total += block[name].nbytes
+    for row, _ in shard:  # device_get one leaf at a time (jax or numpy arrays).
+      if row.path != path:
+        path, leaf = row.path, None  # Frees the last leaf before the next is read.
+        leaf = np.asarray(_leaf(params, path))
+      block[row.name] = to_hf(leaf, row.layout, row.expert)
+      weight_map[row.name] = filename
+      total += block[row.name].nbytes
     save_file(block, os.path.join(out_dir, filename), metadata={"format": "pt"})
     del block  # This shard is on disk before the next one is made.
     written.append(filename)

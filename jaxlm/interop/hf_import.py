@@ -1,11 +1,13 @@
-"""Import a local Hugging Face Llama / Mistral / Qwen2 directory as jaxlm params, streaming.
+"""Import a local Hugging Face Llama / Mistral / Qwen2 / Mixtral directory as jaxlm params,
+streaming.
 
     config, params = import_hf("/models/TinyLlama-1.1B")   # float32 numpy arrays
 
 Tensors are read one at a time from model.safetensors (or the shards that
 model.safetensors.index.json names) and each is converted before the next is read, so the host
-holds the output params plus one tensor, never a second copy of the checkpoint. Pickle
-checkpoints (pytorch_model.bin, *.pt) are refused, never loaded: unpickling runs code.
+holds the output params plus one tensor (one stacked MoE param and one of its experts' tensors),
+never a second copy of the checkpoint. Pickle checkpoints (pytorch_model.bin, *.pt) are refused,
+never loaded: unpickling runs code.
 
 Mapping (jaxlm.interop.names holds it as a table; HF tensor [shape] -> jaxlm param [shape]; D
 model, H heads, G kv heads, K head_dim, F mlp, V vocab; HF Linear weights are [out, in],
@@ -24,10 +26,15 @@ jaxlm's are [in, ...out]):
   model.layers.i.mlp.down_proj.weight [D, F]    -> layer_i/mlp/down [F, D]  (.T)
   model.norm.weight [D]                         -> final_norm/scale [D]
   lm_head.weight [V, D]                         -> lm_head [D, V]  (.T; absent/ignored if tied)
+Mixtral (E experts, F each expert's hidden units), in place of the mlp.* rows:
+  model.layers.i.block_sparse_moe.gate.weight [E, D] -> layer_i/mlp/router [D, E]  (.T)
+  model.layers.i.block_sparse_moe.experts.e.w1.weight [F, D] -> layer_i/mlp/gate[e] [D, F] (.T)
+  model.layers.i.block_sparse_moe.experts.e.w3.weight [F, D] -> layer_i/mlp/up[e] [D, F]   (.T)
+  model.layers.i.block_sparse_moe.experts.e.w2.weight [D, F] -> layer_i/mlp/down[e] [F, D] (.T)
 
 RoPE: jaxlm rotates the half-split ("rotate_half") layout, pairing dimension j with j + K/2
-(jaxlm.model.layers.apply_rope), which is exactly what transformers' Llama, Mistral and Qwen2
-modeling code does. The q_proj/k_proj rows of HF checkpoints are already in that order (the
+(jaxlm.model.layers.apply_rope), which is exactly what transformers' Llama, Mistral, Qwen2 and
+Mixtral modeling code does. The q_proj/k_proj rows of HF checkpoints are already in that order (the
 conversion from Meta's interleaved layout permuted them once, in transformers'
 convert_llama_weights_to_hf.py), so they are copied with no q/k permutation: a row-block of
 q_proj is one head, and within a head row j is dimension j.
@@ -40,7 +47,7 @@ import numpy as np
 
 from jaxlm.errors import UserError
 from jaxlm.interop.hf_config import load_hf_config
-from jaxlm.interop.names import check_interop, hf_shape, locate, to_jaxlm
+from jaxlm.interop.names import check_interop, hf_shape, locate, tensor_names, to_jaxlm
 from jaxlm.model.anatomy import anatomy
 from jaxlm.model.config import ModelConfig
 
@@ -94,6 +101,9 @@ class HFParams:
       source = HFParams(model_dir, config)
       source.shapes                         # {("layer_0", "mlp", "up"): (D, F), ...}
       source.read(("layer_0", "mlp", "up"))  # one float32 numpy array in jaxlm's layout
+
+  An MoE param [E, ...] is stacked from its E expert tensors, read one at a time into it: the
+  host holds one stacked param and one expert's tensor.
   """
 
   def __init__(self, model_dir: str, config: ModelConfig):
@@ -102,41 +112,53 @@ class HFParams:
     files = checkpoint_files(model_dir)
     self._parts = anatomy(config)
     self.shapes = {part.path: part.shape for part in self._parts}
-    self._where: dict[tuple, tuple[str, str, str]] = {}  # path -> (file, HF name, layout)
+    self._where: dict[tuple, dict] = {}  # path -> {expert index or None: (file, Row)}
     safetensors = _safetensors()
     for file in sorted(set(files.values())):
       with safetensors.safe_open(file, framework="numpy") as handle:
         for name in sorted(n for n, f in files.items() if f == file):
           self._add(file, name, tuple(handle.get_slice(name).get_shape()))
-    missing = sorted("/".join(p) for p in self.shapes if p not in self._where)
+    wanted = tensor_names(self._parts)
+    missing = [row for row in wanted if row.expert not in self._where.get(row.path, {})]
     if missing:
-      raise UserError(f"{model_dir} lacks tensors for {len(missing)} params, e.g. {missing[0]}; "
-                      "the checkpoint is incomplete or config.json does not match it")
+      raise UserError(f"{model_dir} lacks {len(missing)} of the {len(wanted)} tensors config.json "
+                      f"implies, e.g. {missing[0].name} (for {'/'.join(missing[0].path)}); the "
+                      "checkpoint is incomplete or config.json does not match it")
 
   def _add(self, file: str, name: str, shape: tuple) -> None:
     if name.endswith(IGNORED_SUFFIXES):
       return
-    target = locate(name, self._parts)
-    if target is None:
+    row = locate(name, self._parts)
+    if row is None:
       return
-    if target == "unknown":
-      raise UserError(f"{os.path.basename(file)} holds the tensor {name}, which the "
-                      "Llama-family mapping does not know; is config.json's architecture right?")
-    where, layout = target
-    if where not in self.shapes:
-      raise UserError(f"{name} has no place in the model config.json describes (no "
-                      f"{'/'.join(where)}); config.json and the weights disagree")
-    want = hf_shape(self.shapes[where], layout)
+    if row == "unknown":
+      raise UserError(f"{os.path.basename(file)} holds the tensor {name}, which the mapping of "
+                      "config.json's architecture does not know; is that architecture right?")
+    have = self.shapes.get(row.path)
+    if have is None or (row.expert is not None and row.expert >= have[0]):
+      where = "/".join(row.path) if row.expert is None else (
+          f"expert {row.expert} of {'/'.join(row.path)}")
+      raise UserError(f"{name} has no place in the model config.json describes (no {where}); "
+                      "config.json and the weights disagree")
+    want = hf_shape(have, row.layout)
     if shape != want:
       raise UserError(f"{name} has shape {list(shape)} in {os.path.basename(file)}, but "
                       f"config.json implies {list(want)}; config and weights disagree")
-    self._where[where] = (file, name, layout)
+    self._where.setdefault(row.path, {})[row.expert] = (file, row)
 
   def read(self, path: tuple) -> np.ndarray:
-    file, name, layout = self._where[path]
+    pieces = self._where[path]
+    if None in pieces:
+      return self._read(path, *pieces[None])
+    value = np.empty(self.shapes[path], np.float32)
+    for expert in range(len(value)):
+      value[expert] = self._read(path, *pieces[expert])
+    return value
+
+  def _read(self, path: tuple, file: str, row) -> np.ndarray:
     with _safetensors().safe_open(file, framework="numpy") as handle:
-      value = _read_float32(handle, file, name)
-    return to_jaxlm(value, self.shapes[path], layout)
+      value = _read_float32(handle, file, row.name)
+    return to_jaxlm(value, self.shapes[path], row.layout)
 
 
 def import_hf_params(model_dir: str, config: ModelConfig) -> dict:

@@ -13,6 +13,9 @@ ROPE_SCALINGS = (None, "llama3")
 ROUTERS = ("topk_softmax", "softmax_topk")
 MOE_DISPATCHES = ("auto", "dropless", "capacity")
 MOE_LAYER_PATTERNS = ("all", "every_other")
+# How the model runs, not what it computes: a model restored or converted takes these from the
+# run (transitions that change the model, such as upcycling, ignore them).
+RUN_FIELDS = ("dtype", "param_dtype", "remat", "attention_impl", "moe_dispatch")
 # The fields that mean something only when some block is an MoE layer.
 MOE_FIELDS = ("num_experts", "experts_per_token", "expert_mlp_dim", "router", "moe_dispatch",
               "capacity_factor", "load_balancing_weight", "router_z_loss_weight")

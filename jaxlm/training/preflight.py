@@ -31,8 +31,8 @@ from jaxlm.data.tokenizers import resolve_tokenizer
 from jaxlm.errors import UserError
 from jaxlm.model import forward
 from jaxlm.checkpointing.restore import check_restore_source
-from jaxlm.training.stages import (Stage, check_transition_result, hand_over, stage_starts,
-                                   transition_context)
+from jaxlm.training.stages import (Stage, check_transition_result, hand_over, restored_stage,
+                                   stage_starts, transition_context)
 from jaxlm.methods.transition import identity
 from jaxlm.training.train_step import abstract_state, state_shardings
 from jaxlm.tree_names import first_difference, shapes_of
@@ -66,7 +66,16 @@ def check_stage(stage: Stage, state, microbatches: int, mesh, rules, eval_domain
   tokens = jax.ShapeDtypeStruct((1, data.seq_len), jnp.int32)
   jax.eval_shape(lambda p, t: forward(p, cfg, t), state.params, tokens)
   if stage.restore_from is not None:
-    check_restore_source(stage.restore_from, state, stage.make_optimizer())
+    source = restored_stage(stage)  # A first stage's transitions start from what it restores.
+    try:
+      check_restore_source(stage.restore_from, abstract_state(source) if source else state,
+                           (source or stage).make_optimizer())
+    except UserError as e:
+      if source is None or stage.restore_from.model is not None:
+        raise
+      raise UserError(f"{e}; stage {stage.name!r}'s transitions start from the restored model: "
+                      "bind RestoreConfig.model to the model the source holds "
+                      "(@source/ModelConfig())") from None
 
 
 def check_vocab(stage: Stage, tokenizer) -> None:
@@ -132,6 +141,9 @@ def check_transitions(stages: list[Stage], states: list | None = None) -> None:
   shapes, gives exactly the stage's train state, so a later stage's mistake fails at start-up.
   `states`: the stages' abstract train states, if already traced."""
   states = states or [abstract_state(stage) for stage in stages]
+  source = restored_stage(stages[0])
+  if source is not None:  # The first stage's transitions apply to what it restores.
+    stages, states = [source, *stages], [abstract_state(source), *states]
   for previous, stage, before, after in zip(stages, stages[1:], states, states[1:]):
     ctx = transition_context(previous, stage, jax.random.key(0))  # Only shapes matter here.
     result = jax.eval_shape(lambda state, ctx=ctx: hand_over(state, ctx), before)
@@ -139,12 +151,13 @@ def check_transitions(stages: list[Stage], states: list | None = None) -> None:
 
 
 def check_first_stage(stage: Stage) -> None:
-  """A transition maps the previous stage's state: the first stage has none to map."""
-  if stage.transition != (identity,):
+  """A transition maps the previous stage's state: the first stage has none to map unless it
+  restores another run (then its transitions apply to what it restores)."""
+  if stage.transition != (identity,) and stage.restore_from is None:
     raise UserError(f"stage {stage.name!r} is the first stage, so its transition "
-                    f"{stage.transition_names} would never run; scope it to a later stage "
-                    f"(later/Stage.transition = ...) or start from another run with "
-                    f"Stage.restore_from and a stage after it")
+                    f"{stage.transition_names} has nothing to map; scope it to a later stage "
+                    f"(later/Stage.transition = ...) or start the stage from another run with "
+                    f"Stage.restore_from (its transitions then apply to what it restores)")
 
 
 def check_stage_names(stages: list[Stage]) -> None:

@@ -15,9 +15,11 @@ from jaxlm.model import flops
 from jaxlm.data.pipeline import TrainBatches
 from jaxlm.model import count_params
 from jaxlm.checkpointing.restore import restore_into
-from jaxlm.training.stages import Stage, check_transition_result, hand_over, transition_context
+from jaxlm.training.stages import (Stage, check_transition_result, hand_over, restored_stage,
+                                   transition_context)
 from jaxlm.training.train_step import (TrainState, abstract_state, make_eval_step,
-                                       make_params_for_eval, make_train_step, sharded_init)
+                                       make_params_for_eval, make_train_step, sharded_init,
+                                       state_shardings)
 
 log = logging.getLogger("jaxlm")
 
@@ -62,15 +64,22 @@ def build_stage(index: int, stage: Stage, start: int, datasets, shardings: Train
 
 
 def first_state(stages: list[Stage], index: int, state: TrainState | None,
-                shardings: TrainState, seed: int, model_dir: str) -> TrainState:
+                shardings: TrainState, seed: int, model_dir: str, mesh=None,
+                rules=None) -> TrainState:
   """The state stage `index` starts from: fresh (state None), else the previous stage's final
   state through this stage's transitions (one jit, out_shardings = this stage's); then any
-  tensors this stage restores from another run (`Stage.restore_from`)."""
+  tensors this stage restores from another run (`Stage.restore_from`). A first stage with
+  transitions applies them to what it restores (`restored_stage`; mesh and rules place it)."""
   stage = stages[index]
-  if state is None:
+  previous = stages[index - 1] if index > 0 else restored_stage(stage)
+  restored_first = index == 0 and previous is not None
+  if state is None and previous is None:
     state = sharded_init(stage, shardings, jax.random.key(seed))
-  else:
-    previous = stages[index - 1]
+  elif state is None:
+    source_shardings = state_shardings(previous, mesh, rules)
+    state = sharded_init(previous, source_shardings, jax.random.key(seed))
+    state, _ = restore_into(stage.restore_from, state, previous.make_optimizer(), model_dir)
+  if previous is not None:
     log.info("stage transition %r -> %r via %s", previous.name, stage.name,
              " then ".join(stage.transition_names))
     ctx = transition_context(previous, stage, None, shardings)
@@ -80,7 +89,7 @@ def first_state(stages: list[Stage], index: int, state: TrainState | None,
     with warnings.catch_warnings():  # Leaves that change shape cannot reuse their buffers.
       warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
       state = jax.jit(step, out_shardings=shardings, donate_argnums=0)(state, rng)
-  if stage.restore_from is not None:
+  if stage.restore_from is not None and not restored_first:
     state, _ = restore_into(stage.restore_from, state, stage.make_optimizer(), model_dir)
   return state
 

@@ -22,6 +22,7 @@ import gin
 import jax.numpy as jnp
 import optax
 
+from jaxlm.checkpointing.restore import source_model
 from jaxlm.data.pipeline import DataConfig
 from jaxlm.data.tokenizers import resolve_tokenizer
 from jaxlm.errors import UserError
@@ -183,6 +184,25 @@ def stage_starts(stages) -> list[int]:
     starts.append(total)
     total += stage.num_steps
   return starts
+
+
+def restored_stage(stage: Stage) -> Stage | None:
+  """What a first stage's transitions start from when it restores another run (upcycling or
+  growing a checkpoint trained elsewhere, with no stage to load it): a stage holding the
+  source's model and tokenizer (RestoreConfig.model, .tokenizer) with this stage's optimizer.
+  None when the stage restores nothing or has no transitions (the restore then fills the
+  stage's own model)."""
+  config = stage.restore_from
+  if config is None or stage.transition == (identity,):
+    return None
+  data = stage.data
+  if config.tokenizer is not None:
+    data = dataclasses.replace(data, tokenizer=config.tokenizer)
+  source = dataclasses.replace(
+      stage, name=f"{stage.name} (restored)", model=source_model(config, stage.model),
+      data=data, transition=identity, methods=(), restore_from=None)
+  object.__setattr__(source, "gin_scope", stage.gin_scope)  # The stage's optimizer bindings.
+  return source
 
 
 def transition_context(previous: Stage, following: Stage, rng, shardings=None):

@@ -171,7 +171,8 @@ class Trainer:
 
   def stage_state(self, state: TrainState | None, index: int) -> TrainState:
     shardings = state_shardings(self.stages[index], self.mesh, self.rules)
-    return first_state(self.stages, index, state, shardings, self.seed, self.model_dir)
+    return first_state(self.stages, index, state, shardings, self.seed, self.model_dir,
+                       self.mesh, self.rules)
 
   def setup_stage(self, index: int) -> StageSetup:
     """Stage `index`'s data (each source continuing where the stages before left it), jitted
