@@ -126,3 +126,18 @@ def test_the_step_profile_attributes_op_time_to_parts_of_the_model(tmp_path, cap
   assert "bench-tiny float32" in capsys.readouterr().out
   assert profile_step.main(["--configs=bench-huge"]) == 2
   assert "unknown config 'bench-huge'" in capsys.readouterr().err
+
+
+def test_bench_moe_compares_models_with_the_same_active_parameters(capsys):
+  """tools/bench_moe.py: E experts of mlp_dim / k units, top-k: each token multiplies the dense
+  model's MLP weights (plus the router's), while the model holds E / k times them."""
+  bench_moe = load_tool("bench_moe")
+  dense = bench_moe.model_for("dense", "bench-tiny", experts=8, top_k=2, capacity_factor=1.25)
+  moe = bench_moe.model_for("capacity", "bench-tiny", experts=8, top_k=2, capacity_factor=1.25)
+  routers = moe.num_layers * moe.d_model * 8
+  assert flops.matmul_params(moe) == flops.matmul_params(dense) + routers
+  mlp_weights = 3 * dense.d_model * dense.mlp_dim * dense.num_layers
+  assert count_params(init_params(moe, jax.random.key(0))) == (
+      count_params(init_params(dense, jax.random.key(0))) + 3 * mlp_weights + routers)
+  assert bench_moe.main(["--arms=dense,sorted"]) == 2
+  assert "unknown arm 'sorted'" in capsys.readouterr().err

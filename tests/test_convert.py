@@ -24,7 +24,7 @@ from jaxlm.model.transformer import forward
 from jaxlm.checkpointing.restore import RestoreConfig, restore_into
 from jaxlm.training.saved_run import load_saved_run
 from jaxlm.training.train_step import sharded_init, state_shardings
-from hf_fixtures import write_hf_model
+from hf_fixtures import TINY_MOE, write_hf_model
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
 import convert  # noqa: E402
@@ -96,9 +96,10 @@ def _hf_tensors(directory):
   return tensors
 
 
-def test_hf_to_jaxlm_then_jaxlm_to_hf_through_the_cli_is_bitwise(tmp_path, small_text_file):
+@pytest.mark.parametrize("moe", [False, True], ids=["llama", "mixtral"])
+def test_hf_to_jaxlm_then_jaxlm_to_hf_through_the_cli_is_bitwise(tmp_path, small_text_file, moe):
   source, converted, back = (str(tmp_path / name) for name in ("hf", "converted", "back"))
-  write_hf_model(source, small_text_file)
+  write_hf_model(source, small_text_file, **(TINY_MOE if moe else {}))
   assert convert.main(["hf_to_jaxlm", source, converted]) == 0
   assert convert.main(["jaxlm_to_hf", converted, back]) == 0
   want, got = _hf_tensors(source), _hf_tensors(back)

@@ -39,7 +39,7 @@ def test_logits_match_pytorch(models, name):
     want = model(torch.from_numpy(tokens).long()).logits.numpy()
   got = np.asarray(forward(params, config, jnp.asarray(tokens)))
   # Observed max |difference| on CPU float32: 1.7e-6 .. 3.0e-6 over these models (logits ~3;
-  # Mixtral MIXTRAL_ERR).
+  # Mixtral 2.6e-6).
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
@@ -208,6 +208,8 @@ def test_refuses_a_missing_expert(models, tmp_path):
 def test_refuses_transformers_fused_experts_with_the_way_to_resave(models, tmp_path):
   """transformers 5 saves the Hub's per-expert names by default; asked not to, it writes its
   fused in-memory tensors, which jaxlm names and refuses."""
+  if int(transformers.__version__.split(".")[0]) < 5:
+    pytest.skip("transformers 4 keeps its experts apart")
   models["mixtral"][1].save_pretrained(tmp_path / "fused", save_original_format=False)
   with pytest.raises(UserError, match=r"^model\.layers\.\d\.mlp\.(gate\.weight|experts\.\w+) "
                                       r"is transformers 5's fused in-memory layout of Mixtral.*"

@@ -17,7 +17,8 @@ from jaxlm.errors import UserError
 from jaxlm.model import ModelConfig, init_params
 from jaxlm.model.flops import matmul_params
 from jaxlm.model.layers import SwiGLU
-from jaxlm.model.moe import MoEMLP, capacity_experts, expert_capacity, route
+from jaxlm.model.moe import (MoEMLP, balancing_losses, capacity_experts, expert_capacity,
+                             route)
 from jaxlm.model.transformer import features_and_losses
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,8 +43,10 @@ def test_dropless_and_capacity_are_the_same_function_when_nothing_is_dropped():
   outputs = {}
   for dispatch in ("dropless", "capacity"):
     run = dataclasses.replace(config, moe_dispatch=dispatch)
-    (x_BLD, _), extras = features_and_losses(params, run, tokens())
-    grads = jax.grad(lambda p: jnp.sum(features_and_losses(p, run, tokens())[0][0] ** 2))(params)
+    (x_BLD, _), extras = jax.jit(lambda p, run=run: features_and_losses(p, run, tokens()))(
+        params)
+    grads = jax.jit(jax.grad(lambda p, run=run: jnp.sum(
+        features_and_losses(p, run, tokens())[0][0] ** 2)))(params)
     outputs[dispatch] = (x_BLD, grads, extras)
   (x_a, g_a, e_a), (x_b, g_b, e_b) = outputs["dropless"], outputs["capacity"]
   np.testing.assert_allclose(x_a, x_b, atol=SUM_ORDER)
@@ -123,6 +126,56 @@ def test_balancing_losses_and_expert_load_are_sown_and_trained():
   assert float(jnp.abs(grad["layer_0"]["mlp"]["router"]).max()) > 0
 
 
+def test_the_balancing_loss_on_a_hand_computed_router():
+  """Three tokens, E = 3, k = 1. Choices 0, 0, 2: f = (2/3, 0, 1/3). P = the mean of the
+  softmax rows. Loss = E sum_i f_i P_i; z-loss = mean(logsumexp^2)."""
+  logits = np.array([[2.0, 0.0, 0.0], [1.0, 0.0, -1.0], [0.0, 0.0, 3.0]], np.float32)
+  config = dataclasses.replace(MOE, num_experts=3, experts_per_token=1)
+  _, experts = route(jnp.asarray(logits), config)
+  np.testing.assert_array_equal(experts[:, 0], [0, 0, 2])
+  balance, z_loss, load = balancing_losses(jnp.asarray(logits), experts, 3)
+  probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+  f = np.array([2 / 3, 0.0, 1 / 3])
+  np.testing.assert_allclose(load, f, rtol=1e-6)
+  np.testing.assert_allclose(balance, 3 * np.sum(f * probs.mean(axis=0)), rtol=1e-6)
+  lse = np.log(np.exp(logits).sum(axis=1))
+  np.testing.assert_allclose(z_loss, np.mean(lse ** 2), rtol=1e-6)
+
+
+def test_growth_of_an_moe_model_is_exact_in_width_and_depth():
+  """The experts' hidden units grow like an MLP's (copies halved where `down` reads them), a
+  wider stream gives the router zero-reading rows, and whole MoE blocks stack."""
+  from helpers import EXACT, logit_error, trained_like, wider
+  from jaxlm.methods.growth.depth import depth_sources, grow_depth
+  from jaxlm.methods.growth.width import grow_width
+  from jaxlm.model.anatomy import anatomy
+  small = dataclasses.replace(MOE, moe_dispatch="dropless")
+  params = trained_like(small)
+  for sizes in ({"mlp_dim": 96}, {"d_model": 64, "head_dim": 16}):
+    large = wider(small, **sizes)
+    grown = grow_width(params, small, large, init_params(large, jax.random.key(1)), "fpi",
+                       "fpi", "exact")
+    assert logit_error(params, small, grown, large) < EXACT, sizes
+  deep = grow_depth(params, depth_sources(2, 4, "stack"), anatomy(small), zero_copies=True)
+  assert logit_error(params, small, deep, dataclasses.replace(small, num_layers=4)) < EXACT
+
+
+def test_sparsity_masks_the_experts_and_never_the_router():
+  """N:M groups of an expert matrix run along the axis it reads (embed for gate/up, mlp for
+  down), per expert; the router stays dense."""
+  from jaxlm.methods.sparsity.topk import nm_mask
+  from jaxlm.methods.sparsity.selection import input_axes, select
+  from jaxlm.model.anatomy import anatomy
+  parts = anatomy(MOE)
+  params = init_params(MOE, jax.random.key(0))
+  chosen = select(params, parts)
+  assert "layer_0/mlp/gate" in chosen and not any("router" in name for name in chosen)
+  down = chosen["layer_0/mlp/down"]
+  mask = nm_mask(down, 2, 4, input_axes(parts, "layer_0/mlp/down"))
+  kept = np.asarray(mask).reshape(4, 48 // 4, 4, 32).sum(axis=2)  # Groups of 4 along mlp.
+  assert (kept == 2).all()
+
+
 def test_the_train_step_logs_the_model_losses_and_the_expert_load():
   from helpers import mesh_and_rules, random_batch
   from jaxlm import parallel
@@ -154,12 +207,23 @@ def test_flops_count_the_routed_experts_only():
                                     + expert_params * 2 // 4)
 
 
+def test_experts_that_do_not_divide_over_the_expert_axis_are_one_line():
+  from jax.sharding import AbstractMesh
+  from jaxlm import parallel
+  from jaxlm.training.stages import Stage
+  from jaxlm.training.train_step import state_shardings
+  mesh = AbstractMesh((1, 1, 1, 3), parallel.MESH_AXES)  # expert = 3; E = 4.
+  with pytest.raises(UserError, match=r"dimension of 4 that mesh axes \('expert',\) \(size 3\)"):
+    state_shardings(Stage(num_steps=200, model=MOE), mesh, parallel.RULE_SETS["fsdp_tensor"])
+
+
 @pytest.mark.parametrize("overrides, match", [
     ({"num_experts": 16}, "ModelConfig.num_experts is set but no block is an MoE layer"),
     ({"moe_layers": "odd"}, "moe_layers='odd'; choose one of"),
     ({"moe_layers": (0, 5)}, "must name distinct blocks in 0..1"),
     ({"moe_layers": "all", "experts_per_token": 9}, "experts_per_token must be"),
     ({"moe_layers": "all", "moe_dispatch": "sorted"}, "moe_dispatch must be one of"),
+    ({"moe_layers": "all", "capacity_factor": 0.0}, "capacity_factor must be a number in"),
 ])
 def test_bad_moe_settings_are_one_clear_line(overrides, match):
   with pytest.raises(UserError, match=match):
@@ -173,48 +237,53 @@ def test_moe_layers_from_gin_are_a_hashable_tuple():
 
 
 SHARDED = r"""
-import dataclasses, json, sys
-import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
+import dataclasses, json
+import flax.linen as nn, jax, jax.numpy as jnp
 from jaxlm import parallel
 from jaxlm.model import ModelConfig, init_params
 from jaxlm.model.loss import training_losses
-config = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2, num_kv_heads=2,
-                     mlp_dim=48, moe_layers="all", num_experts=4, moe_dispatch=sys.argv[1],
-                     capacity_factor=1.0)
+from jaxlm.model.transformer import logical_axes
+base = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2, num_kv_heads=2,
+                   mlp_dim=48, moe_layers="all", num_experts=4, capacity_factor=1.0)
 tokens = jax.random.randint(jax.random.key(1), (8, 17), 0, 64)
 batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
          "positions": jnp.broadcast_to(jnp.arange(16), (8, 16)),
          "segment_ids": jnp.ones((8, 16), jnp.int32), "weights": jnp.ones((8, 16))}
-def loss(params):
-  ce, extras = training_losses(params, config, batch)
-  return jnp.mean(ce) + sum(extras.losses.values()), extras.metrics
-params = init_params(config, jax.random.key(0))
-(plain, plain_metrics), plain_grads = jax.value_and_grad(loss, has_aux=True)(params)
 mesh_config = parallel.MeshConfig(data=2, fsdp=1, tensor=2, expert=2)
 mesh, rules = parallel.make_mesh(mesh_config), mesh_config.resolved_rules()
-from jaxlm.model.transformer import logical_axes
-with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-  shardings = parallel.logical_shardings(params, logical_axes(config), mesh, rules)
-  sharded_params = jax.device_put(params, shardings)
-  (value, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(sharded_params)
-spec = str(sharded_params["layer_0"]["mlp"]["gate"].sharding.spec)
-print("RESULT " + json.dumps({
-    "loss": abs(float(value) - float(plain)),
-    "grads": max(float(jnp.max(jnp.abs(a - b))) for a, b in
-                 zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads))),
-    "dropped": [float(metrics["layer_0/mlp/dropped_fraction"]),
-                float(plain_metrics["layer_0/mlp/dropped_fraction"])],
-    "spec": spec}))
+params = init_params(base, jax.random.key(0))
+results = {}
+for dispatch in ("capacity", "dropless"):
+  config = dataclasses.replace(base, moe_dispatch=dispatch)
+  def loss(params):
+    ce, extras = training_losses(params, config, batch)
+    return jnp.mean(ce) + sum(extras.losses.values()), extras.metrics
+  (plain, plain_metrics), plain_grads = jax.value_and_grad(loss, has_aux=True)(params)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    shardings = parallel.logical_shardings(params, logical_axes(config), mesh, rules)
+    sharded = jax.device_put(params, shardings)
+    (value, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(sharded)
+  results[dispatch] = {
+      "loss": abs(float(value) - float(plain)),
+      "grads": max(float(jnp.max(jnp.abs(a - b))) for a, b in
+                   zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads))),
+      "dropped": [float(metrics["layer_0/mlp/dropped_fraction"]),
+                  float(plain_metrics["layer_0/mlp/dropped_fraction"])],
+      "spec": str(sharded["layer_0"]["mlp"]["gate"].sharding.spec)}
+print("RESULT " + json.dumps(results))
 """
 
 
-@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
-def test_expert_parallel_on_eight_devices_matches_one_device(dispatch):
+def test_expert_parallel_on_eight_devices_matches_one_device():
+  """Both dispatch paths on a data 2 x tensor 2 x expert 2 mesh: the experts split over
+  `expert`, the loss and every gradient as on one device (float32 sums split over devices)."""
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  done = subprocess.run([sys.executable, "-c", SHARDED, dispatch], capture_output=True,
-                        text=True, timeout=300, cwd=REPO_ROOT, env=env)
+  done = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True,
+                        timeout=300, cwd=REPO_ROOT, env=env)
   assert done.returncode == 0, done.stderr[-3000:]
-  result = json.loads(next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))[7:])
-  assert result["spec"] == "P('expert', 'fsdp', 'tensor')"
-  assert result["loss"] < 1e-5 and result["grads"] < 1e-5  # Float32 sums split over devices.
-  assert result["dropped"][0] == result["dropped"][1]  # The same tokens dropped.
+  results = json.loads(next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))[7:])
+  for dispatch, result in results.items():
+    assert result["spec"] == "P('expert', 'fsdp', 'tensor')", dispatch
+    assert result["loss"] < 1e-5 and result["grads"] < 1e-5, (dispatch, result)
+    assert result["dropped"][0] == result["dropped"][1], dispatch  # The same tokens dropped.
+  assert results["capacity"]["dropped"][0] > 0  # Capacity factor 1: some tokens overflow.

@@ -96,10 +96,12 @@ def test_the_transition_keeps_moments_of_copied_params_and_zeroes_the_new_ones()
     (moe(num_experts=8), 2, "set the MoE model's ModelConfig.expert_mlp_dim = 24"),
     (moe(d_model=64), 1, r"also changes \['d_model'\]"),
     (DENSE, 1, "has no MoE layer"),
+    (moe(), 1, "there is no dense MLP to copy"),
 ])
 def test_what_upcycling_cannot_do_is_one_line(target, granularity, match):
+  source = moe() if match == "there is no dense MLP to copy" else DENSE
   with pytest.raises(UserError, match=match):
-    upcycle_params(trained_like(DENSE), DENSE, target, init_params(target, jax.random.key(0)),
+    upcycle_params(trained_like(source), source, target, init_params(target, jax.random.key(0)),
                    granularity)
 
 

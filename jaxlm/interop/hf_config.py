@@ -5,15 +5,11 @@ Reads both ways rotary settings are written: transformers 5's `rope_parameters` 
 scaling inside), and the Hub's top-level `rope_theta` with `rope_scaling` (keyed `type` or
 `rope_type`). Anything jaxlm's decoder would compute differently is refused, never approximated.
 
-Mixtral's balancing loss. transformers (load_balancing_loss_func, added to the loss only when
-output_router_logits is true) computes coef x E sum_i F_i P_i once for the whole model: F_i is
-the number of a token's k choices that go to expert i (summing to k) and P_i expert i's mean
-router probability, both pooled over every layer's tokens. jaxlm adds weight x E sum_i f_i P_i
-for each layer, f_i being the share of the choices (summing to 1). When every layer routes
-alike the two are coef x k x X and weight x L x X for one layer's E sum f P = X, so
-load_balancing_weight = coef x k / L (L layers), and back on export. No coefficient makes them
-equal otherwise: transformers multiplies averages over layers, so one layer's overload can
-cancel another's, while jaxlm penalises each layer's own imbalance.
+Mixtral's balancing coefficient: transformers' loss is coef x E sum_i F_i P_i with F and P
+pooled over all layers (F_i: a token's choices of expert i, summing to k); jaxlm's is
+weight x E sum_i f_i P_i in each of the L layers (f_i summing to 1). With weight = coef x k / L
+they are equal whenever every layer routes alike; no coefficient makes them equal otherwise
+(docs/interop.md).
 """
 
 import json
@@ -150,10 +146,10 @@ def _moe_fields(hf: dict) -> dict:
                     "supported (jaxlm's router adds no training noise); set it to 0 in "
                     "config.json to import the weights without it")
   k = hf["num_experts_per_tok"]
+  weight = float(hf["router_aux_loss_coef"]) * k / hf["num_hidden_layers"]
   return dict(moe_layers="all", num_experts=hf["num_local_experts"], experts_per_token=k,
-              router="topk_softmax", moe_dispatch="dropless",
-              load_balancing_weight=float(hf["router_aux_loss_coef"]) * k
-              / hf["num_hidden_layers"], router_z_loss_weight=0.0)
+              router="topk_softmax", moe_dispatch="dropless", load_balancing_weight=weight,
+              router_z_loss_weight=0.0)
 
 
 def router_aux_loss_coef(config: ModelConfig) -> float:

@@ -34,8 +34,8 @@ Mixtral (E experts, F each expert's hidden units), in place of the mlp.* rows:
 
 RoPE: jaxlm rotates the half-split ("rotate_half") layout, pairing dimension j with j + K/2
 (jaxlm.model.layers.apply_rope), which is exactly what transformers' Llama, Mistral, Qwen2 and
-Mixtral modeling code does. The q_proj/k_proj rows of HF checkpoints are already in that order (the
-conversion from Meta's interleaved layout permuted them once, in transformers'
+Mixtral modeling code does. The q_proj/k_proj rows of HF checkpoints are already in that
+order (the conversion from Meta's interleaved layout permuted them once, in transformers'
 convert_llama_weights_to_hf.py), so they are copied with no q/k permutation: a row-block of
 q_proj is one head, and within a head row j is dimension j.
 """

@@ -12,9 +12,11 @@ Keys of block i are those of the anatomy's block_key(i). A block's MLP is SwiGLU
 (ModelConfig.mlp = "swiglu": Llama, Mistral, Qwen2) or, in every block, an MoE layer
 (moe_layers = "all", router "topk_softmax": Mixtral, whose experts.{e}.w1 / w3 / w2 are expert
 e's gate, up and down, stacked into jaxlm's [E, ...] arrays on import and split on export);
-others are refused. transformers 5 fuses each block's experts in memory (mlp.experts.gate_up_proj,
-down_proj) but saves and loads the per-expert names; the fused names, written only by
-save_pretrained(save_original_format=False), are refused with the way to re-save.
+others are refused. transformers 5 fuses each block's experts in memory (mlp.experts.gate_up_proj
+[E, 2F, D], down_proj), but its save_pretrained writes the Hub's per-expert names, as
+transformers 4 did, and its conversion mapping fuses them on load (checked with 5.25). The fused
+names, written only with save_pretrained(save_original_format=False), are refused in one line
+that says how to re-save.
 """
 
 import re

@@ -59,6 +59,9 @@ def check_upcycle(dense: ModelConfig, moe: ModelConfig, granularity: int) -> Non
   if not moe.moe_blocks:
     raise UserError("upcycle: the next stage's model has no MoE layer; bind its "
                     "ModelConfig.moe_layers")
+  if all(dense.is_moe_block(b) for b in moe.moe_blocks):
+    raise UserError(f"upcycle: every MoE block of the next stage ({list(moe.moe_blocks)}) is one "
+                    "already, so there is no dense MLP to copy; upcycle from a dense model")
   ignored = {"moe_layers", *MOE_FIELDS, *RUN_FIELDS}  # What upcycling sets, how a model runs.
   changed = [f.name for f in dataclasses.fields(dense)
              if f.name not in ignored and getattr(moe, f.name) != getattr(dense, f.name)]
