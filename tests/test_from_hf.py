@@ -88,3 +88,40 @@ def test_a_hugging_face_source_that_does_not_fit_is_one_line(hf_dir, small_text_
                                         r"'params/embed/embedding' \(\d+, \d+\)"):
       preflight.check_stage(stage, abstract_state(stage), 1, mesh, rules)
   assert config.vocab_size == 512
+
+
+@pytest.mark.slow  # Three commands and transformers (about a minute); .ci/run runs it.
+def test_a_llama_directory_upcycled_trained_and_exported_loads_as_mixtral(hf_dir, tmp_path,
+                                                                         small_text_file):
+  """The command chain: a Llama-architecture directory -> experiments/upcycling/from_hf.gin
+  (upcycled to 8 experts in its first stage, trained 2 steps) -> tools/convert.py jaxlm_to_hf
+  -> transformers' MixtralForCausalLM, whose logits are jaxlm's."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  from conftest import REPO_ROOT  # pylint: disable=import-outside-toplevel
+  from jaxlm.model import forward  # pylint: disable=import-outside-toplevel
+  path, _, _ = hf_dir
+  run_dir, out = tmp_path / "moe", tmp_path / "mixtral"
+  args = quick_run_args(run_dir, small_text_file, f"--gin.HF_DIR='{path}'",
+                        "--gin.ModelConfig.dtype='float32'", "--gin.ModelConfig.remat='none'",
+                        "--gin.moe/ModelConfig.moe_dispatch='dropless'",
+                        "--gin.Stage.num_steps=2", "--gin.EvalConfig.every=2",
+                        "--gin.TrainerConfig.checkpoint_every=2",
+                        "--gin.TrainerConfig.sample_tokens=0",
+                        "--gin.TrainerConfig.progress='log'")
+  args[0] = "--gin_file=experiments/upcycling/from_hf.gin"
+  args = [a for a in args if "warmup_cosine.warmup_steps" not in a]
+  assert train.main(args) == 0
+  done = subprocess.run([sys.executable, "tools/convert.py", "jaxlm_to_hf", str(run_dir),
+                         str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert json.loads((out / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+  run = load_saved_run(str(run_dir))
+  assert run.stage.model.num_experts == 8 and run.step == 2
+  model = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+  tokens = np.random.default_rng(0).integers(0, 400, (2, 12))
+  with torch.no_grad():
+    theirs = model(torch.tensor(tokens)).logits.numpy()
+  ours = np.asarray(forward(jax.device_get(run.params), run.stage.model, tokens))
+  assert float(np.abs(ours - theirs).max()) < 1e-4
