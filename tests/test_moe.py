@@ -160,6 +160,13 @@ def test_growth_of_an_moe_model_is_exact_in_width_and_depth():
   assert logit_error(params, small, deep, dataclasses.replace(small, num_layers=4)) < EXACT
 
 
+def test_subcloning_refuses_an_moe_block_in_one_line():
+  from jaxlm.methods.growth.subcloning import activation_stats
+  config = dataclasses.replace(MOE, moe_layers=(1,))
+  with pytest.raises(UserError, match=r"block 1 \(an MoE layer\) sows 0 of them"):
+    activation_stats(init_params(config, jax.random.key(0)), config, [tokens()])
+
+
 def test_sparsity_masks_the_experts_and_never_the_router():
   """N:M groups of an expert matrix run along the axis it reads (embed for gate/up, mlp for
   down), per expert; the router stays dense."""

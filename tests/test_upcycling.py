@@ -127,3 +127,28 @@ def test_a_first_stage_upcycles_a_run_trained_elsewhere(tmp_path, small_text_fil
   with pytest.raises(UserError, match="bind RestoreConfig.model to the model the source holds"):
     trainer.run(str(tmp_path / "refused"), [unbound], trainer=QUIET)
   assert not (tmp_path / "refused").exists()
+
+
+UPCYCLING_GIN = """
+run.stages = [@dense/Stage(), @moe/Stage()]
+dense/Stage.num_steps = 4
+moe/Stage.num_steps = 8
+moe/Stage.transition = [@upcycle]
+moe/ModelConfig.moe_layers = 'every_other'
+moe/ModelConfig.num_experts = 4
+moe/ModelConfig.experts_per_token = 2
+"""
+
+
+@pytest.mark.slow  # A minute: a subprocess killed and resumed; .ci/run runs the slow tests.
+def test_an_upcycled_run_killed_with_sigkill_resumes_bitwise(tmp_path, small_text_file,
+                                                             monkeypatch):
+  from conftest import REPO_ROOT  # pylint: disable=import-outside-toplevel
+  from helpers import cli_run_args, killed_run_resumes_bitwise, run_to_the_end  # pylint: disable=import-outside-toplevel
+  gin_file = tmp_path / "upcycling.gin"
+  gin_file.write_text(UPCYCLING_GIN, encoding="utf-8")
+  monkeypatch.chdir(REPO_ROOT)
+  run_to_the_end(cli_run_args(tmp_path / "reference", small_text_file, gin_file))
+  got = killed_run_resumes_bitwise(tmp_path / "reference", tmp_path / "killed", small_text_file,
+                                   gin_file, kill_after=7, final_step=12)
+  assert got["params"]["layer_1"]["mlp"]["gate"].shape[0] == 4  # The MoE stage's experts.

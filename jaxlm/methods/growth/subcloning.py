@@ -43,7 +43,8 @@ def activation_stats(params, config: ModelConfig, batches) -> dict:
     caught = activations(params, config, jnp.asarray(tokens_BL))
     stats = {"embed": 0.0, "energy": 0.0, "mlp": [], "heads": []}
     for l in range(config.num_layers):
-      seen, where = caught[parts.block_key(l)], f"ModelConfig.mlp={config.mlp!r}'s block"
+      kind = "an MoE layer" if config.is_moe_block(l) else f"ModelConfig.mlp={config.mlp!r}"
+      seen, where = caught[parts.block_key(l)], f"block {l} ({kind})"
       stream = _sown(seen, "stream", where)
       stats["embed"] += jnp.mean(jnp.abs(stream), axis=(0, 1))
       stats["energy"] += jnp.mean(stream * stream, axis=(0, 1))
