@@ -11,8 +11,9 @@ outputs. Two ways to send tokens to experts, the same function wherever no token
   FLOPs), so on CPU it is for checks, not speed.
 - **capacity**: each batch row is a group; every expert takes at most
   C = ceil(L k / E x capacity_factor) of its tokens, first choices before second ones (GShard);
-  the rest are dropped (their output is the residual alone) and counted. Dispatch and combine
-  are dense one-hot einsums, which XLA partitions over an `expert` mesh axis (all-to-all).
+  the rest are dropped (their output is the residual alone) and counted. Tokens move into the
+  experts' [E, C] slots and back by index (gathers), and the experts' matmuls are einsums over
+  [B, E, C, ...] that XLA partitions over an `expert` mesh axis.
 
 The layer owns its auxiliary losses (sown under "losses", added to training by the train step):
 load balancing E sum_i f_i P_i (f_i: the share of the k-choices routed to expert i, P_i: the
@@ -32,8 +33,9 @@ from jaxlm.model.layers import Role, param_with_axes, swiglu
 
 
 def resolved_dispatch(config: ModelConfig, backend: str | None = None) -> str:
-  """The dispatch path a config runs: "auto" is capacity on CPU (where ragged_dot costs E/k
-  times the FLOPs; tools/bench.py --configs=moe-tiny measures both) and dropless elsewhere."""
+  """The dispatch path a config runs: "auto" is capacity on CPU (0.85x the dense step against
+  dropless's 0.26x on bench-tiny, where ragged_dot costs E/k times the FLOPs; measured by
+  tools/bench_moe.py) and dropless elsewhere (a grouped GEMM on GPU and TPU)."""
   if config.moe_dispatch != "auto":
     return config.moe_dispatch
   return "capacity" if (backend or jax.default_backend()) == "cpu" else "dropless"
@@ -82,29 +84,37 @@ def dropless_experts(x_TD, weights_TK, experts_TK, w_gate_up_ED2F, w_down_EFD):
 
 def capacity_experts(x_BLD, weights_BLK, experts_BLK, w_gate_up_ED2F, w_down_EFD, capacity):
   """Every batch row's tokens dispatched to at most `capacity` slots per expert, first choices
-  first (GShard's priority); returns (output [B, L, D], share of token copies dropped)."""
+  first (GShard's priority); returns (output [B, L, D], share of token copies dropped).
+
+  Tokens move by index (a gather into the [E, C] slots, a gather back out), not by GShard's
+  one-hot [B, L, E, C] einsums: on CPU those cost about as many FLOPs as the experts
+  themselves (bench-tiny, 8 experts: 0.62x the dense step with them; tools/bench_moe.py)."""
   b, l, k = experts_BLK.shape
-  e = w_gate_up_ED2F.shape[0]
+  e, d = w_gate_up_ED2F.shape[0], x_BLD.shape[-1]
   chosen_BKLE = jax.nn.one_hot(experts_BLK.swapaxes(1, 2), e, dtype=jnp.int32)
   # Slot of each copy in its expert's queue: count earlier copies, all first choices first.
   slot_BKLE = jnp.cumsum(chosen_BKLE.reshape(b, k * l, e), axis=1).reshape(b, k, l, e) - 1
-  kept_BKLE = (chosen_BKLE == 1) & (slot_BKLE < capacity)
-  slot_BLK = jnp.sum(jnp.where(kept_BKLE, slot_BKLE, 0), axis=-1).swapaxes(1, 2)
-  kept_BLK = jnp.any(kept_BKLE, axis=-1).swapaxes(1, 2)
-  dtype = x_BLD.dtype
-  where_BLKE = jax.nn.one_hot(experts_BLK, e, dtype=dtype) * kept_BLK[..., None].astype(dtype)
-  at_BLKC = jax.nn.one_hot(slot_BLK, capacity, dtype=dtype)
-  dispatch_BLEC = jnp.einsum("blke,blkc->blec", where_BLKE, at_BLKC)
-  combine_BLEC = jnp.einsum("blk,blke,blkc->blec", weights_BLK.astype(dtype), where_BLKE,
-                            at_BLKC)
-  x_BECD = jnp.einsum("blec,bld->becd", dispatch_BLEC, x_BLD)
+  slot_BLK = jnp.sum(slot_BKLE * chosen_BKLE, axis=-1).swapaxes(1, 2)
+  kept_BLK = slot_BLK < capacity
+  # Each kept copy's row in the row's [E * C] slots; a dropped copy goes to slot E * C, a row of
+  # zeros on the way in and out.
+  where_BLK = jnp.where(kept_BLK, experts_BLK * capacity + slot_BLK, e * capacity)
+  rows_B1 = jnp.arange(b)[:, None]
+  token_BS = jnp.full((b, e * capacity + 1), l, jnp.int32).at[
+      rows_B1, where_BLK.reshape(b, l * k)].set(jnp.repeat(jnp.arange(l, dtype=jnp.int32), k))
+  padded_BLD = jnp.concatenate([x_BLD, jnp.zeros((b, 1, d), x_BLD.dtype)], axis=1)
+  x_BECD = jnp.take_along_axis(padded_BLD, token_BS[:, :-1, None], axis=1).reshape(
+      b, e, capacity, d)
   x_BECD = nn.with_logical_constraint(x_BECD, ("expert_batch", "expert", None, "embed"))
   gate_up_BEC2F = jnp.einsum("becd,edtf->bectf", x_BECD, w_gate_up_ED2F)
   h_BECF = nn.with_logical_constraint(swiglu(gate_up_BEC2F),
                                       ("expert_batch", "expert", None, "mlp"))
   y_BECD = jnp.einsum("becf,efd->becd", h_BECF, w_down_EFD)
   y_BECD = nn.with_logical_constraint(y_BECD, ("expert_batch", "expert", None, "embed"))
-  out_BLD = jnp.einsum("blec,becd->bld", combine_BLEC, y_BECD)
+  y_BSD = jnp.concatenate([y_BECD.reshape(b, e * capacity, d), jnp.zeros((b, 1, d), y_BECD.dtype)],
+                          axis=1)
+  y_BLKD = jnp.take_along_axis(y_BSD, where_BLK.reshape(b, l * k, 1), axis=1).reshape(b, l, k, d)
+  out_BLD = jnp.einsum("blk,blkd->bld", weights_BLK.astype(y_BLKD.dtype), y_BLKD)
   return out_BLD, 1.0 - jnp.mean(kept_BLK.astype(jnp.float32))
 
 
