@@ -1,6 +1,7 @@
 """Checkpointer keep policies and metadata reads, on a tiny pytree (no trainer). CI runs this file
 again with the oldest orbax-checkpoint that pyproject.toml allows."""
 
+import dataclasses
 import re
 
 import jax.numpy as jnp
@@ -51,15 +52,18 @@ def test_saved_shapes_come_from_metadata(tmp_path):
 def test_the_record_reads_its_own_json_and_the_first_layouts():
   record = RunRecord(step=9, gin_config="x = 1", stage_index=1, stage_name="b", seed=3,
                      learning_rate=1e-3, data=DataPosition(4, 8, {"a": 16}, {"a": 32}),
-                     skipped_steps=2, ledger={"flops": 1.0, "tokens": 5})
+                     skipped_steps=2, ledger={"flops": 1.0, "tokens": 5},
+                     memory={"memory/param_bytes": 64.0})
   assert RunRecord.from_json(record.to_json()) == record
   unversioned = {k: v for k, v in record.to_json().items()
-                 if k not in ("version", "converted_from")}
-  assert RunRecord.from_json(unversioned) == record  # Written before records had a version.
+                 if k not in ("version", "converted_from", "memory")}
+  # Written before records had a version (and, in version 1, before they kept the memory).
+  assert RunRecord.from_json(unversioned) == dataclasses.replace(record, memory={})
   first_conversion = {"converted_from": "/hf", "format": "huggingface", "model_gin": "y = 2"}
   assert RunRecord.from_json(first_conversion) == RunRecord(step=0, gin_config="y = 2",
                                                             converted_from="/hf")
-  with pytest.raises(UserError, match="layout version 99, newer than this jaxlm's"):
+  with pytest.raises(UserError, match=f"layout version {RECORD_VERSION + 98}, newer than this "
+                                      "jaxlm's"):
     RunRecord.from_json({**record.to_json(), "version": RECORD_VERSION + 98})
   with pytest.raises(ValueError, match="does not have the expected fields"):
     RunRecord.from_json({"step": 1})

@@ -86,6 +86,16 @@ def test_two_stages_hand_over_with_the_identity_transition(tmp_path, small_text_
       stage_step=4, stage_steps=4, rows_before_stage={"text": 16},
       rows_after_stage={"text": 32}))
   assert "warmup_cosine" in record.gin_config  # The operative gin config travels along.
+  # Each stage's memory, logged at its first step and kept in the record: float32 params, and
+  # AdamW's two moments of them (plus counters and the injected learning rate).
+  with open(tmp_path / "run" / "metrics.jsonl", encoding="utf-8") as f:
+    memory = [r for r in map(json.loads, f) if "memory/param_bytes" in r]
+  assert [r["step"] for r in memory] == [0, 4]
+  param_bytes = 4 * sum(x.size for x in jax.tree.leaves(final_params(tmp_path / "run")[1]))
+  assert memory[0]["memory/param_bytes"] == param_bytes
+  assert 2 * param_bytes < memory[0]["memory/optimizer_state_bytes"] < 2 * param_bytes + 64
+  assert memory[0]["memory/xla_temp_bytes_per_device"] > 0
+  assert record.memory == {k: v for k, v in memory[1].items() if k.startswith("memory/")}
 
 
 def test_identity_transition_refuses_a_changed_model(tmp_path, small_text_file):

@@ -30,7 +30,7 @@ log = logging.getLogger("jaxlm")
 CORRUPT_DIR = "corrupt_checkpoints"
 
 
-RECORD_VERSION = 1  # Records without a version are jaxlm's first layout (same keys).
+RECORD_VERSION = 2  # Records without a version are jaxlm's first layout; 2 adds `memory`.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +66,8 @@ class RunRecord:
   ledger: dict = dataclasses.field(default_factory=dict)  # ComputeLedger.record().
   eval_baseline: dict = dataclasses.field(default_factory=dict)  # Forgetting's reference losses.
   converted_from: str | None = None  # The Hugging Face directory a conversion read.
+  # The stage's memory accounting (jaxlm/training/memory.py): memory/... bytes.
+  memory: dict = dataclasses.field(default_factory=dict)
   version: int = RECORD_VERSION
 
   @property
@@ -89,6 +91,7 @@ class RunRecord:
       raw = {"step": 0, "gin_config": raw["model_gin"], "converted_from": raw["converted_from"]}
     raw["data"] = DataPosition(**raw.get("data", {}))
     raw["ledger"] = raw.get("ledger") or {}
+    raw["memory"] = raw.get("memory") or {}
     try:
       record = cls(**raw)
     except TypeError as e:  # A missing or an unknown key.

@@ -29,6 +29,7 @@ from jaxlm.checkpointing.checkpoint import Checkpointer, DataPosition, RunRecord
 from jaxlm.errors import TrainingDiverged, UserError
 from jaxlm.evaluation.schedule import EvalConfig, forgetting
 from jaxlm.training.ledger import ComputeLedger
+from jaxlm.training.memory import describe_memory, memory_accounting
 from jaxlm.training.metrics import PROGRESS_MODES, MetricsWriter, Progress
 from jaxlm.training.preemption import PreemptionGuard
 from jaxlm.training.stage_setup import StageSetup, build_stage, describe, first_state
@@ -121,6 +122,7 @@ class Trainer:
     self.preempted, self.last_saved_step = False, None
     # Kept in the checkpoint record, so that a resumed run continues them.
     self.ledger = ComputeLedger()
+    self.memory = {}  # The current stage's (memory_accounting), once its step is compiled.
     self.baseline: dict[str, float] = {}  # The current stage's first evaluation.
     self.rows_before: dict[str, int] = {}  # Rows of each source drawn before the stage ...
     self.rows_after: dict[str, int] = {}  # ... and by its end.
@@ -201,6 +203,9 @@ class Trainer:
     step = int(state.step)
     while step < setup.end and not self.preempted:
       batch = parallel.global_batch(setup.train.batch_at(step - setup.start), self.batch_sharding)
+      if not hasattr(setup.train_step, "memory_analysis"):  # Compiled once, ahead of time.
+        setup.train_step = setup.train_step.lower(state, batch).compile()
+        self.account_memory(state, setup.train_step, step)
       state, metrics = setup.train_step(state, batch)
       step += 1
       self.ledger.add_steps(1, setup.flops_per_step, setup.tokens_per_step)
@@ -209,6 +214,13 @@ class Trainer:
       self.after_step(state, metrics, step, step_log, progress, guard)
     progress.close()
     return state
+
+  def account_memory(self, state: TrainState, compiled_step, step: int) -> None:
+    """The stage's memory (jaxlm/training/memory.py): logged, written to metrics.jsonl at the
+    stage's first step and kept in the checkpoint records."""
+    self.memory = memory_accounting(state, compiled_step)
+    log.info(describe_memory(self.memory))
+    self.write(step, self.memory)
 
   def begin_stage(self, state: TrainState) -> None:
     """Logs what the stage trains; evaluates the baseline before its first update."""
@@ -268,7 +280,7 @@ class Trainer:
         learning_rate=float(self.schedules[setup.index](step - setup.start)),
         data=DataPosition(step - setup.start, setup.stage.num_steps, self.rows_before,
                           self.rows_after),
-        skipped_steps=self.nonfinite.skipped, ledger=self.ledger.record(),
+        skipped_steps=self.nonfinite.skipped, ledger=self.ledger.record(), memory=self.memory,
         eval_baseline=self.baseline, gin_config=gin.operative_config_str()))
     self.last_saved_step = step
 
