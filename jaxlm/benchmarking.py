@@ -44,6 +44,21 @@ CONFIGS = {
 }
 
 
+def worker_result(script: str, flags: list[str]) -> dict:
+  """Runs `python script *flags` (a benchmark measuring in a fresh process, so no measurement's
+  memory, thread pools or compiled programs leak into the next) and returns the JSON it printed
+  on its last "RESULT " line; RuntimeError with the end of its stderr if it printed none."""
+  import json  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  done = subprocess.run([sys.executable, script, *flags], capture_output=True, text=True,
+                        check=False)
+  lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+  if done.returncode or not lines:
+    raise RuntimeError(done.stderr[-2000:])
+  return json.loads(lines[-1][len("RESULT "):])
+
+
 def random_batch(bench: BenchConfig, seed: int = 0) -> dict:
   """One packed-batch-shaped example of uniform random tokens (one document per row)."""
   rng = np.random.default_rng(seed)

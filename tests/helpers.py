@@ -212,6 +212,17 @@ def run_to_the_end(args, cwd=None):
   assert done.returncode == 0, done.stderr[-2000:]
 
 
+def gin_run_resumes_bitwise(tmp_path, corpus, gin_text, kill_after, final_step, monkeypatch):
+  """A run of `gin_text` (a gin file's text) to the end, and the same run SIGKILLed once step
+  `kill_after` is logged and resumed: both save the same state at `final_step` (returned)."""
+  gin_file = tmp_path / "run.gin"
+  gin_file.write_text(gin_text, encoding="utf-8")
+  monkeypatch.chdir(REPO_ROOT)  # quick_run_args name the experiment relative to the repository.
+  run_to_the_end(cli_run_args(tmp_path / "reference", corpus, gin_file))
+  return killed_run_resumes_bitwise(tmp_path / "reference", tmp_path / "killed", corpus,
+                                    gin_file, kill_after, final_step)
+
+
 def killed_run_resumes_bitwise(reference, killed, corpus, gin_file, kill_after, final_step):
   """The run of `gin_file` SIGKILLed once step `kill_after` is logged, then started again, saves
   at `final_step` exactly what `reference` (the same run, never stopped) saved; returns that

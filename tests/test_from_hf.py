@@ -54,20 +54,25 @@ def test_restore_from_a_hugging_face_directory_loads_every_param_exactly(hf_dir,
   assert json.loads((tmp_path / "restore_report.json").read_text())["source"] == path
 
 
-def test_from_hf_gin_trains_the_model_with_the_directory_tokenizer(hf_dir, tmp_path,
-                                                                  small_text_file):
-  path, _, params = hf_dir
-  run_dir = tmp_path / "run"
-  args = quick_run_args(run_dir, small_text_file, f"--gin.HF_DIR='{path}'",
+def _two_steps_from_hf(gin_file, hf_path, run_dir, corpus, *extra):
+  """`python -m jaxlm.train` arguments: `gin_file` (which starts from HF_DIR) for 2 float32
+  steps on `corpus`, with its own warm-up (a share of the stage, so it fits)."""
+  args = quick_run_args(run_dir, corpus, f"--gin.HF_DIR='{hf_path}'",
                         "--gin.ModelConfig.dtype='float32'", "--gin.ModelConfig.remat='none'",
                         "--gin.Stage.num_steps=2", "--gin.EvalConfig.every=2",
                         "--gin.TrainerConfig.checkpoint_every=2",
                         "--gin.TrainerConfig.sample_tokens=0",
-                        "--gin.TrainerConfig.progress='log'")
-  args[0] = "--gin_file=experiments/continual/from_hf.gin"
-  # from_hf.gin's own warm-up (a share of the stage) fits a 2-step run.
-  args = [a for a in args if "warmup_cosine.warmup_steps" not in a]
-  assert train.main(args) == 0
+                        "--gin.TrainerConfig.progress='log'", *extra)
+  args[0] = f"--gin_file={gin_file}"
+  return [a for a in args if "warmup_cosine.warmup_steps" not in a]
+
+
+def test_from_hf_gin_trains_the_model_with_the_directory_tokenizer(hf_dir, tmp_path,
+                                                                  small_text_file):
+  path, _, params = hf_dir
+  run_dir = tmp_path / "run"
+  assert train.main(_two_steps_from_hf("experiments/continual/from_hf.gin", path, run_dir,
+                                       small_text_file)) == 0
   report = json.loads((run_dir / "restore_report.json").read_text())
   assert len(report["loaded"]) == len(jax.tree.leaves(params)) and report["created"] == []
   run = load_saved_run(str(run_dir))
@@ -103,16 +108,9 @@ def test_a_llama_directory_upcycled_trained_and_exported_loads_as_mixtral(hf_dir
   from jaxlm.model import forward  # pylint: disable=import-outside-toplevel
   path, _, _ = hf_dir
   run_dir, out = tmp_path / "moe", tmp_path / "mixtral"
-  args = quick_run_args(run_dir, small_text_file, f"--gin.HF_DIR='{path}'",
-                        "--gin.ModelConfig.dtype='float32'", "--gin.ModelConfig.remat='none'",
-                        "--gin.moe/ModelConfig.moe_dispatch='dropless'",
-                        "--gin.Stage.num_steps=2", "--gin.EvalConfig.every=2",
-                        "--gin.TrainerConfig.checkpoint_every=2",
-                        "--gin.TrainerConfig.sample_tokens=0",
-                        "--gin.TrainerConfig.progress='log'")
-  args[0] = "--gin_file=experiments/upcycling/from_hf.gin"
-  args = [a for a in args if "warmup_cosine.warmup_steps" not in a]
-  assert train.main(args) == 0
+  assert train.main(_two_steps_from_hf("experiments/upcycling/from_hf.gin", path, run_dir,
+                                       small_text_file,
+                                       "--gin.moe/ModelConfig.moe_dispatch='dropless'")) == 0
   done = subprocess.run([sys.executable, "tools/convert.py", "jaxlm_to_hf", str(run_dir),
                          str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]

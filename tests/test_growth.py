@@ -30,10 +30,9 @@ from jaxlm.training.stages import Stage, hand_over
 from jaxlm.methods.transition import TransitionContext
 from jaxlm.training.train_step import init_state
 from jaxlm.tree_names import flatten_names
-from helpers import (EXACT, QUIET, TINY, check_exact_width_growth, cli_run_args, growth_ctx,
-                     growth_tokens, killed_run_resumes_bitwise, logit_error, mesh_flags,
-                     mesh_result, metric_records, run_mesh_worker, run_to_the_end, tiny_stage,
-                     trained_like, wider)
+from helpers import (EXACT, QUIET, TINY, check_exact_width_growth, gin_run_resumes_bitwise,
+                     growth_ctx, growth_tokens, logit_error, mesh_flags, mesh_result,
+                     metric_records, run_mesh_worker, tiny_stage, trained_like, wider)
 
 MHA = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=4,
                   mlp_dim=48, head_dim=8, max_seq_len=32)
@@ -280,13 +279,8 @@ msg.ramp_steps = 1
 
 @pytest.mark.slow  # A minute: a subprocess killed and resumed; .ci/run runs the slow tests.
 def test_a_run_killed_just_after_growth_resumes_bitwise(tmp_path, small_text_file, monkeypatch):
-  from conftest import REPO_ROOT  # pylint: disable=import-outside-toplevel
-  gin_file = tmp_path / "growth.gin"
-  gin_file.write_text(GROWTH_GIN, encoding="utf-8")
-  monkeypatch.chdir(REPO_ROOT)
-  run_to_the_end(cli_run_args(tmp_path / "reference", small_text_file, gin_file))
-  got = killed_run_resumes_bitwise(tmp_path / "reference", tmp_path / "killed", small_text_file,
-                                   gin_file, kill_after=5, final_step=12)
+  got = gin_run_resumes_bitwise(tmp_path, small_text_file, GROWTH_GIN, kill_after=5,
+                                final_step=12, monkeypatch=monkeypatch)
   assert set(got["method_state"]) == {"msg"}
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from helpers import (EXACT, QUIET, TINY, growth_ctx, logit_error, metric_records, tiny_stage,
-                     trained_like)
+from helpers import (EXACT, QUIET, TINY, gin_run_resumes_bitwise, growth_ctx, logit_error,
+                     metric_records, tiny_stage, trained_like)
 from jaxlm.checkpointing.restore import RestoreConfig
 from jaxlm.errors import UserError
 from jaxlm.methods.growth.upcycling import upcycle_params, upcycle_scale, upcycle_transition
@@ -143,12 +143,6 @@ moe/ModelConfig.experts_per_token = 2
 @pytest.mark.slow  # A minute: a subprocess killed and resumed; .ci/run runs the slow tests.
 def test_an_upcycled_run_killed_with_sigkill_resumes_bitwise(tmp_path, small_text_file,
                                                              monkeypatch):
-  from conftest import REPO_ROOT  # pylint: disable=import-outside-toplevel
-  from helpers import cli_run_args, killed_run_resumes_bitwise, run_to_the_end  # pylint: disable=import-outside-toplevel
-  gin_file = tmp_path / "upcycling.gin"
-  gin_file.write_text(UPCYCLING_GIN, encoding="utf-8")
-  monkeypatch.chdir(REPO_ROOT)
-  run_to_the_end(cli_run_args(tmp_path / "reference", small_text_file, gin_file))
-  got = killed_run_resumes_bitwise(tmp_path / "reference", tmp_path / "killed", small_text_file,
-                                   gin_file, kill_after=7, final_step=12)
+  got = gin_run_resumes_bitwise(tmp_path, small_text_file, UPCYCLING_GIN, kill_after=7,
+                                final_step=12, monkeypatch=monkeypatch)
   assert got["params"]["layer_1"]["mlp"]["gate"].shape[0] == 4  # The MoE stage's experts.

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -87,14 +86,13 @@ def main(argv=None) -> int:
     return 2
   rows = {}
   for arm in arms:
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), f"--worker={arm}",
-                           f"--config={args.config}", *[f"--{k}={v}" for k, v in settings.items()]],
-                          capture_output=True, text=True, check=False)
-    lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
-    if done.returncode or not lines:
-      print(f"bench_moe: {arm} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+    try:
+      rows[arm] = bench.worker_result(os.path.abspath(__file__), [
+          f"--worker={arm}", f"--config={args.config}",
+          *[f"--{k}={v}" for k, v in settings.items()]])
+    except RuntimeError as e:
+      print(f"bench_moe: {arm} failed:\n{e}", file=sys.stderr)
       return 1
-    rows[arm] = json.loads(lines[-1][len("RESULT "):])
   dense = rows.get("dense")
   print(f"{args.config}, float32, 1 CPU device ({os.cpu_count()} CPUs), "
         f"{time.strftime('%Y-%m-%d %H:%M')}, load average {os.getloadavg()[0]:.2f}; MoE: "

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -89,15 +88,13 @@ def main(argv=None) -> int:
     return 0
   rows = {}
   for algorithm in args.algorithms.split(","):
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), f"--worker={algorithm}",
-                           f"--config={args.config}", f"--steps={args.steps}",
-                           f"--period={args.period}"], capture_output=True, text=True,
-                          check=False)
-    lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
-    if done.returncode or not lines:
-      print(f"error: {algorithm} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+    try:
+      rows[algorithm] = bench.worker_result(os.path.abspath(__file__), [
+          f"--worker={algorithm}", f"--config={args.config}", f"--steps={args.steps}",
+          f"--period={args.period}"])
+    except RuntimeError as e:
+      print(f"error: {algorithm} failed:\n{e}", file=sys.stderr)
       return 1
-    rows[algorithm] = json.loads(lines[-1][len("RESULT "):])
   dense = rows.get("dense")
   print(f"{args.config}, float32, 1 CPU device; amortised over a period of {args.period} steps\n")
   print("| algorithm | ordinary step (s) | mask-update step (s) | amortised (s) | vs dense | "
