@@ -2,6 +2,7 @@
 schedule, sources (resolved, not read), shardings and model on abstract shapes (no training,
 no compute), and each transition between stages."""
 
+import dataclasses
 import os
 import pathlib
 import re
@@ -48,10 +49,17 @@ def test_gin_file_parses_and_builds_on_abstract_shapes(gin_file, tmp_path, monke
   text = _with_includes(REPO_ROOT / gin_file)
   if "shared_corpus" in text and not os.path.isdir(shared_corpora_dir()):
     pytest.skip("reads ../shared/corpora, which is not present")
+  source = re.search(r"^RestoreConfig\.path = %(\w+)", text, re.MULTILINE)
+  # Its first stage transforms the restored model (RestoreConfig.model): a source must exist.
+  transforms_source = source and "RestoreConfig.model" in text and "%HF_DIR" not in text
   if "%HF_DIR" in text:  # Starts from a Hugging Face model.
     write_hf_model(tmp_path / "hf", small_text_file, max_seq_len=2048)
     bindings.append(f"HF_DIR = '{tmp_path / 'hf'}'")
-  elif "RestoreConfig.path = %" in text:  # Restores another arm's run, made by reproduce.py.
+  elif transforms_source:  # Stands in for the arm's run: a directory of the source's shapes
+    # (a Hugging Face one, which has no data position to continue).
+    bindings += [f"{source.group(1)} = '{tmp_path / 'source'}'",
+                 "RestoreConfig.continue_data = False"]
+  elif source:  # Restores another arm's run, made by reproduce.py.
     bindings.append("Stage.restore_from = None")
   if "%EXTENDED_TOKENIZER" in text:  # A byte-level vocabulary grown on new text.
     extended = extend_tokenizer_json(byte_tokenizer_json(), [small_text_file.read_text()], 50)
@@ -60,6 +68,9 @@ def test_gin_file_parses_and_builds_on_abstract_shapes(gin_file, tmp_path, monke
   gin_config.parse(files, bindings)
   stages = configured_stages()
   assert stages
+  if transforms_source:
+    write_hf_model(tmp_path / "source", small_text_file,
+                   **dataclasses.asdict(stages[0].restore_from.model))
   mesh_config = parallel.MeshConfig()
   mesh, rules = parallel.make_mesh(mesh_config), mesh_config.resolved_rules()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
