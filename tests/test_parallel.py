@@ -1,6 +1,7 @@
 """Sharded training: same losses on every mesh, shardings follow the rule set, gradient
 accumulation equals the full batch, and two processes equal one (jax.distributed over gloo)."""
 
+import functools
 import json
 import os
 import re
@@ -20,6 +21,7 @@ from conftest import REPO_ROOT
 from jaxlm import parallel
 from jaxlm.errors import UserError
 from jaxlm.model import ModelConfig, init_params, logical_axes
+from jaxlm.optim.matrix_optimizers import galore, muon
 from jaxlm.optim.optimizers import adamw
 from jaxlm.optim.state_layout import state_layout
 from jaxlm.training.stages import Stage
@@ -336,6 +338,31 @@ def test_real_adafactor_galore_and_muon_states_shard_by_their_layout(mesh):
     same = [(tag, sharding) for tag, sharding in zip(layout, jax.tree.leaves(shardings))
             if tag.relation == "same"]
     assert same and all(sharding == by_param[tag.param] for tag, sharding in same)
+    assert _init_into(tx, shardings) == shardings
+
+
+@on_eight_devices
+def test_galore_and_muon_factories_shard_by_their_layout(mesh):
+  """Our gin factories (AdamW on the embeddings, head and norms): every leaf of a param's shape
+  takes the param's sharding; GaLore's projectors and low-rank moments valid shardings with
+  their rank (3, dividing no mesh axis) replicated; the optimizers initialise straight into
+  them."""
+  # 7 matrices: GaLore's projector, mu and nu, or Muon's momentum; AdamW's mu and nu of the
+  # other 5 params.
+  for optimizer, same, projected in ((functools.partial(galore, rank=3), 10, 21), (muon, 17, 0)):
+    tx, abstract_params, params, abstract_state = _setup(mesh, optimizer)
+    shardings = parallel.optimizer_state_shardings(tx, abstract_state, params, mesh,
+                                                   abstract_params)
+    _assert_valid(abstract_state, shardings, mesh)
+    by_param = flatten_names(params)
+    tagged = list(zip(state_layout(abstract_state, abstract_params, tx),
+                      jax.tree.leaves(shardings)))
+    full = [sharding == by_param[tag.param] for tag, sharding in tagged if tag.relation == "same"]
+    assert len(full) == same and all(full)
+    low_rank = [(tag, sharding) for tag, sharding in tagged if tag.relation == "projected"]
+    assert len(low_rank) == projected
+    assert all(sharding.spec[d] is None for tag, sharding in low_rank
+               for d, size in enumerate(tag.shape) if size == 3)
     assert _init_into(tx, shardings) == shardings
 
 

@@ -1,9 +1,11 @@
 """The optimizer state's layout on real optax states (adamw, adafactor, optax.contrib's galore
-and muon): every leaf tagged with its param and relation, and every operation that rewrites
-optimizer state (growth with kept moments, RigL's regrow, vocabulary expansion) either working
-or refused with one line naming the leaf and the operation."""
+and muon, raw and as our gin factories `@galore` and `@muon`): every leaf tagged with its param
+and relation, and every operation that rewrites optimizer state (growth with kept moments,
+RigL's regrow, vocabulary expansion) either working or refused with one line naming the leaf
+and the operation."""
 
 import dataclasses
+import functools
 import os
 import re
 import subprocess
@@ -19,6 +21,8 @@ from jaxlm.data.tokenizers import ByteTokenizer, HuggingFaceTokenizer
 from jaxlm.errors import UserError
 from jaxlm.methods.growth.transitions import grow_depth_transition, grow_width_transition
 from jaxlm.model import ModelConfig
+from jaxlm.model.anatomy import anatomy
+from jaxlm.optim.matrix_optimizers import galore, muon
 from jaxlm.optim.optimizers import adamw
 from jaxlm.optim.state_layout import state_layout
 from jaxlm.methods.sparsity.methods import rigl
@@ -35,12 +39,18 @@ OPTIMIZERS = {
     "adafactor": lambda lr: optax.adafactor(lr, min_dim_size_to_factor=8),
     "galore": lambda lr: optax.contrib.galore(lr, rank=4),
     "muon": lambda lr: optax.contrib.muon(lr),
+    "@galore": functools.partial(galore, rank=4),  # The blocks' matrices; AdamW on the rest.
+    "@muon": muon,
 }
 # What each operation does with each optimizer's state: None works, else the refusal's leaf.
+# Our factories leave the embeddings and the head to AdamW, so vocabulary expansion works.
 REFUSED = {
-    "grow": {"adamw": None, "adafactor": "v_row", "galore": "mu", "muon": "mu"},
-    "rigl": {"adamw": None, "adafactor": "v_row", "galore": "mu", "muon": None},
-    "vocab": {"adamw": None, "adafactor": "v_row", "galore": "mu", "muon": None},
+    "grow": {"adamw": None, "adafactor": "v_row", "galore": "mu", "muon": "mu", "@galore": "mu",
+             "@muon": "mu"},
+    "rigl": {"adamw": None, "adafactor": "v_row", "galore": "mu", "muon": None, "@galore": "mu",
+             "@muon": None},
+    "vocab": {"adamw": None, "adafactor": "v_row", "galore": "mu", "muon": None, "@galore": None,
+              "@muon": None},
 }
 
 
@@ -57,16 +67,26 @@ def test_each_leaf_is_tagged_with_its_param_and_relation():
   assert {leaf.relation for leaf in tags["adamw"] if leaf.param} == {"same"}  # mu and nu.
   assert {leaf.relation for leaf in tags["adamw"] if leaf.param is None} == {"scalar"}
   assert "factored" in {leaf.relation for leaf in tags["adafactor"] if "/v_row/" in leaf.name}
-  galore = {leaf.name: leaf for leaf in tags["galore"]}
-  projector = next(l for n, l in galore.items() if n.endswith("projector/embed/embedding"))
+  raw_galore = {leaf.name: leaf for leaf in tags["galore"]}
+  projector = next(l for n, l in raw_galore.items() if n.endswith("projector/embed/embedding"))
   assert projector.param == "embed/embedding" and projector.relation == "projected"
-  muon = {leaf.relation for leaf in tags["muon"]}
-  assert {"same", "scalar", "other"} <= muon  # Momentum, counts, Newton-Schulz coefficients.
-  for name, layout in tags.items():  # Every leaf tied to a param names a real one.
-    params = abstract_state(_stage(name)).params
-    names = {"/".join(str(k.key) for k in path)
-             for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
-    assert {leaf.param for leaf in layout if leaf.param} <= names
+  raw_muon = {leaf.relation for leaf in tags["muon"]}
+  assert {"same", "scalar", "other"} <= raw_muon  # Momentum, counts, Newton-Schulz coefficients.
+  # @galore: a projector and two low-rank moments per block matrix, all "projected" (a
+  # projector [embed, 4] of a query [embed, 4 heads, 8] looks factored until doubled), and
+  # AdamW's mu and nu for every other param.
+  matrices = {part.name for part in anatomy(MODEL).block_matmuls}
+  ours = [leaf for leaf in tags["@galore"] if leaf.param]
+  assert {leaf.relation for leaf in ours if leaf.param in matrices} == {"projected"}
+  assert {leaf.relation for leaf in ours if leaf.param not in matrices} == {"same"}
+  assert sorted(leaf.param for leaf in ours if "/projector/" in leaf.name) == sorted(matrices)
+  assert len(ours) == 3 * len(matrices) + 2 * (len(_param_names(MODEL)) - len(matrices))
+  for layout in tags.values():  # Every leaf tied to a param names a real one.
+    assert {leaf.param for leaf in layout if leaf.param} <= _param_names(MODEL)
+
+
+def _param_names(model):
+  return {part.name for part in anatomy(model)}
 
 
 def _refusal(operation, optimizer, error):
@@ -148,8 +168,10 @@ adafactor/Stage.num_steps = 6
 galore/Stage.num_steps = 6
 muon/Stage.num_steps = 6
 adafactor/Stage.optimizer = @optax_adafactor
-galore/Stage.optimizer = @optax_galore
-muon/Stage.optimizer = @optax_muon
+galore/Stage.optimizer = @galore
+muon/Stage.optimizer = @muon
+galore.rank = 4
+galore.update_proj_gap = 3
 """
 
 
@@ -157,10 +179,11 @@ muon/Stage.optimizer = @optax_muon
 def test_adafactor_galore_and_muon_states_are_killed_and_resume_bitwise(tmp_path,
                                                                         small_text_file,
                                                                         monkeypatch):
-  """One run whose three stages (6 steps each) train with adafactor, GaLore (its projector
-  refreshed every 3 steps) and Muon, killed with SIGKILL in each stage, resumes each time from
-  a checkpoint inside that stage (so with that optimizer's state restored) and ends exactly
-  where the run that never stopped ends. adamw has its own kill -9 tests."""
+  """One run whose three stages (6 steps each) train with adafactor and our gin factories'
+  GaLore (its projector refreshed every 3 steps) and Muon, killed with SIGKILL in each stage,
+  resumes each time from a checkpoint inside that stage (so with that optimizer's state
+  restored) and ends exactly where the run that never stopped ends. adamw has its own kill -9
+  tests."""
   gin_file = tmp_path / "three.gin"
   gin_file.write_text(THREE_OPTIMIZERS_GIN, encoding="utf-8")
   monkeypatch.chdir(REPO_ROOT)

@@ -42,9 +42,10 @@ def resolve_gin_file(name: str, paths: list[str]) -> str:
 # Every module that defines gin configurables, in one place (gin must know them all before it
 # parses a config): the trainer brings the run, its stages, data, model and optimizers; the
 # kernels their block sizes; interop hf_model_config (a stage starting from a Hugging Face
-# model); the method families their transitions and methods.
+# model); the optimizers that only a gin file names (GaLore, Muon); the method families their
+# transitions and methods.
 CONFIGURABLE_MODULES = ("jaxlm.training.trainer", "jaxlm.kernels.flash_attention", "jaxlm.interop",
-                        *methods.FAMILIES)
+                        "jaxlm.optim.matrix_optimizers", *methods.FAMILIES)
 
 
 def register_configurables() -> None:

@@ -161,8 +161,8 @@ def describe(key: Key) -> str:
 
 def _fix_for(scope: str, name: str, selector: str) -> str | None:
   """For a stage's schedule or optimizer bound in the stage's scope but not selected there."""
-  field = {"jaxlm.optim.schedules": "schedule", "jaxlm.optim.optimizers": "optimizer"}.get(
-      selector.rsplit(".", 1)[0])
+  field = {"jaxlm.optim.schedules": "schedule", "jaxlm.optim.optimizers": "optimizer",
+           "jaxlm.optim.matrix_optimizers": "optimizer"}.get(selector.rsplit(".", 1)[0])
   if not (field and scope):
     return None
   return f"if stage {scope!r} should use it, bind {scope}/Stage.{field} = @{scope}/{name}"

@@ -22,20 +22,29 @@ def decay_matrices_only(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def check_adam(name: str, b1, b2, eps, weight_decay, grad_clip_norm) -> None:
+  """The range checks every Adam-family factory shares, each naming `name`'s binding."""
+  for key, value in (("b1", b1), ("b2", b2)):
+    check_range(f"{name}.{key}", value, low=0, high=1, high_open=True)
+  check_range(f"{name}.eps", eps, low=0, low_open=True)
+  check_range(f"{name}.weight_decay", weight_decay, low=0)
+  check_range(f"{name}.grad_clip_norm", grad_clip_norm, low=0, low_open=True, optional=True)
+
+
+def clipped(grad_clip_norm: float | None, tx) -> optax.GradientTransformation:
+  """`tx` after global-norm gradient clipping over every param (none if `grad_clip_norm` is
+  None)."""
+  clip = optax.clip_by_global_norm(grad_clip_norm) if grad_clip_norm else optax.identity()
+  return optax.chain(clip, tx)
+
+
 @gin.configurable
 def adamw(schedule: optax.Schedule, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
           weight_decay: float = 0.1, grad_clip_norm: float | None = 1.0):
   """AdamW (Loshchilov & Hutter, 1711.05101) after global-norm gradient clipping."""
-  for name, value in (("b1", b1), ("b2", b2)):
-    check_range(f"adamw.{name}", value, low=0, high=1, high_open=True)
-  check_range("adamw.eps", eps, low=0, low_open=True)
-  check_range("adamw.weight_decay", weight_decay, low=0)
-  check_range("adamw.grad_clip_norm", grad_clip_norm, low=0, low_open=True, optional=True)
-  clip = optax.clip_by_global_norm(grad_clip_norm) if grad_clip_norm else optax.identity()
-  return optax.chain(
-      clip,
-      optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                  mask=decay_matrices_only))
+  check_adam("adamw", b1, b2, eps, weight_decay, grad_clip_norm)
+  return clipped(grad_clip_norm, optax.adamw(schedule, b1=b1, b2=b2, eps=eps,
+                                             weight_decay=weight_decay, mask=decay_matrices_only))
 
 
 def build(factory, schedule, model=None) -> optax.GradientTransformation:

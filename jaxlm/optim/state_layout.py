@@ -15,8 +15,10 @@ Relations:
 A leaf belongs to the param whose name is the longest run of its path (optax keeps a state's
 param-shaped trees under the params' own keys: "0/mu/layer_0/mlp/up"). Shape equality alone can
 mislead: GaLore with a rank equal to one of a matrix's sides keeps a projector and moments of the
-matrix's own shape. Given the optimizer, its state is also built (shapes only) for params twice as
-large along every axis: a leaf is "same" only if it follows its param there too.
+matrix's own shape, and a projector [embed, rank] of an attention kernel [embed, heads, head_dim]
+looks like a moment that dropped axes. Given the optimizer, its state is also built (shapes only)
+for params twice as large along every axis: a leaf is "same", or "factored", only if it follows
+its param there too (a rank does not double).
 
 Every operation that rewrites optimizer state goes through `map_same_leaves`: it applies to the
 "same" leaves and refuses, with one line naming the leaf and the operation, any other leaf tied to
@@ -65,12 +67,15 @@ def _aligned(shape, param_shape) -> bool:
   return True
 
 
-def _relation(shape, param_shape, follows: bool) -> str:
+def _relation(shape, param_shape, doubled) -> str:
+  """`doubled`: (the leaf's shape, its param's shape) for params twice as large, or None."""
   if param_shape is None:
     return "scalar" if len(shape) == 0 else "other"
-  if shape == param_shape and follows:
+  follows = lambda relates: doubled is None or relates(*doubled)
+  if shape == param_shape and follows(lambda a, b: a == b):
     return "same"
-  if _aligned(shape, param_shape) and math.prod(shape) < math.prod(param_shape):
+  if (_aligned(shape, param_shape) and math.prod(shape) < math.prod(param_shape) and
+      follows(_aligned)):
     return "factored"
   return "projected"
 
@@ -100,8 +105,8 @@ def state_layout(opt_state, params, tx=None) -> list[StateLeaf]:
     name = path_name(path)
     shape = tuple(leaf.shape)
     param = owner(tuple(name.split("/")), param_shapes)
-    follows = doubled is None or param is None or doubled[i] == doubled_params[param]
-    layout.append(StateLeaf(name, param, _relation(shape, param_shapes.get(param), follows),
+    grown = None if doubled is None or param is None else (doubled[i], doubled_params[param])
+    layout.append(StateLeaf(name, param, _relation(shape, param_shapes.get(param), grown),
                             shape))
   return layout
 
