@@ -141,3 +141,10 @@ def test_bench_moe_compares_models_with_the_same_active_parameters(capsys):
       count_params(init_params(dense, jax.random.key(0))) + 3 * mlp_weights + routers)
   assert bench_moe.main(["--arms=dense,sorted"]) == 2
   assert "unknown arm 'sorted'" in capsys.readouterr().err
+
+
+def test_bench_optimizers_refuses_what_it_cannot_measure(capsys):
+  bench_optimizers = load_tool("bench_optimizers")
+  assert bench_optimizers.main(["--optimizers=adamw,lion"]) == 2
+  assert bench_optimizers.main(["--steps=4"]) == 2
+  assert "choose --optimizers from ['adamw', 'galore', 'muon']" in capsys.readouterr().err

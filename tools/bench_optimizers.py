@@ -1,0 +1,134 @@
+"""Memory and step time of each optimizer on one model: AdamW against GaLore and Muon.
+
+    python tools/bench_optimizers.py --model=gin/models/125m.gin --seq_len=128 --batch_size=4
+
+For each optimizer (a fresh process each) this builds the trainer's train step for the model
+(float32, one device, a constant learning rate), and reports the bytes of the params and of the
+optimizer state (whole trees, jaxlm/training/memory.py), XLA's planned temporaries for the
+step, and the step time: the median of --steps ordinary steps, and for GaLore the median of
+the steps that refresh its projectors (an SVD of every selected gradient; measured with a
+projector refresh every 4 steps) amortised over --update_proj_gap steps:
+
+    ordinary + (refresh - ordinary) / update_proj_gap
+
+Ratios are against AdamW measured in the same invocation.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+from jaxlm import benchmarking as bench
+
+OPTIMIZERS = ("adamw", "galore", "muon")
+MEASURED_GAP = 4  # GaLore refreshes every 4 steps while timed: steps 0, 4, 8, ... of optax's.
+
+
+def model_config(path: str, seq_len: int):
+  import gin  # pylint: disable=import-outside-toplevel
+  from jaxlm.model import ModelConfig  # pylint: disable=import-outside-toplevel
+  gin.clear_config()
+  gin.parse_config_file(path)
+  return ModelConfig(max_seq_len=seq_len)
+
+
+def _factory(name: str, rank: int):
+  """The stage's optimizer factory: adamw, or GaLore / Muon (given the model) with its
+  settings."""
+  from jaxlm.optim import matrix_optimizers  # pylint: disable=import-outside-toplevel
+  from jaxlm.optim.optimizers import adamw  # pylint: disable=import-outside-toplevel
+  if name == "adamw":
+    return lambda schedule: adamw(schedule, **bench.ADAMW)
+  if name == "galore":
+    return lambda schedule, model: matrix_optimizers.galore(
+        schedule, rank=rank, update_proj_gap=MEASURED_GAP, model=model, **bench.ADAMW)
+  return lambda schedule, model: matrix_optimizers.muon(schedule, model=model, **bench.ADAMW)
+
+
+def measure(name: str, model_path: str, seq_len: int, batch_size: int, steps: int,
+            rank: int) -> dict:
+  import jax  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  from jaxlm.training.train_step import init_state  # pylint: disable=import-outside-toplevel
+  from jaxlm.training.memory import tree_bytes  # pylint: disable=import-outside-toplevel
+  from jaxlm.training.stages import Stage  # pylint: disable=import-outside-toplevel
+  model = model_config(model_path, seq_len)
+  spec = bench.BenchConfig(vocab_size=model.vocab_size, d_model=model.d_model,
+                           num_layers=model.num_layers, num_heads=model.num_heads,
+                           mlp_dim=model.mlp_dim, seq_len=seq_len, batch_size=batch_size)
+  stage = Stage(num_steps=1000, model=model,
+                schedule=lambda _: optax.constant_schedule(bench.LEARNING_RATE),
+                optimizer=_factory(name, rank))
+  step, compile_s, executable = bench.compiled_train_step(stage, bench.random_batch(spec))
+  times = []
+  for _ in range(steps):  # Optax's count 0, 1, 2, ...: GaLore refreshes at multiples of 4.
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  refresh = [t for i, t in enumerate(times) if i % MEASURED_GAP == 0 and i > 0]
+  ordinary = [t for i, t in enumerate(times) if i % MEASURED_GAP and i > 1]
+  plan = executable.memory_analysis()
+  state = jax.eval_shape(lambda: init_state(stage, jax.random.key(0)))
+  return {"param_bytes": tree_bytes(state.params), "opt_bytes": tree_bytes(state.opt_state),
+          "temp_bytes": None if plan is None else plan.temp_size_in_bytes,
+          "ordinary_s": statistics.median(ordinary), "refresh_s": statistics.median(refresh),
+          "compile_s": compile_s}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--model", default="gin/models/125m.gin")
+  parser.add_argument("--seq_len", type=int, default=128)
+  parser.add_argument("--batch_size", type=int, default=4)
+  parser.add_argument("--steps", type=int, default=13, help="timed steps (refreshes included)")
+  parser.add_argument("--rank", type=int, default=128, help="GaLore's rank")
+  parser.add_argument("--update_proj_gap", type=int, default=200,
+                      help="GaLore's refresh period the refresh cost is amortised over")
+  parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+  parser.add_argument("--worker", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  flags = [f"--model={args.model}", f"--seq_len={args.seq_len}",
+           f"--batch_size={args.batch_size}", f"--steps={args.steps}", f"--rank={args.rank}"]
+  if args.worker:
+    import json  # pylint: disable=import-outside-toplevel
+    print("RESULT " + json.dumps(measure(args.worker, args.model, args.seq_len,
+                                         args.batch_size, args.steps, args.rank)))
+    return 0
+  names = args.optimizers.split(",")
+  unknown = sorted(set(names) - set(OPTIMIZERS))
+  if unknown or args.steps < 2 * MEASURED_GAP + 1:
+    print(f"bench_optimizers: choose --optimizers from {list(OPTIMIZERS)} and --steps >= "
+          f"{2 * MEASURED_GAP + 1}", file=sys.stderr)
+    return 2
+  rows = {}
+  for name in names:
+    try:
+      rows[name] = bench.worker_result(os.path.abspath(__file__), [f"--worker={name}", *flags])
+    except RuntimeError as e:
+      print(f"bench_optimizers: {name} failed:\n{e}", file=sys.stderr)
+      return 1
+  base = rows.get("adamw")
+  print(f"{args.model}, sequence {args.seq_len}, batch {args.batch_size}, float32, 1 CPU device "
+        f"({os.cpu_count()} CPUs), {time.strftime('%Y-%m-%d %H:%M')}; GaLore rank {args.rank}, "
+        f"refresh amortised over {args.update_proj_gap} steps\n")
+  print("| optimizer | params MiB | optimizer state MiB | vs AdamW | XLA temporaries MiB | "
+        "ordinary step s | refresh step s | amortised s | vs AdamW |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  versus = lambda mine, key: "-" if base is None else f"{mine / base[key]:.2f}x"
+  mib = lambda b: "-" if b is None else f"{b / 2**20:,.0f}"
+  for name, row in rows.items():
+    refreshes = name == "galore"  # Only GaLore's steps differ by the optimizer's count.
+    amortised = row["ordinary_s"] + (
+        (row["refresh_s"] - row["ordinary_s"]) / args.update_proj_gap if refreshes else 0.0)
+    refresh = f"{row['refresh_s']:.2f}" if refreshes else "-"
+    print(f"| {name} | {mib(row['param_bytes'])} | {mib(row['opt_bytes'])} | "
+          f"{versus(row['opt_bytes'], 'opt_bytes')} | {mib(row['temp_bytes'])} | "
+          f"{row['ordinary_s']:.2f} | {refresh} | {amortised:.2f} | "
+          f"{versus(amortised, 'ordinary_s')} |")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
