@@ -59,6 +59,20 @@ def worker_result(script: str, flags: list[str]) -> dict:
   return json.loads(lines[-1][len("RESULT "):])
 
 
+def worker_rows(tool: str, script: str, names: list[str], flags: list[str]) -> dict | None:
+  """{name: worker_result(script, --worker=name + flags)} for each name, in order; None (after
+  one line on stderr saying which failed, and why) if one fails."""
+  import sys  # pylint: disable=import-outside-toplevel
+  rows = {}
+  for name in names:
+    try:
+      rows[name] = worker_result(script, [f"--worker={name}", *flags])
+    except RuntimeError as e:
+      print(f"{tool}: {name} failed:\n{e}", file=sys.stderr)
+      return None
+  return rows
+
+
 def random_batch(bench: BenchConfig, seed: int = 0) -> dict:
   """One packed-batch-shaped example of uniform random tokens (one document per row)."""
   rng = np.random.default_rng(seed)

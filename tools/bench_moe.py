@@ -84,15 +84,10 @@ def main(argv=None) -> int:
   if unknown:
     print(f"bench_moe: unknown arm {unknown[0]!r}; choose from {list(ARMS)}", file=sys.stderr)
     return 2
-  rows = {}
-  for arm in arms:
-    try:
-      rows[arm] = bench.worker_result(os.path.abspath(__file__), [
-          f"--worker={arm}", f"--config={args.config}",
-          *[f"--{k}={v}" for k, v in settings.items()]])
-    except RuntimeError as e:
-      print(f"bench_moe: {arm} failed:\n{e}", file=sys.stderr)
-      return 1
+  rows = bench.worker_rows("bench_moe", os.path.abspath(__file__), arms, [
+      f"--config={args.config}", *[f"--{k}={v}" for k, v in settings.items()]])
+  if rows is None:
+    return 1
   dense = rows.get("dense")
   print(f"{args.config}, float32, 1 CPU device ({os.cpu_count()} CPUs), "
         f"{time.strftime('%Y-%m-%d %H:%M')}, load average {os.getloadavg()[0]:.2f}; MoE: "

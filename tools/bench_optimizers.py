@@ -52,7 +52,7 @@ def measure(name: str, model_path: str, seq_len: int, batch_size: int, steps: in
   import jax  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
   from jaxlm.training.train_step import init_state  # pylint: disable=import-outside-toplevel
-  from jaxlm.training.memory import tree_bytes  # pylint: disable=import-outside-toplevel
+  from jaxlm.training.memory import memory_accounting  # pylint: disable=import-outside-toplevel
   from jaxlm.training.stages import Stage  # pylint: disable=import-outside-toplevel
   model = model_config(model_path, seq_len)
   spec = bench.BenchConfig(vocab_size=model.vocab_size, d_model=model.d_model,
@@ -69,10 +69,11 @@ def measure(name: str, model_path: str, seq_len: int, batch_size: int, steps: in
     times.append(time.perf_counter() - start)
   refresh = [t for i, t in enumerate(times) if i % MEASURED_GAP == 0 and i > 0]
   ordinary = [t for i, t in enumerate(times) if i % MEASURED_GAP and i > 1]
-  plan = executable.memory_analysis()
-  state = jax.eval_shape(lambda: init_state(stage, jax.random.key(0)))
-  return {"param_bytes": tree_bytes(state.params), "opt_bytes": tree_bytes(state.opt_state),
-          "temp_bytes": None if plan is None else plan.temp_size_in_bytes,
+  memory = memory_accounting(jax.eval_shape(lambda: init_state(stage, jax.random.key(0))),
+                             executable)
+  return {"param_bytes": memory["memory/param_bytes"],
+          "opt_bytes": memory["memory/optimizer_state_bytes"],
+          "temp_bytes": memory.get("memory/xla_temp_bytes_per_device"),
           "ordinary_s": statistics.median(ordinary), "refresh_s": statistics.median(refresh),
           "compile_s": compile_s}
 
@@ -102,13 +103,9 @@ def main(argv=None) -> int:
     print(f"bench_optimizers: choose --optimizers from {list(OPTIMIZERS)} and --steps >= "
           f"{2 * MEASURED_GAP + 1}", file=sys.stderr)
     return 2
-  rows = {}
-  for name in names:
-    try:
-      rows[name] = bench.worker_result(os.path.abspath(__file__), [f"--worker={name}", *flags])
-    except RuntimeError as e:
-      print(f"bench_optimizers: {name} failed:\n{e}", file=sys.stderr)
-      return 1
+  rows = bench.worker_rows("bench_optimizers", os.path.abspath(__file__), names, flags)
+  if rows is None:
+    return 1
   base = rows.get("adamw")
   print(f"{args.model}, sequence {args.seq_len}, batch {args.batch_size}, float32, 1 CPU device "
         f"({os.cpu_count()} CPUs), {time.strftime('%Y-%m-%d %H:%M')}; GaLore rank {args.rank}, "

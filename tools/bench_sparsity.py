@@ -86,15 +86,10 @@ def main(argv=None) -> int:
   if args.worker:
     print("RESULT " + json.dumps(measure(args.config, args.worker, args.steps, args.period)))
     return 0
-  rows = {}
-  for algorithm in args.algorithms.split(","):
-    try:
-      rows[algorithm] = bench.worker_result(os.path.abspath(__file__), [
-          f"--worker={algorithm}", f"--config={args.config}", f"--steps={args.steps}",
-          f"--period={args.period}"])
-    except RuntimeError as e:
-      print(f"error: {algorithm} failed:\n{e}", file=sys.stderr)
-      return 1
+  rows = bench.worker_rows("bench_sparsity", os.path.abspath(__file__), args.algorithms.split(","), [
+      f"--config={args.config}", f"--steps={args.steps}", f"--period={args.period}"])
+  if rows is None:
+    return 1
   dense = rows.get("dense")
   print(f"{args.config}, float32, 1 CPU device; amortised over a period of {args.period} steps\n")
   print("| algorithm | ordinary step (s) | mask-update step (s) | amortised (s) | vs dense | "
