@@ -147,4 +147,4 @@ def test_bench_optimizers_refuses_what_it_cannot_measure(capsys):
   bench_optimizers = load_tool("bench_optimizers")
   assert bench_optimizers.main(["--optimizers=adamw,lion"]) == 2
   assert bench_optimizers.main(["--steps=4"]) == 2
-  assert "choose --optimizers from ['adamw', 'galore', 'muon']" in capsys.readouterr().err
+  assert "choose --optimizers from ['adamw', 'galore', 'muon', 'sltrain']" in capsys.readouterr().err

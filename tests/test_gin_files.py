@@ -45,6 +45,8 @@ def test_gin_file_parses_and_builds_on_abstract_shapes(gin_file, tmp_path, monke
                                                       small_text_file):
   monkeypatch.chdir(REPO_ROOT)
   files = [gin_file] if pathlib.Path(gin_file).parts[0] == "experiments" else [RUN, gin_file]
+  if pathlib.Path(gin_file).parts[:2] == ("gin", "parameterization"):  # Sized for a real model.
+    files = [RUN, "gin/models/125m.gin", gin_file]
   bindings = [f"MODEL_DIR = '{tmp_path / 'run'}'"]
   text = _with_includes(REPO_ROOT / gin_file)
   if "shared_corpus" in text and not os.path.isdir(shared_corpora_dir()):

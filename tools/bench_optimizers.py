@@ -1,11 +1,12 @@
-"""Memory and step time of each optimizer on one model: AdamW against GaLore and Muon.
+"""Memory and step time of each memory-efficient method on one model: AdamW against GaLore,
+Muon and SLTrain (AdamW on the model with parameterization = "sltrain").
 
     python tools/bench_optimizers.py --model=gin/models/125m.gin --seq_len=128 --batch_size=4
 
-For each optimizer (a fresh process each) this builds the trainer's train step for the model
-(float32, one device, a constant learning rate), and reports the bytes of the params and of the
-optimizer state (whole trees, jaxlm/training/memory.py), XLA's planned temporaries for the
-step, and the step time: the median of --steps ordinary steps, and for GaLore the median of
+For each method (a fresh process each) this builds the trainer's train step for the model
+(float32, one device, a constant learning rate), and reports the bytes of the params (with
+SLTrain's support indices) and of the optimizer state (whole trees, jaxlm/training/memory.py),
+their sum, XLA's planned temporaries for the step, and the step time: the median of --steps ordinary steps, and for GaLore the median of
 the steps that refresh its projectors (an SVD of every selected gradient; measured with a
 projector refresh every 4 steps) amortised over --update_proj_gap steps:
 
@@ -22,24 +23,29 @@ import time
 
 from jaxlm import benchmarking as bench
 
-OPTIMIZERS = ("adamw", "galore", "muon")
+OPTIMIZERS = ("adamw", "galore", "muon", "sltrain")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEASURED_GAP = 4  # GaLore refreshes every 4 steps while timed: steps 0, 4, 8, ... of optax's.
 
 
-def model_config(path: str, seq_len: int):
+def model_config(path: str, seq_len: int, sltrain: bool):
+  """The model of the gin file; for SLTrain with the paper's 130M settings (rank 256, alpha 16,
+  density 0.03)."""
   import gin  # pylint: disable=import-outside-toplevel
   from jaxlm.model import ModelConfig  # pylint: disable=import-outside-toplevel
   gin.clear_config()
   gin.parse_config_file(path)
+  if sltrain:
+    gin.parse_config_file(os.path.join(REPO_ROOT, "gin", "parameterization", "sltrain.gin"))
   return ModelConfig(max_seq_len=seq_len)
 
 
 def _factory(name: str, rank: int):
-  """The stage's optimizer factory: adamw, or GaLore / Muon (given the model) with its
-  settings."""
+  """The stage's optimizer factory: adamw (for SLTrain too), or GaLore / Muon (given the
+  model) with its settings."""
   from jaxlm.optim import matrix_optimizers  # pylint: disable=import-outside-toplevel
   from jaxlm.optim.optimizers import adamw  # pylint: disable=import-outside-toplevel
-  if name == "adamw":
+  if name in ("adamw", "sltrain"):
     return lambda schedule: adamw(schedule, **bench.ADAMW)
   if name == "galore":
     return lambda schedule, model: matrix_optimizers.galore(
@@ -54,7 +60,7 @@ def measure(name: str, model_path: str, seq_len: int, batch_size: int, steps: in
   from jaxlm.training.train_step import init_state  # pylint: disable=import-outside-toplevel
   from jaxlm.training.memory import memory_accounting  # pylint: disable=import-outside-toplevel
   from jaxlm.training.stages import Stage  # pylint: disable=import-outside-toplevel
-  model = model_config(model_path, seq_len)
+  model = model_config(model_path, seq_len, sltrain=name == "sltrain")
   spec = bench.BenchConfig(vocab_size=model.vocab_size, d_model=model.d_model,
                            num_layers=model.num_layers, num_heads=model.num_heads,
                            mlp_dim=model.mlp_dim, seq_len=seq_len, batch_size=batch_size)
@@ -70,8 +76,8 @@ def measure(name: str, model_path: str, seq_len: int, batch_size: int, steps: in
   refresh = [t for i, t in enumerate(times) if i % MEASURED_GAP == 0 and i > 0]
   ordinary = [t for i, t in enumerate(times) if i % MEASURED_GAP and i > 1]
   memory = memory_accounting(jax.eval_shape(lambda: init_state(stage, jax.random.key(0))),
-                             executable)
-  return {"param_bytes": memory["memory/param_bytes"],
+                             executable, model)
+  return {"param_bytes": memory["memory/param_bytes"] + memory["memory/support_bytes"],
           "opt_bytes": memory["memory/optimizer_state_bytes"],
           "temp_bytes": memory.get("memory/xla_temp_bytes_per_device"),
           "ordinary_s": statistics.median(ordinary), "refresh_s": statistics.median(refresh),
@@ -110,18 +116,21 @@ def main(argv=None) -> int:
   print(f"{args.model}, sequence {args.seq_len}, batch {args.batch_size}, float32, 1 CPU device "
         f"({os.cpu_count()} CPUs), {time.strftime('%Y-%m-%d %H:%M')}; GaLore rank {args.rank}, "
         f"refresh amortised over {args.update_proj_gap} steps\n")
-  print("| optimizer | params MiB | optimizer state MiB | vs AdamW | XLA temporaries MiB | "
-        "ordinary step s | refresh step s | amortised s | vs AdamW |")
-  print("|---|---|---|---|---|---|---|---|---|")
+  print("| method | params MiB | optimizer state MiB | vs AdamW | params + state MiB | vs AdamW | "
+        "XLA temporaries MiB | ordinary step s | refresh step s | amortised s | vs AdamW |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
   versus = lambda mine, key: "-" if base is None else f"{mine / base[key]:.2f}x"
   mib = lambda b: "-" if b is None else f"{b / 2**20:,.0f}"
+  for row in rows.values():
+    row["total_bytes"] = row["param_bytes"] + row["opt_bytes"]
   for name, row in rows.items():
     refreshes = name == "galore"  # Only GaLore's steps differ by the optimizer's count.
     amortised = row["ordinary_s"] + (
         (row["refresh_s"] - row["ordinary_s"]) / args.update_proj_gap if refreshes else 0.0)
     refresh = f"{row['refresh_s']:.2f}" if refreshes else "-"
     print(f"| {name} | {mib(row['param_bytes'])} | {mib(row['opt_bytes'])} | "
-          f"{versus(row['opt_bytes'], 'opt_bytes')} | {mib(row['temp_bytes'])} | "
+          f"{versus(row['opt_bytes'], 'opt_bytes')} | {mib(row['total_bytes'])} | "
+          f"{versus(row['total_bytes'], 'total_bytes')} | {mib(row['temp_bytes'])} | "
           f"{row['ordinary_s']:.2f} | {refresh} | {amortised:.2f} | "
           f"{versus(amortised, 'ordinary_s')} |")
   return 0

@@ -104,6 +104,10 @@ def export_hf(params, config: ModelConfig, out_dir: str, tokenizer=None,
   more than one) and, for a Hugging Face tokenizer, tokenizer.json. Returns the files written."""
   if not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
     raise UserError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
+  if config.parameterization != "dense":
+    raise UserError(f"Hugging Face files hold dense matrices, but this model's are "
+                    f"{config.parameterization} factors; train a dense stage after it (its "
+                    "hand-over Stage.transition = [@sltrain_to_dense]) and export that run")
   os.makedirs(out_dir, exist_ok=True)
   clash = sorted(n for n in os.listdir(out_dir)
                  if n == "config.json" or n.endswith(".safetensors") or n == INDEX_FILE)

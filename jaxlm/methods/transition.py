@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import gin
 
+from jaxlm.optim.state_layout import map_same_trees
+
 
 # A transition: (train state, TransitionContext) -> train state for the next stage.
 Transition = Callable[[Any, "TransitionContext"], Any]
@@ -56,3 +58,13 @@ class TransitionContext:
   previous_tokenizer: Any = None
   following_tokenizer: Any = None
   shardings: Any = None
+
+
+def kept_moments(state, ctx: TransitionContext, grow, operation: str):
+  """The optimizer state changed like the params (`grow` of each param-shaped tree of moments)
+  when the next stage keeps it; otherwise as it is, since the stage starts a fresh one. A
+  state with leaves of other shapes (factored, low-rank) is refused with one line."""
+  if not ctx.following.keep_optimizer_state:
+    return state.opt_state
+  return map_same_trees(state.opt_state, state.params, grow, operation,
+                        ctx.previous.make_optimizer())

@@ -23,6 +23,7 @@ from jaxlm.errors import UserError
 from jaxlm.model.attention import Attention
 from jaxlm.model.config import ModelConfig
 from jaxlm.model.layers import Embed, RMSNorm, Role
+from jaxlm.model.sparse_plus_low_rank import FACTOR_KEYS
 from jaxlm.model.transformer import Decoder, block_mlp
 
 _BLOCK = re.compile(r"layer_(\d+)")
@@ -36,6 +37,9 @@ class Part:
   axes: tuple[str | None, ...]
   role: Role
   block: int | None  # The block it belongs to; None for the embedding, final norm and head.
+  # "dense": the leaf is the matrix; "sltrain": the path holds its SLTrain factors
+  # (jaxlm/model/sparse_plus_low_rank.py) and shape and axes are the matrix they form.
+  stored: str = "dense"
 
   @property
   def name(self) -> str:
@@ -64,7 +68,16 @@ class Part:
     return int(np.prod(self.shape))
 
   def get(self, tree):
-    """This part's leaf in a param-shaped tree (params, a moment, a gradient)."""
+    """This part's leaf in a param-shaped tree (params, a moment, a gradient). An SLTrain
+    weight has no such leaf: what reads it as a matrix is refused in one line."""
+    if self.stored != "dense":
+      raise UserError(f"this operation reads {self.name} as a dense matrix, but the model "
+                      f"stores it as {self.stored} factors (ModelConfig.parameterization); "
+                      "make the model dense first with the `sltrain_to_dense` transition")
+    return self.stored_in(tree)
+
+  def stored_in(self, tree):
+    """What `tree` holds at this part's path: the leaf, or an SLTrain weight's {factor: leaf}."""
     for key in self.path:
       tree = tree[key]
     return tree
@@ -164,15 +177,19 @@ def _roles(config: ModelConfig, block: int | None) -> dict:
           "mlp": block_mlp(config, block).PARTS, "mlp_norm": RMSNorm.PARTS}
 
 
-def _role(path: tuple[str, ...], config: ModelConfig) -> tuple[Role, int | None]:
+def _role(path: tuple[str, ...], config: ModelConfig) -> tuple[Role, int | None, str | None]:
+  """The Role of the param at `path`, its block, and which SLTrain factor of it the leaf is."""
   block = Anatomy.block_index(path[0])
   node = _roles(config, block)
-  for key in path[1:] if block is not None else path:
+  keys = path[1:] if block is not None else path
+  for i, key in enumerate(keys):
+    if isinstance(node, Role) and i == len(keys) - 1 and key in FACTOR_KEYS:
+      return node, block, key
     node = node.get(key) if isinstance(node, dict) else None
   if not isinstance(node, Role):
     raise UserError(f"the param {'/'.join(path)} has no Role: its module must declare it in "
                     "PARTS (jaxlm.model.layers.Role)")
-  return node, block
+  return node, block, None
 
 
 @functools.lru_cache(maxsize=64)
@@ -180,11 +197,20 @@ def anatomy(config: ModelConfig) -> Anatomy:
   """Every param of `config`'s model, from its abstract init (no compute)."""
   boxed = jax.eval_shape(lambda: Decoder(config).init(
       jax.random.key(0), np.zeros((1, 1), np.int32)))["params"]
-  parts = []
+  parts, factored = [], {}
   leaves = jax.tree_util.tree_flatten_with_path(
       boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
   for key_path, leaf in leaves:
     path = tuple(str(k.key) for k in key_path)
-    role, block = _role(path, config)
-    parts.append(Part(path, tuple(leaf.value.shape), tuple(leaf.names), role, block))
+    role, block, factor = _role(path, config)
+    if factor is None:
+      parts.append(Part(path, tuple(leaf.value.shape), tuple(leaf.names), role, block))
+      continue
+    factors = factored.setdefault(path[:-1], {})
+    factors[factor] = leaf
+    if len(factors) == len(FACTOR_KEYS):  # The matrix they form: input axes, then output.
+      low_in, low_out = factored.pop(path[:-1])["lowrank_in"], factors["lowrank_out"]
+      parts.append(Part(path[:-1], low_in.value.shape[:-1] + low_out.value.shape[1:],
+                        tuple(low_in.names[:-1]) + tuple(low_out.names[1:]), role, block,
+                        stored="sltrain"))
   return Anatomy(config, tuple(parts))

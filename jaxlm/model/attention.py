@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jaxlm.errors import UserError
 from jaxlm.masking import MASK_VALUE, attention_mask
 from jaxlm.model.config import ModelConfig
-from jaxlm.model.layers import Role, apply_rope, param_with_axes
+from jaxlm.model.layers import Role, apply_rope, matmul, matrix_param, param_with_axes
 
 
 def xla_attention(q_BLHK, k_BSGK, v_BSGK, segment_ids_BL, *, causal: bool = True):
@@ -210,14 +210,14 @@ class Attention(nn.Module):
     init = nn.initializers.normal(cfg.init_std)
     out_init = nn.initializers.normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)
     pd, dtype = cfg.param_dtype, cfg.compute_dtype
-    w_q = param_with_axes(self, "query", init, (d, h, k), ("embed", "heads", "head_dim"), pd)
-    w_k = param_with_axes(self, "key", init, (d, g, k), ("embed", "kv_heads", "head_dim"), pd)
-    w_v = param_with_axes(self, "value", init, (d, g, k), ("embed", "kv_heads", "head_dim"), pd)
-    w_o = param_with_axes(self, "out", out_init, (h, k, d), ("heads", "head_dim", "embed"), pd)
+    w_q = matrix_param(self, "query", init, (d, h, k), ("embed", "heads", "head_dim"))
+    w_k = matrix_param(self, "key", init, (d, g, k), ("embed", "kv_heads", "head_dim"))
+    w_v = matrix_param(self, "value", init, (d, g, k), ("embed", "kv_heads", "head_dim"))
+    w_o = matrix_param(self, "out", out_init, (h, k, d), ("heads", "head_dim", "embed"))
 
-    q_BLHK = jnp.einsum("bld,dhk->blhk", x_BLD, w_q.astype(dtype))
-    k_BLGK = jnp.einsum("bld,dgk->blgk", x_BLD, w_k.astype(dtype))
-    v_BLGK = jnp.einsum("bld,dgk->blgk", x_BLD, w_v.astype(dtype))
+    q_BLHK = matmul("bld,dhk->blhk", x_BLD, w_q)
+    k_BLGK = matmul("bld,dgk->blgk", x_BLD, w_k)
+    v_BLGK = matmul("bld,dgk->blgk", x_BLD, w_v)
     if cfg.attention_bias:  # Before RoPE and the cache write, as Qwen2 adds them.
       zeros = nn.initializers.zeros
       b_q = param_with_axes(self, "query_bias", zeros, (h, k), ("heads", "head_dim"), pd)
@@ -255,4 +255,4 @@ class Attention(nn.Module):
     # Each head's output, named by its axis, for whoever applies with mutable=["activations"]
     # (subcloning's importance scores); nothing is kept otherwise.
     self.sow("activations", "heads", out_BLHK)
-    return jnp.einsum("blhk,hkd->bld", out_BLHK, w_o.astype(dtype))
+    return matmul("blhk,hkd->bld", out_BLHK, w_o)

@@ -64,6 +64,12 @@ def _selected_matrices(name: str, model, patterns) -> list[Part]:
     raise UserError(f"{name} needs the model to find its matrices; use it as a Stage.optimizer "
                     "(the stage gives it its ModelConfig)")
   parts = anatomy(model)
+  factored = [part.name for part in parts if part.stored != "dense"]
+  if factored:
+    raise UserError(f"{name} acts on dense matrices, but this model stores {factored[0]} and "
+                    f"{len(factored) - 1} more as SLTrain factors (ModelConfig.parameterization); "
+                    f"train it with adamw, or make it dense first (the sltrain_to_dense "
+                    "transition)")
   if patterns is None:
     return parts.block_matmuls
   compiled = [re.compile(p) for p in patterns]

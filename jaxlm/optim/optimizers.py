@@ -13,13 +13,16 @@ import optax
 
 from jaxlm.errors import UserError
 from jaxlm.model.anatomy import anatomy
+from jaxlm.model.sparse_plus_low_rank import SPARSE_VALUES
 from jaxlm.tree_names import path_name
 from jaxlm.validation import check_range
 
 
 def decay_matrices_only(params):
-  """Weight decay on matrices (ndim >= 2) only: norms' gains and biases stay undecayed."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """Weight decay on matrices (ndim >= 2) and on SLTrain's sparse entries (a matrix's, kept
+  flat): norms' gains and biases stay undecayed."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: p.ndim >= 2 or getattr(path[-1], "key", None) == SPARSE_VALUES, params)
 
 
 def check_adam(name: str, b1, b2, eps, weight_decay, grad_clip_norm) -> None:

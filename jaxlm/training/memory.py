@@ -3,9 +3,16 @@ record (`RunRecord.memory`): the params', optimizer state's and method state's b
 model, over all devices) and XLA's plan for one device's train step (its arguments, and the
 temporaries it allocates: activations, gradients, workspace), from the compiled step's own
 memory analysis. Memory-efficient optimizers and parameterisations (GaLore, SLTrain) are
-compared by these numbers."""
+compared by these numbers. SLTrain's sparse supports are constants of the compiled step, not
+state: their index bytes are counted apart (memory/support_bytes) and belong with the params'.
+"""
+
+import math
 
 import jax
+
+from jaxlm.model.anatomy import anatomy
+from jaxlm.model.sparse_plus_low_rank import support_count
 
 
 def tree_bytes(tree) -> int:
@@ -13,9 +20,16 @@ def tree_bytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def memory_accounting(state, compiled_step) -> dict[str, float]:
-  """memory/... bytes of a train state and of the compiled step that updates it."""
+def support_bytes(model) -> int:
+  """Bytes of the int32 indices of every SLTrain weight's sparse support (0 for a dense model)."""
+  return sum(4 * support_count(model, math.prod(part.shape)) for part in anatomy(model)
+             if part.stored == "sltrain")
+
+
+def memory_accounting(state, compiled_step, model) -> dict[str, float]:
+  """memory/... bytes of a train state of `model` and of the compiled step that updates it."""
   found = {"memory/param_bytes": tree_bytes(state.params),
+           "memory/support_bytes": support_bytes(model),
            "memory/optimizer_state_bytes": tree_bytes(state.opt_state),
            "memory/method_state_bytes": tree_bytes(state.method_state)}
   plan = compiled_step.memory_analysis()
@@ -27,7 +41,8 @@ def memory_accounting(state, compiled_step) -> dict[str, float]:
 
 def describe_memory(memory: dict[str, float]) -> str:
   mib = lambda name: f"{memory[name] / 2**20:,.1f} MiB" if name in memory else "-"
-  return (f"memory: params {mib('memory/param_bytes')}, optimizer state "
+  return (f"memory: params {mib('memory/param_bytes')} (+ sparse supports "
+          f"{mib('memory/support_bytes')}), optimizer state "
           f"{mib('memory/optimizer_state_bytes')}, method state "
           f"{mib('memory/method_state_bytes')}; XLA's step plan per device: arguments "
           f"{mib('memory/xla_argument_bytes_per_device')}, temporaries "

@@ -95,6 +95,10 @@ class Stage:
     # Resolve defaults now so every stage object fully describes itself.
     object.__setattr__(self, "model", self.model or ModelConfig())
     object.__setattr__(self, "data", self.data or DataConfig())
+    if methods and self.model.parameterization != "dense":
+      raise UserError(f"stage {self.name!r}: its methods {names} read the model's matrices, "
+                      f"which are {self.model.parameterization} factors here; run them in a "
+                      "later dense stage (Stage.transition = [@sltrain_to_dense])")
     # A method that needs the model's anatomy or the stage's length (a schedule over the stage)
     # is made for them here.
     methods = tuple(m.for_stage(self.model, self.num_steps) if m.for_stage else m
@@ -210,10 +214,23 @@ def transition_context(previous: Stage, following: Stage, rng, shardings=None):
                            resolve_tokenizer(following.data.tokenizer), shardings)
 
 
+def check_hand_over_from_factors(ctx: TransitionContext) -> None:
+  """After an SLTrain stage a transition that reads matrices has none to read: the hand-over is
+  `sltrain_to_dense` alone (or identity to another SLTrain stage)."""
+  names = ctx.following.transition_names
+  if (ctx.previous.model.parameterization != "dense" and names != ["identity"]
+      and names != ["sltrain_to_dense"]):
+    raise UserError(f"stage {ctx.following.name!r}: its transitions {names} follow a stage whose "
+                    f"matrices are {ctx.previous.model.parameterization} factors; make the model "
+                    "dense first, alone in its stage's hand-over (Stage.transition = "
+                    "[@sltrain_to_dense]), and transform it in a later stage")
+
+
 def hand_over(state, ctx: TransitionContext):
   """The previous stage's final state -> the next stage's first (run under jit): its transitions
   in order, a fresh optimizer state unless kept, method states initialised or dropped."""
   following = ctx.following
+  check_hand_over_from_factors(ctx)
   with following.scope():  # `grow/grow_depth.order = ...` reaches the transitions into "grow".
     for fn in following.transition:
       state = fn(state, ctx)

@@ -218,7 +218,7 @@ class Trainer:
   def account_memory(self, state: TrainState, compiled_step, step: int) -> None:
     """The stage's memory (jaxlm/training/memory.py): logged, written to metrics.jsonl at the
     stage's first step and kept in the checkpoint records."""
-    self.memory = memory_accounting(state, compiled_step)
+    self.memory = memory_accounting(state, compiled_step, self.setup.stage.model)
     log.info(describe_memory(self.memory))
     self.write(step, self.memory)
 

@@ -31,12 +31,11 @@ import numpy as np
 
 from jaxlm.errors import UserError
 from jaxlm.methods.growth.axis_maps import AxisMap
-from jaxlm.methods.growth.transitions import kept_moments
 from jaxlm.methods.growth.width import grow_tree, width_maps
 from jaxlm.methods.hooks import Method
 from jaxlm.model import init_params
 from jaxlm.model.anatomy import Anatomy, anatomy
-from jaxlm.methods.transition import TransitionContext, transition
+from jaxlm.methods.transition import TransitionContext, kept_moments, transition
 
 PHASES = ("mlp", "embed", "heads", "layers")
 NAME = "msg"

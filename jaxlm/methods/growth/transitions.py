@@ -23,23 +23,12 @@ from jaxlm.methods.growth.depth import depth_sources, grow_depth
 from jaxlm.methods.growth.width import check_width, grow_tree, grow_width, width_maps
 from jaxlm.model import ModelConfig, init_params
 from jaxlm.model.anatomy import anatomy
-from jaxlm.methods.transition import TransitionContext, transition
-from jaxlm.optim.state_layout import map_same_trees
+from jaxlm.methods.transition import TransitionContext, kept_moments, transition
 
 
 def num_layers_of(params, config: ModelConfig) -> int:
   """Blocks in `params`, a model of `config`'s kind at whatever depth it has now."""
   return len(anatomy(config).blocks_in(params))
-
-
-def kept_moments(state, ctx: TransitionContext, grow, operation: str):
-  """The optimizer state grown like the params (`grow` of each param-shaped tree of moments)
-  when the next stage keeps it; otherwise as it is, since the stage starts a fresh one. A
-  state with leaves of other shapes (factored, low-rank) is refused with one line."""
-  if not ctx.following.keep_optimizer_state:
-    return state.opt_state
-  return map_same_trees(state.opt_state, state.params, grow, operation,
-                        ctx.previous.make_optimizer())
 
 
 def _current_small(ctx: TransitionContext, params):

@@ -30,8 +30,8 @@ import gin
 import jax.numpy as jnp
 
 from jaxlm.errors import UserError
-from jaxlm.methods.growth.transitions import kept_moments, num_layers_of
-from jaxlm.methods.transition import TransitionContext, transition
+from jaxlm.methods.growth.transitions import num_layers_of
+from jaxlm.methods.transition import TransitionContext, kept_moments, transition
 from jaxlm.model import ModelConfig, init_params
 from jaxlm.model.anatomy import anatomy
 from jaxlm.model.config import MOE_FIELDS, RUN_FIELDS
