@@ -1,4 +1,5 @@
-"""tools/compute_to_target.py and tools/metric_at.py on runs they read from metrics.jsonl."""
+"""tools/compute_to_target.py, tools/metric_at.py and tools/plot_tradeoff.py on runs they read
+from metrics.jsonl."""
 
 import json
 import os
@@ -11,6 +12,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
                                 "tools"))
 import compute_to_target  # noqa: E402  pylint: disable=wrong-import-position
 import metric_at  # noqa: E402  pylint: disable=wrong-import-position
+import plot_tradeoff  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def _run(path, points):
@@ -120,3 +122,32 @@ def test_metric_at_gives_the_mean_over_seeds(tmp_path, capsys):
                          f"gap={seeds[0]},{late}"]) == 0
   assert capsys.readouterr().out.splitlines()[2:] == ["| two | 3.1000 ± 0.1414 (n=2) |",
                                                      "| gap | 3.0000 (n=1) |"]
+
+
+def _memory_run(path, loss, params, state):
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "metrics.jsonl"), "w", encoding="utf-8") as f:
+    f.write(json.dumps({"step": 0, "memory/param_bytes": params,
+                        "memory/optimizer_state_bytes": state}) + "\n")
+    f.write(json.dumps({"step": 10, "eval/loss": loss}) + "\n")
+  return str(path)
+
+
+def test_plot_tradeoff_puts_each_arm_at_its_summed_bytes_with_its_spread(tmp_path, capsys):
+  big = [_memory_run(tmp_path / f"big{i}", loss, 2**21, 2**22) for i, loss in enumerate((3, 3.2))]
+  small = _memory_run(tmp_path / "small", 3.5, 2**20, 2**20)
+  running = tmp_path / "running"  # Started, nothing final logged yet.
+  running.mkdir()
+  (running / "metrics.jsonl").write_text(json.dumps({"step": 0}) + "\n")
+  out = tmp_path / "plots" / "tradeoff.png"
+  args = ["--y=eval/loss", "--x=memory/param_bytes+memory/optimizer_state_bytes",
+          f"--out={out}", f"big={','.join(big)}", f"small={small}", f"running={running}"]
+  assert plot_tradeoff.main(args) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[2] == "| big | 6.00 ± 0 | 3.1000 ± 0.14 | 2 |"
+  assert lines[3] == "| small | 2.00 ± 0 | 3.5000 ± 0 | 1 |"
+  assert "Not finished yet: running." in lines and lines[-1] == str(out) and out.exists()
+  assert plot_tradeoff.main(["--y=eval/nothing", "--x=memory/param_bytes", f"--out={out}",
+                             f"small={small}"]) == 2
+  assert capsys.readouterr().err.strip() == ("error: no run has logged eval/nothing and "
+                                             "memory/param_bytes yet")

@@ -2,10 +2,14 @@
 low-rank product plus a sparse matrix on a fixed support, formed inside the step only, and the
 `sltrain_to_dense` transition that hands the model to a dense stage."""
 
-import dataclasses
-import io
 import contextlib
+import dataclasses
+import hashlib
+import io
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +26,8 @@ from jaxlm.methods.sparsity.methods import static_sparsity
 from jaxlm.methods.sparsity.sltrain import dense_params, sltrain_to_dense
 from jaxlm.model import ModelConfig, init_params
 from jaxlm.model.anatomy import anatomy
-from jaxlm.model.sparse_plus_low_rank import FactoredWeight, Support, factored_einsum, form_weight
+from jaxlm.model.sparse_plus_low_rank import (FactoredWeight, Support, factored_einsum, form_weight,
+                                              support_indices)
 from jaxlm.optim.matrix_optimizers import galore
 from jaxlm.optim.optimizers import decay_matrices_only
 from jaxlm.training import trainer
@@ -110,6 +115,51 @@ def test_the_backward_pass_forms_w_again_instead_of_keeping_it():
   assert any(shape in saved_dense for shape in shapes)  # The check can fail.
 
 
+def test_full_rank_with_zero_s_is_the_dense_layer_holding_the_product():
+  """rank = the smaller side, S = 0: the model is the dense model whose matrices are
+  (alpha / rank) lowrank_in @ lowrank_out (the paper's W = (alpha / r) B A)."""
+  # d_model 64 and 4 kv heads of 16: 64 is every matrix's smaller side.
+  full = dataclasses.replace(SLTRAIN, num_kv_heads=4, sltrain_rank=64)
+  params = trained_like(full)
+  for part in anatomy(full):
+    if part.stored == "sltrain":
+      factors = part.stored_in(params)
+      factors["values"] = jnp.zeros_like(factors["values"])
+  dense = {}
+  for part in anatomy(full):
+    value = part.stored_in(params)
+    if part.stored == "sltrain":
+      n_in = math.prod(value["lowrank_in"].shape[:-1])
+      value = (value["lowrank_in"].reshape(n_in, 64) @ value["lowrank_out"].reshape(64, -1)
+               * (16.0 / 64)).reshape(part.shape)
+    node = dense
+    for key in part.path[:-1]:
+      node = node.setdefault(key, {})
+    node[part.path[-1]] = value
+  assert logit_error(params, full, dense, dataclasses.replace(DENSE, num_kv_heads=4)) < EXACT
+
+
+def test_low_rank_only_holds_no_sparse_entries():
+  low_rank = dataclasses.replace(SLTRAIN, parameterization="low_rank", sltrain_density=0.03)
+  params = init_params(low_rank, jax.random.key(0))
+  up = params["layer_0"]["mlp"]["up"]
+  assert up["values"].shape == (0,) and up["lowrank_in"].shape == (64, 8)
+  assert support_bytes(low_rank) == 0 and anatomy(low_rank)["layer_0/mlp/up"].stored == "low_rank"
+
+
+def test_the_support_is_the_same_in_another_process():
+  """A resumed or restored run rebuilds S's support in a new process: it must not depend on
+  anything but the seed, the path and the size (not on Python's per-process string hashing)."""
+  code = ("import hashlib; from jaxlm.model.sparse_plus_low_rank import support_indices; "
+          "print(hashlib.sha256(support_indices(3, 'layer_1/attention/out', 4096, 204)"
+          ".tobytes()).hexdigest())")
+  env = {**os.environ, "PYTHONHASHSEED": "12345"}
+  there = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.strip()
+  here = hashlib.sha256(support_indices(3, "layer_1/attention/out", 4096, 204).tobytes())
+  assert there == here.hexdigest()
+
+
 def test_sltrain_to_dense_keeps_the_function_and_zeroes_the_new_moments():
   params = trained_like(SLTRAIN)
   tx = optax.adamw(1e-3)
@@ -126,6 +176,12 @@ def test_sltrain_to_dense_keeps_the_function_and_zeroes_the_new_moments():
 
 @pytest.mark.parametrize("make, match", [
     (lambda: ModelConfig(sltrain_rank=16), "sltrain_rank is set but parameterization='dense'"),
+    (lambda: ModelConfig(parameterization="low_rank", sltrain_density=0.1),
+     "sltrain_density is set but parameterization='low_rank' does not use it"),
+    (lambda: ModelConfig(parameterization="sltrain", sltrain_density=0.0),
+     r"sltrain_density must be a number in \(0, 1\)"),
+    (lambda: ModelConfig(parameterization="sltrain", sltrain_density=1.0),
+     r"sltrain_density must be a number in \(0, 1\)"),
     (lambda: ModelConfig(parameterization="sltrain", sltrain_rank=200), "larger than the "
      "smaller side"),
     (lambda: ModelConfig(parameterization="lora"), "parameterization"),

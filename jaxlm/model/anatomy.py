@@ -37,8 +37,9 @@ class Part:
   axes: tuple[str | None, ...]
   role: Role
   block: int | None  # The block it belongs to; None for the embedding, final norm and head.
-  # "dense": the leaf is the matrix; "sltrain": the path holds its SLTrain factors
-  # (jaxlm/model/sparse_plus_low_rank.py) and shape and axes are the matrix they form.
+  # "dense": the leaf is the matrix; "sltrain" or "low_rank" (ModelConfig.parameterization): the
+  # path holds its factors (jaxlm/model/sparse_plus_low_rank.py), and shape and axes are the
+  # matrix they form.
   stored: str = "dense"
 
   @property
@@ -212,5 +213,5 @@ def anatomy(config: ModelConfig) -> Anatomy:
       low_in, low_out = factored.pop(path[:-1])["lowrank_in"], factors["lowrank_out"]
       parts.append(Part(path[:-1], low_in.value.shape[:-1] + low_out.value.shape[1:],
                         tuple(low_in.names[:-1]) + tuple(low_out.names[1:]), role, block,
-                        stored="sltrain"))
+                        stored=config.parameterization))
   return Anatomy(config, tuple(parts))

@@ -19,7 +19,7 @@ RUN_FIELDS = ("dtype", "param_dtype", "remat", "attention_impl", "moe_dispatch")
 # The fields that mean something only when some block is an MoE layer.
 # The fields that mean something only with parameterization = "sltrain".
 SLTRAIN_FIELDS = ("sltrain_rank", "sltrain_alpha", "sltrain_density", "sltrain_seed")
-PARAMETERIZATIONS = ("dense", "sltrain")
+PARAMETERIZATIONS = ("dense", "sltrain", "low_rank")  # low_rank: SLTrain without S.
 MOE_FIELDS = ("num_experts", "experts_per_token", "expert_mlp_dim", "router", "moe_dispatch",
               "capacity_factor", "load_balancing_weight", "router_z_loss_weight")
 
@@ -70,10 +70,11 @@ class ModelConfig:
   capacity_factor: float = 1.25  # Capacity path: slots per expert = ceil(L k / E x this).
   load_balancing_weight: float = 0.01  # x E sum_i f_i P_i (Switch, 2101.03961).
   router_z_loss_weight: float = 1e-3  # x mean logsumexp(logits)^2 (ST-MoE, 2202.08906).
-  # How the blocks' attention and MLP matrices are stored: "dense", or "sltrain" (2406.02214:
+  # How the blocks' attention and MLP matrices are stored: "dense", "sltrain" (2406.02214:
   # W = (alpha / rank) * low-rank product + sparse S on a fixed random support of density
-  # `sltrain_density` drawn from `sltrain_seed`; jaxlm/model/sparse_plus_low_rank.py). MoE
-  # experts and routers, embeddings, norms and the head stay dense.
+  # `sltrain_density` drawn from `sltrain_seed`; jaxlm/model/sparse_plus_low_rank.py) or
+  # "low_rank" (the product alone: SLTrain's low-rank-only baseline). MoE experts and routers,
+  # embeddings, norms and the head stay dense.
   parameterization: str = "dense"
   sltrain_rank: int = 128
   sltrain_alpha: float = 32.0
@@ -156,20 +157,23 @@ class ModelConfig:
     check_choice("ModelConfig.parameterization", self.parameterization, PARAMETERIZATIONS)
     check_range("ModelConfig.sltrain_rank", self.sltrain_rank, low=1, integer=True)
     check_range("ModelConfig.sltrain_alpha", self.sltrain_alpha, low=0, low_open=True)
-    check_range("ModelConfig.sltrain_density", self.sltrain_density, low=0, high=1)
+    check_range("ModelConfig.sltrain_density", self.sltrain_density, low=0, high=1,
+                low_open=True, high_open=True)
     check_range("ModelConfig.sltrain_seed", self.sltrain_seed, low=0, integer=True)
-    if self.parameterization == "sltrain":
+    if self.parameterization != "dense":
       smallest = min(self.d_model, self.mlp_dim, self.num_kv_heads * self.resolved_head_dim)
       if self.sltrain_rank > smallest:
         raise UserError(f"ModelConfig.sltrain_rank={self.sltrain_rank} is larger than the "
                         f"smaller side of some block matrix ({smallest}), so the factors would "
                         "hold more than the matrix; lower sltrain_rank")
-    if self.parameterization == "dense":
-      defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-      unused = [n for n in SLTRAIN_FIELDS if getattr(self, n) != defaults[n]]
-      if unused:
-        raise UserError(f"ModelConfig.{unused[0]} is set but parameterization='dense'; bind "
-                        "ModelConfig.parameterization = 'sltrain' or drop it")
+    unused_fields = {"dense": SLTRAIN_FIELDS, "low_rank": ("sltrain_density", "sltrain_seed"),
+                     "sltrain": ()}[self.parameterization]
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    unused = [n for n in unused_fields if getattr(self, n) != defaults[n]]
+    if unused:
+      raise UserError(f"ModelConfig.{unused[0]} is set but parameterization="
+                      f"{self.parameterization!r} does not use it; bind ModelConfig."
+                      "parameterization = 'sltrain' or drop it")
 
   def is_moe_block(self, index: int) -> bool:
     """Whether block `index`'s MLP is a mixture of experts (ModelConfig.moe_layers)."""

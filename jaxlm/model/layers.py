@@ -24,7 +24,7 @@ def param_with_axes(module: nn.Module, name: str, init, shape, axes, dtype):
 
 def matrix_param(module: nn.Module, name: str, init, shape, axes):
   """A block's matrix `name` (declared in the module's PARTS, its input axes first): the dense
-  param, or with ModelConfig.parameterization = "sltrain" its SLTrain factors
+  param, or with ModelConfig.parameterization = "sltrain" or "low_rank" its factors
   (jaxlm/model/sparse_plus_low_rank.py). Multiply by it with `matmul`."""
   cfg, role = module.config, module.PARTS[name]
   if cfg.parameterization == "dense" or not role.prunable or role.routed:

@@ -16,6 +16,9 @@ the compiled step, sorted int32 indices, never a dense mask. The dense W is form
 forward pass uses it and formed again in the backward pass (`factored_einsum`'s own VJP), so
 neither W nor its gradient outlives one matmul: the step holds the factors, their moments and
 one W at a time.
+
+ModelConfig.parameterization = "low_rank" is the same without S (`values` holds no entry): the
+paper's low-rank-only baseline.
 """
 
 import dataclasses
@@ -68,8 +71,9 @@ def support_indices(seed: int, path: str, size: int, count: int) -> np.ndarray:
 
 
 def support_count(config: ModelConfig, size: int) -> int:
-  """S's entries in a weight of `size` numbers: int(density * size), as the authors round it."""
-  return int(config.sltrain_density * size)
+  """S's entries in a weight of `size` numbers: int(density * size), as the authors round it;
+  none for the low-rank-only parameterization."""
+  return int(config.sltrain_density * size) if config.parameterization == "sltrain" else 0
 
 
 def form_weight(factors: FactoredWeight, support: Support, scale: float):

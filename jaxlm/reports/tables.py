@@ -70,9 +70,11 @@ def results_markdown(manifest, results: dict[str, list[dict]], plots: list[str],
     # "compare": the metrics a "versus" row is compared on (default: all of them).
     versus = list(table.get("compare", metrics)) if any("versus" in r for r in rows) else []
     lines += [f"**{table.get('title', 'Results')}** — paper: {table.get('paper', '–')}", ""]
+    # A paper column only for the metrics some row has the paper's number for.
+    papers = [m for m in metrics if any(m in r.get("paper", {}) for r in rows)]
     header = (["arm", f"{compute} (with restored runs')"] + [f"{m} (ours)" for m in metrics]
               + [f"{m} minus the compared arm's" for m in versus]
-              + [f"{m} (paper)" for m in metrics])
+              + [f"{m} (paper)" for m in papers])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
       seeds = results.get(row["arm"], [])
@@ -82,7 +84,7 @@ def results_markdown(manifest, results: dict[str, list[dict]], plots: list[str],
                    + f" vs {row['versus']}") if "versus" in row else "" for m in versus]
       cells = ([row.get("label", row["arm"]), _cell(seeds[0].get(WITH_SOURCES) if seeds else None)]
                + [_seeds_cell(values(row["arm"], m)) for m in metrics] + compared
-               + [_cell(paper.get(m)) for m in metrics])
+               + [_cell(paper.get(m)) for m in papers])
       lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
   for title, text, images in reports:

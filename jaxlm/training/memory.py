@@ -23,7 +23,7 @@ def tree_bytes(tree) -> int:
 def support_bytes(model) -> int:
   """Bytes of the int32 indices of every SLTrain weight's sparse support (0 for a dense model)."""
   return sum(4 * support_count(model, math.prod(part.shape)) for part in anatomy(model)
-             if part.stored == "sltrain")
+             if part.stored != "dense")
 
 
 def memory_accounting(state, compiled_step, model) -> dict[str, float]:

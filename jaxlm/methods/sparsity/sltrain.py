@@ -1,7 +1,7 @@
-"""SLTrain's hand-over to a dense model: every sparse-plus-low-rank weight (Han et al.
-2406.02214; jaxlm/model/sparse_plus_low_rank.py) becomes the dense matrix it forms, so that a
-model pretrained with SLTrain can be continued densely, evaluated, pruned, grown or exported to
-Hugging Face format like any other.
+"""SLTrain's hand-over to a dense model: every sparse-plus-low-rank (or low-rank only) weight
+(Han et al. 2406.02214; jaxlm/model/sparse_plus_low_rank.py) becomes the dense matrix it forms,
+so that a model pretrained with SLTrain can be continued densely, evaluated, pruned, grown or
+exported to Hugging Face format like any other.
 
     dense/Stage.model = @dense/ModelConfig()
     dense/ModelConfig.parameterization = 'dense'
@@ -22,7 +22,7 @@ from jaxlm.model.sparse_plus_low_rank import sltrain_matrix
 
 
 def check_sltrain_to_dense(sltrain: ModelConfig, dense: ModelConfig) -> None:
-  if sltrain.parameterization != "sltrain":
+  if sltrain.parameterization == "dense":
     raise UserError("sltrain_to_dense: the previous stage's model is not an SLTrain model "
                     f"(parameterization={sltrain.parameterization!r}); drop the transition")
   if dense.parameterization != "dense":
@@ -43,7 +43,7 @@ def dense_params(tree, sltrain: ModelConfig, moments: bool = False):
   out = {}
   for part in anatomy(sltrain):
     value = part.stored_in(tree)
-    if part.stored == "sltrain":
+    if part.stored != "dense":
       value = (jnp.zeros(part.shape, value["values"].dtype) if moments
                else sltrain_matrix(sltrain, part.name, value).dense())
     node = out
