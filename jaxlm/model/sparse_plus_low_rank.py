@@ -14,8 +14,8 @@ S's support (where `values` go in the flattened W) is drawn once from
 (ModelConfig.sltrain_seed, the weight's path, its size) and never changes: it is a constant of
 the compiled step, sorted int32 indices, never a dense mask. The dense W is formed where the
 forward pass uses it and formed again in the backward pass (`factored_einsum`'s own VJP), so
-neither W nor its gradient outlives one matmul: the step holds the factors, their moments and
-one W at a time.
+no W is kept from the forward pass for the backward one, and W's gradient goes straight into
+the factors' and the values'.
 
 ModelConfig.parameterization = "low_rank" is the same without S (`values` holds no entry): the
 paper's low-rank-only baseline.
