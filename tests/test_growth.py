@@ -315,25 +315,22 @@ def test_grown_params_carry_their_logical_axes_and_train_sharded_on_8_devices(
 
 
 @pytest.mark.slow  # Two trainer runs; .ci/run runs the slow tests.
-def test_growth_from_another_runs_checkpoint_through_a_load_stage(tmp_path, small_text_file):
-  """Another run's small model is restored by a one-step "load" stage at learning rate 0 (its
-  params pass unchanged), then grown by identity insertion: the large stage starts at exactly
-  the other run's final evaluation."""
+def test_a_first_stage_grows_another_runs_checkpoint(tmp_path, small_text_file):
+  """Another run's small model, restored by the first stage (RestoreConfig.model: what the
+  source holds), is grown by that stage's transition (identity insertion), with no
+  learning-rate-0 "load" stage: the large stage starts at exactly the other run's final
+  evaluation."""
   import gin  # pylint: disable=import-outside-toplevel
-  from jaxlm.optim.schedules import warmup_constant  # pylint: disable=import-outside-toplevel
   from jaxlm.checkpointing.restore import RestoreConfig  # pylint: disable=import-outside-toplevel
   trainer.run(str(tmp_path / "small"), [tiny_stage(small_text_file, 4, model=TINY)], trainer=QUIET,
               evaluation=EvalConfig(every=100))
-  load = tiny_stage(small_text_file, 1, name="load", model=TINY,
-                restore_from=RestoreConfig(str(tmp_path / "small")),
-                schedule=lambda n: warmup_constant(n, peak_lr=1e-3, warmup_steps=1))
   deep = tiny_stage(small_text_file, 2, name="deep", model=dataclasses.replace(TINY, num_layers=4),
-                transition=grow_depth_transition)
+                    transition=grow_depth_transition,
+                    restore_from=RestoreConfig(str(tmp_path / "small"), model=TINY))
   with gin.unlock_config():
     gin.bind_parameter("grow_depth.zero_copies", True)
-  trainer.run(str(tmp_path / "grown"), [load, deep], trainer=QUIET,
-              evaluation=EvalConfig(every=100))
+  trainer.run(str(tmp_path / "grown"), [deep], trainer=QUIET, evaluation=EvalConfig(every=100))
   small_final = [r["eval/loss"] for r in metric_records(tmp_path / "small") if "eval/loss" in r][-1]
   grown = [(r["step"], r["eval/loss"]) for r in metric_records(tmp_path / "grown") if "eval/loss" in r]
-  assert [step for step, _ in grown] == [0, 1, 1, 3]
-  assert grown[0][1] == grown[1][1] == grown[2][1] == small_final
+  assert [step for step, _ in grown] == [0, 2]
+  assert grown[0][1] == small_final
