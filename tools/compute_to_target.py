@@ -154,7 +154,7 @@ def plot_curves(path: str, arms: list[tuple[str, list, list]], target: float, me
   ax = fig.subplots()
   shown = []
   for i, (name, seeds, crossings) in enumerate(arms):
-    color = "black" if i == 0 else f"C{(i - 1) % 10}"
+    color = "black" if i == 0 else report_plots.series_color(i - 1, len(arms) - 1)
     label = f"{name} (n={len(seeds)})" if len(seeds) > 1 else name
     for j, (xs, ys, smoothed) in enumerate(seeds):
       ax.plot(xs, ys, ".", color=color, alpha=0.4, ms=4)

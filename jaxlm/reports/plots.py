@@ -99,6 +99,15 @@ def style_axes(ax, x: str, ylabel: str) -> None:
 
 
 
+def series_color(index: int, count: int):
+  """Matplotlib's default colours for up to 10 series; past 10 the default cycle repeats, so
+  tab20's 20 distinct colours instead."""
+  if count <= 10:
+    return f"C{index % 10}"
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  return matplotlib.colormaps["tab20"](index % 20)
+
+
 def _draw_panel(ax, key: str, arms: dict[str, list[dict[str, Curve]]], spec: Spec,
                 target: float | None) -> None:
   """Each arm's mean line (and band over its seeds) for one metric, the target, the y range."""
@@ -109,9 +118,10 @@ def _draw_panel(ax, key: str, arms: dict[str, list[dict[str, Curve]]], spec: Spe
       continue
     xs, mean, std = mean_band(curves)
     label = f"{name} (n={len(seeds)})" if len(seeds) > 1 else name
-    ax.plot(xs, mean, label=label, color=f"C{i % 10}", marker="." if len(xs) < 30 else None)
+    color = series_color(i, len(arms))
+    ax.plot(xs, mean, label=label, color=color, marker="." if len(xs) < 30 else None)
     if len(curves) > 1:
-      ax.fill_between(xs, mean - std, mean + std, color=f"C{i % 10}", alpha=0.2, lw=0)
+      ax.fill_between(xs, mean - std, mean + std, color=color, alpha=0.2, lw=0)
     shown += [(xs, mean - std), (xs, mean + std)]
   if target is not None:
     ax.axhline(target, color="0.2", ls="--", lw=1, label=f"target {target:.4g}")
