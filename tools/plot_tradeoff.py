@@ -14,10 +14,10 @@ is one line on stderr, exit 2.
 
 import argparse
 import os
-import statistics
 import sys
 
 from jaxlm.reports.runs import ReportError, named_runs, print_report, read_metrics
+from jaxlm.reports.tables import spread
 
 def final(run_dir: str, metric: str) -> float | None:
   series = read_metrics(run_dir, "step") if os.path.isdir(run_dir) else {}
@@ -32,17 +32,13 @@ def arm_points(dirs: list[str], y: str, xs: list[str]) -> tuple[list[float], lis
   return [sum(s[1:]) for s in seeds], [s[0] for s in seeds]
 
 
-def _spread(values: list[float]) -> tuple[float, float]:
-  return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def plot(points: dict, x_label: str, y_label: str, out: str, scale: float) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, ax = plt.subplots(figsize=(6.4, 4.4))
   for name, (xs, ys) in points.items():
-    (x, x_std), (y, y_std) = _spread(xs), _spread(ys)
+    (x, x_std), (y, y_std) = spread(xs), spread(ys)
     ax.errorbar(x / scale, y, xerr=x_std / scale, yerr=y_std, fmt="o", capsize=4, label=name)
     ax.annotate(name, (x / scale, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
   ax.margins(x=0.15, y=0.15)  # Room for the names beside the points.
@@ -68,7 +64,7 @@ def report(runs: dict[str, list[str]], y: str, xs: list[str], out: str, y_label:
     raise ReportError(f"no run has logged {y} and {' and '.join(xs)} yet")
   lines = [f"| arm | {x_name} | {y} | seeds |", "|---|---|---|---|"]
   for name, (xs_, ys) in points.items():
-    (x, x_std), (v, v_std) = _spread(xs_), _spread(ys)
+    (x, x_std), (v, v_std) = spread(xs_), spread(ys)
     lines.append(f"| {name} | {x / scale:,.2f} ± {x_std / scale:.2g} | {v:.4f} ± {v_std:.2g} | "
                  f"{len(ys)} |")
   if waiting:
