@@ -91,6 +91,29 @@ def test_unknown_config_is_one_clear_error():
   assert done.returncode == 2 and "unknown config or impl 'bench-huge'" in done.stderr
 
 
+def test_repeats_give_the_median_ratio_and_its_spread():
+  def row(repeat, impl, tokens_per_s, mfu):
+    return {"config": "bench-tiny", "dtype": "float32", "repeat": repeat, "impl": impl,
+            "tokens_per_s": tokens_per_s, "mfu": mfu}
+  rows = [row(0, "jaxlm", 1200, 0.5), row(0, "torch", 1000, 0.4),
+          row(1, "jaxlm", 900, 0.4), row(1, "torch", 1000, 0.4),
+          row(2, "jaxlm", 1000, 0.6), row(2, "torch", 500, 0.2)]
+  (line,) = bench.ratio_summary(rows)
+  # Ratios per invocation 1.2, 0.9, 2.0: median 1.2; MFUs 0.5, 0.4, 0.6: median 0.5.
+  assert line == ("bench-tiny float32: jaxlm / torch throughput = 1.20x (0.90-2.00, n=3); "
+                  "jaxlm MFU 50.0% (40.0%-60.0%, n=3)")
+
+
+def test_the_host_line_names_the_cpu_and_its_vector_extensions():
+  host = bench.host_cpu()
+  assert "ISA:" in host and host.split(",")[0].strip()
+
+
+def test_repeats_below_one_is_one_clear_error(capsys):
+  assert bench.main(["--repeats=0", "--impls=jaxlm"]) == 2
+  assert "--repeats=0; give 1 or more" in capsys.readouterr().err
+
+
 def test_jaxlm_and_torch_sides_build_the_same_model_and_loss():
   pytest.importorskip("torch")
   pytest.importorskip("transformers")

@@ -25,9 +25,10 @@ def test_the_readmes_install_quickstart_and_test_commands_are_the_ones_ci_runs()
   assert install == "pip install -e ."
   assert quickstart.startswith("python -m jaxlm.train --gin_file=experiments/quickstart.gin ")
   assert tests == 'pip install -e ".[test]" && pytest'
-  # CI installs the project this way (quietly) and runs the same pytest (quietly).
+  # CI installs the project this way (quietly) and runs the same pytest (quietly), with the slow
+  # tests included.
   assert re.search(r'^pip install --quiet -e "\.\[test\]"$', CI, re.M)
-  assert re.search(r"^pytest -q$", CI, re.M)
+  assert re.search(r'^pytest -q -m "slow or not slow"( --no-loadscope-reorder)?$', CI, re.M)
   # The quickstart's experiment file is the one the end-to-end CLI test trains.
   assert "--gin_file=experiments/quickstart.gin" in (REPO_ROOT / "tests" / "conftest.py").read_text()
 

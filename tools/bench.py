@@ -1,7 +1,7 @@
 """Training throughput of the real jaxlm train step, side by side with PyTorch (issue 7).
 
     python tools/bench.py --configs=bench-tiny,bench-small --dtypes=float32,bfloat16 \
-        --steps=20 --json=/tmp/bench.json
+        --steps=20 --repeats=3 --json=/tmp/bench.json
 
 For each named config and dtype this measures, after compilation and warm-up, the train-step
 time (median and min-max over --steps steps, each timed to completion), tokens/s, model FLOPs
@@ -20,6 +20,11 @@ as jaxlm's `adamw`. bfloat16 means mixed precision on both sides: float32 parame
 optimizer state, bfloat16 matmuls (ModelConfig.dtype / torch.autocast). Install the torch side
 with `pip install -e ".[bench]"`.
 
+--repeats=N runs every row N times, interleaved, and gives the jaxlm / torch ratio and jaxlm's MFU
+as the median over the N invocations with their min-max: on a shared machine the spread between
+invocations is larger than within one. The first line names the host's CPU and its vector
+extensions (AVX2 and AVX-512 hosts rank the two frameworks differently).
+
 Every (config, dtype, impl) runs in a fresh worker process, so one measurement's peak memory,
 thread pools and allocator never leak into another's; set XLA_FLAGS in the environment to try
 XLA:CPU options on the jaxlm side.
@@ -30,6 +35,7 @@ import ctypes
 import importlib.util
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -282,6 +288,51 @@ def format_row(row: dict) -> str:
           f"{row['peak_mem_mib']:>8,.0f}")
 
 
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+
+
+def host_cpu() -> str:
+  """The host's CPU model and the vector extensions that decide XLA's and PyTorch's kernels
+  (AVX2 hosts and AVX-512 hosts rank the two frameworks differently), from /proc/cpuinfo."""
+  model, flags = platform.processor() or platform.machine(), set()
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+          model = value.strip()
+        elif key.strip() in ("flags", "Features"):
+          flags = set(value.split())
+          break
+  except OSError:
+    pass
+  return f"{model}, {platform.machine()}, ISA: {' '.join(f for f in ISA_FLAGS if f in flags) or '?'}"
+
+
+def ratio_summary(rows: list[dict]) -> list[str]:
+  """jaxlm / torch throughput per config and dtype: the median over invocations (each pairs one
+  jaxlm and one torch worker run back to back) with the min-max, and jaxlm's MFU alike."""
+  lines = []
+  for key in dict.fromkeys((r["config"], r["dtype"]) for r in rows):
+    by_repeat = {}
+    for r in rows:
+      if (r["config"], r["dtype"]) == key:
+        by_repeat.setdefault(r["repeat"], {})[r["impl"]] = r
+    ratios = [p["jaxlm"]["tokens_per_s"] / p["torch"]["tokens_per_s"]
+              for p in by_repeat.values() if {"jaxlm", "torch"} <= set(p)]
+    mfus = [p["jaxlm"]["mfu"] for p in by_repeat.values() if "jaxlm" in p]
+    parts = []
+    if ratios:
+      parts.append(f"jaxlm / torch throughput = {statistics.median(ratios):.2f}x "
+                   f"({min(ratios):.2f}-{max(ratios):.2f}, n={len(ratios)})")
+    if mfus:
+      parts.append(f"jaxlm MFU {statistics.median(mfus):.1%} "
+                   f"({min(mfus):.1%}-{max(mfus):.1%}, n={len(mfus)})")
+    if parts:
+      lines.append(f"{key[0]} {key[1]}: " + "; ".join(parts))
+  return lines
+
+
 def _csv(text: str) -> list[str]:
   return [item for item in text.split(",") if item]
 
@@ -292,6 +343,9 @@ def main(argv=None) -> int:
   parser.add_argument("--dtypes", type=_csv, default=["float32"])
   parser.add_argument("--impls", type=_csv, default=["jaxlm", "torch"])
   parser.add_argument("--steps", type=int, default=30, help="timed steps (>= 20 for a result)")
+  parser.add_argument("--repeats", type=int, default=1,
+                      help="invocations of every row, interleaved (>= 3 for a result: this "
+                           "machine's noise between invocations exceeds that within one)")
   parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
   parser.add_argument("--peak_sizes", type=lambda t: [int(n) for n in _csv(t)],
                       default=[1024, 2048, 4096], help="sides of the square peak matmuls")
@@ -314,6 +368,10 @@ def main(argv=None) -> int:
     print("bench: error: --impls=torch needs torch and transformers; pip install -e '.[bench]' "
           "(or --impls=jaxlm)", file=sys.stderr)
     return 2
+  if args.repeats < 1:
+    print(f"bench: error: --repeats={args.repeats}; give 1 or more (3 or more for a result)",
+          file=sys.stderr)
+    return 2
   if args.steps < 20:
     print(f"bench: note: {args.steps} timed steps is a smoke test; use >= 20 for a result",
           file=sys.stderr)
@@ -321,6 +379,7 @@ def main(argv=None) -> int:
   import jax  # pylint: disable=import-outside-toplevel
   env = allocator_env(args.allocator)
   device = jax.devices()[0]
+  print(f"host: {host_cpu()}")
   print(f"device: {device.platform} ({device.device_kind}), {os.cpu_count()} CPUs, "
         f"allocator {args.allocator}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
         f"{time.strftime('%Y-%m-%d %H:%M')}, load average {os.getloadavg()[0]:.2f}")
@@ -329,15 +388,18 @@ def main(argv=None) -> int:
   measure = lambda: {d: _run_worker("peak", env, dtype=d, sizes=args.peak_sizes)
                      for d in args.dtypes}
   peaks, raws = measure(), []
-  for name in args.configs:
-    for dtype in args.dtypes:
-      for impl in args.impls:
-        raw = _run_worker(impl, env, config=name, dtype=dtype, steps=args.steps,
-                          warmup=args.warmup)
-        raw["load_avg_1m"] = os.getloadavg()[0]  # Other jobs on the machine skew times.
-        raws.append((name, dtype, impl, raw))
-        print(f"bench: {name} {impl} {dtype}: median step "
-              f"{statistics.median(raw['step_times_s']) * 1e3:.1f} ms", file=sys.stderr)
+  for repeat in range(args.repeats):  # Interleaved: slow spells of the machine hit both sides.
+    for name in args.configs:
+      for dtype in args.dtypes:
+        for impl in args.impls:
+          raw = _run_worker(impl, env, config=name, dtype=dtype, steps=args.steps,
+                            warmup=args.warmup)
+          raw["load_avg_1m"] = os.getloadavg()[0]  # Other jobs on the machine skew times.
+          raw["repeat"] = repeat
+          raws.append((name, dtype, impl, raw))
+          print(f"bench: {name} {impl} {dtype} (invocation {repeat + 1}/{args.repeats}): "
+                f"median step {statistics.median(raw['step_times_s']) * 1e3:.1f} ms",
+                file=sys.stderr)
   for dtype, after in measure().items():
     peaks[dtype] = max(peaks[dtype], after, key=lambda p: p["xla"])
   for dtype, peak in peaks.items():
@@ -349,15 +411,12 @@ def main(argv=None) -> int:
           for name, dtype, impl, raw in raws]
   for row in rows:
     print(format_row(row))
-  for name in args.configs:
-    for dtype in args.dtypes:
-      pair = {r["impl"]: r for r in rows if (r["config"], r["dtype"]) == (name, dtype)}
-      if {"jaxlm", "torch"} <= set(pair):
-        ratio = pair["jaxlm"]["tokens_per_s"] / pair["torch"]["tokens_per_s"]
-        print(f"{name} {dtype}: jaxlm / torch throughput = {ratio:.2f}x")
+  for line in ratio_summary(rows):
+    print(line)
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump({"device": f"{device.platform} ({device.device_kind})", "cpus": os.cpu_count(),
+                 "host": host_cpu(), "repeats": args.repeats,
                  "date": time.strftime("%Y-%m-%d %H:%M"), "argv": sys.argv,
                  "allocator": args.allocator, "xla_flags": os.environ.get("XLA_FLAGS", ""),
                  "peaks": peaks, "rows": rows},
