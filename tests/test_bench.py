@@ -166,6 +166,18 @@ def test_bench_moe_compares_models_with_the_same_active_parameters(capsys):
   assert "unknown arm 'sorted'" in capsys.readouterr().err
 
 
+def test_bench_optimizers_memory_only_gives_the_bytes_from_shapes(capsys):
+  """--memory_only compiles nothing: on a small model its bytes are the trees' own."""
+  bench_optimizers = load_tool("bench_optimizers")
+  row = bench_optimizers.measure("adamw", str(REPO_ROOT / "gin/models/tiny.gin"), 64, 2, 0, 8,
+                                 memory_only=True)
+  cfg = bench_optimizers.model_config(str(REPO_ROOT / "gin/models/tiny.gin"), 64, False)
+  n = count_params(init_params(cfg, jax.random.key(0)))
+  # AdamW: the params once, the two moments (plus optax's scalar counts) twice.
+  assert row["param_bytes"] == 4 * n and 8 * n <= row["opt_bytes"] < 8 * n + 64
+  assert row["temp_bytes"] is None
+
+
 def test_bench_optimizers_refuses_what_it_cannot_measure(capsys):
   bench_optimizers = load_tool("bench_optimizers")
   assert bench_optimizers.main(["--optimizers=adamw,lion"]) == 2

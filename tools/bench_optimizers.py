@@ -12,7 +12,9 @@ projector refresh every 4 steps) amortised over --update_proj_gap steps:
 
     ordinary + (refresh - ordinary) / update_proj_gap
 
-Ratios are against AdamW measured in the same invocation.
+Ratios are against AdamW measured in the same invocation. `--memory_only` gives the bytes alone,
+from the trees' shapes without compiling or running a step, for a model too large to train
+here (`--model=gin/models/1b.gin --rank=512 --memory_only`: GaLore's 1B setting).
 """
 
 import argparse
@@ -54,7 +56,7 @@ def _factory(name: str, rank: int):
 
 
 def measure(name: str, model_path: str, seq_len: int, batch_size: int, steps: int,
-            rank: int) -> dict:
+            rank: int, memory_only: bool = False) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
   from jaxlm.training.train_step import init_state  # pylint: disable=import-outside-toplevel
@@ -67,6 +69,11 @@ def measure(name: str, model_path: str, seq_len: int, batch_size: int, steps: in
   stage = Stage(num_steps=1000, model=model,
                 schedule=lambda _: optax.constant_schedule(bench.LEARNING_RATE),
                 optimizer=_factory(name, rank))
+  state = jax.eval_shape(lambda: init_state(stage, jax.random.key(0)))
+  if memory_only:
+    memory = memory_accounting(state, None, model)
+    return {"param_bytes": memory["memory/param_bytes"] + memory["memory/support_bytes"],
+            "opt_bytes": memory["memory/optimizer_state_bytes"], "temp_bytes": None}
   step, compile_s, executable = bench.compiled_train_step(stage, bench.random_batch(spec))
   times = []
   for _ in range(steps):  # Optax's count 0, 1, 2, ...: GaLore refreshes at multiples of 4.
@@ -75,8 +82,7 @@ def measure(name: str, model_path: str, seq_len: int, batch_size: int, steps: in
     times.append(time.perf_counter() - start)
   refresh = [t for i, t in enumerate(times) if i % MEASURED_GAP == 0 and i > 0]
   ordinary = [t for i, t in enumerate(times) if i % MEASURED_GAP and i > 1]
-  memory = memory_accounting(jax.eval_shape(lambda: init_state(stage, jax.random.key(0))),
-                             executable, model)
+  memory = memory_accounting(state, executable, model)
   return {"param_bytes": memory["memory/param_bytes"] + memory["memory/support_bytes"],
           "opt_bytes": memory["memory/optimizer_state_bytes"],
           "temp_bytes": memory.get("memory/xla_temp_bytes_per_device"),
@@ -94,18 +100,22 @@ def main(argv=None) -> int:
   parser.add_argument("--update_proj_gap", type=int, default=200,
                       help="GaLore's refresh period the refresh cost is amortised over")
   parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+  parser.add_argument("--memory_only", action="store_true",
+                      help="bytes only, from shapes: no step compiled or timed")
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   flags = [f"--model={args.model}", f"--seq_len={args.seq_len}",
-           f"--batch_size={args.batch_size}", f"--steps={args.steps}", f"--rank={args.rank}"]
+           f"--batch_size={args.batch_size}", f"--steps={args.steps}", f"--rank={args.rank}",
+           *(["--memory_only"] if args.memory_only else [])]
   if args.worker:
     import json  # pylint: disable=import-outside-toplevel
     print("RESULT " + json.dumps(measure(args.worker, args.model, args.seq_len,
-                                         args.batch_size, args.steps, args.rank)))
+                                         args.batch_size, args.steps, args.rank,
+                                         args.memory_only)))
     return 0
   names = args.optimizers.split(",")
   unknown = sorted(set(names) - set(OPTIMIZERS))
-  if unknown or args.steps < 2 * MEASURED_GAP + 1:
+  if unknown or (args.steps < 2 * MEASURED_GAP + 1 and not args.memory_only):
     print(f"bench_optimizers: choose --optimizers from {list(OPTIMIZERS)} and --steps >= "
           f"{2 * MEASURED_GAP + 1}", file=sys.stderr)
     return 2
@@ -124,15 +134,17 @@ def main(argv=None) -> int:
   for row in rows.values():
     row["total_bytes"] = row["param_bytes"] + row["opt_bytes"]
   for name, row in rows.items():
-    refreshes = name == "galore"  # Only GaLore's steps differ by the optimizer's count.
-    amortised = row["ordinary_s"] + (
-        (row["refresh_s"] - row["ordinary_s"]) / args.update_proj_gap if refreshes else 0.0)
-    refresh = f"{row['refresh_s']:.2f}" if refreshes else "-"
+    times = "- | - | - | -"
+    if not args.memory_only:
+      refreshes = name == "galore"  # Only GaLore's steps differ by the optimizer's count.
+      amortised = row["ordinary_s"] + (
+          (row["refresh_s"] - row["ordinary_s"]) / args.update_proj_gap if refreshes else 0.0)
+      refresh = f"{row['refresh_s']:.2f}" if refreshes else "-"
+      times = (f"{row['ordinary_s']:.2f} | {refresh} | {amortised:.2f} | "
+               f"{versus(amortised, 'ordinary_s')}")
     print(f"| {name} | {mib(row['param_bytes'])} | {mib(row['opt_bytes'])} | "
           f"{versus(row['opt_bytes'], 'opt_bytes')} | {mib(row['total_bytes'])} | "
-          f"{versus(row['total_bytes'], 'total_bytes')} | {mib(row['temp_bytes'])} | "
-          f"{row['ordinary_s']:.2f} | {refresh} | {amortised:.2f} | "
-          f"{versus(amortised, 'ordinary_s')} |")
+          f"{versus(row['total_bytes'], 'total_bytes')} | {mib(row['temp_bytes'])} | {times} |")
   return 0
 
 

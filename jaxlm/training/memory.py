@@ -27,12 +27,13 @@ def support_bytes(model) -> int:
 
 
 def memory_accounting(state, compiled_step, model) -> dict[str, float]:
-  """memory/... bytes of a train state of `model` and of the compiled step that updates it."""
+  """memory/... bytes of a train state of `model` and of the compiled step that updates it
+  (`compiled_step` None: the trees alone, e.g. for a model too large to compile here)."""
   found = {"memory/param_bytes": tree_bytes(state.params),
            "memory/support_bytes": support_bytes(model),
            "memory/optimizer_state_bytes": tree_bytes(state.opt_state),
            "memory/method_state_bytes": tree_bytes(state.method_state)}
-  plan = compiled_step.memory_analysis()
+  plan = None if compiled_step is None else compiled_step.memory_analysis()
   if plan is not None:  # A backend without a plan (none of CPU, GPU, TPU) logs the trees alone.
     found["memory/xla_argument_bytes_per_device"] = plan.argument_size_in_bytes
     found["memory/xla_temp_bytes_per_device"] = plan.temp_size_in_bytes
