@@ -379,7 +379,8 @@ def main(argv=None) -> int:
   import jax  # pylint: disable=import-outside-toplevel
   env = allocator_env(args.allocator)
   device = jax.devices()[0]
-  print(f"host: {host_cpu()}")
+  host = host_cpu()
+  print(f"host: {host}")
   print(f"device: {device.platform} ({device.device_kind}), {os.cpu_count()} CPUs, "
         f"allocator {args.allocator}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
         f"{time.strftime('%Y-%m-%d %H:%M')}, load average {os.getloadavg()[0]:.2f}")
@@ -416,7 +417,7 @@ def main(argv=None) -> int:
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump({"device": f"{device.platform} ({device.device_kind})", "cpus": os.cpu_count(),
-                 "host": host_cpu(), "repeats": args.repeats,
+                 "host": host, "repeats": args.repeats,
                  "date": time.strftime("%Y-%m-%d %H:%M"), "argv": sys.argv,
                  "allocator": args.allocator, "xla_flags": os.environ.get("XLA_FLAGS", ""),
                  "peaks": peaks, "rows": rows},

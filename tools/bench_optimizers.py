@@ -70,24 +70,22 @@ def measure(name: str, model_path: str, seq_len: int, batch_size: int, steps: in
                 schedule=lambda _: optax.constant_schedule(bench.LEARNING_RATE),
                 optimizer=_factory(name, rank))
   state = jax.eval_shape(lambda: init_state(stage, jax.random.key(0)))
-  if memory_only:
-    memory = memory_accounting(state, None, model)
-    return {"param_bytes": memory["memory/param_bytes"] + memory["memory/support_bytes"],
-            "opt_bytes": memory["memory/optimizer_state_bytes"], "temp_bytes": None}
-  step, compile_s, executable = bench.compiled_train_step(stage, bench.random_batch(spec))
-  times = []
-  for _ in range(steps):  # Optax's count 0, 1, 2, ...: GaLore refreshes at multiples of 4.
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  refresh = [t for i, t in enumerate(times) if i % MEASURED_GAP == 0 and i > 0]
-  ordinary = [t for i, t in enumerate(times) if i % MEASURED_GAP and i > 1]
-  memory = memory_accounting(state, executable, model)
+  executable, timing = None, {}
+  if not memory_only:
+    step, compile_s, executable = bench.compiled_train_step(stage, bench.random_batch(spec))
+    times = []
+    for _ in range(steps):  # Optax's count 0, 1, 2, ...: GaLore refreshes at multiples of 4.
+      start = time.perf_counter()
+      step()
+      times.append(time.perf_counter() - start)
+    refresh = [t for i, t in enumerate(times) if i % MEASURED_GAP == 0 and i > 0]
+    ordinary = [t for i, t in enumerate(times) if i % MEASURED_GAP and i > 1]
+    timing = {"ordinary_s": statistics.median(ordinary), "refresh_s": statistics.median(refresh),
+              "compile_s": compile_s}
+  memory = memory_accounting(state, executable, model)  # No executable: the trees alone.
   return {"param_bytes": memory["memory/param_bytes"] + memory["memory/support_bytes"],
           "opt_bytes": memory["memory/optimizer_state_bytes"],
-          "temp_bytes": memory.get("memory/xla_temp_bytes_per_device"),
-          "ordinary_s": statistics.median(ordinary), "refresh_s": statistics.median(refresh),
-          "compile_s": compile_s}
+          "temp_bytes": memory.get("memory/xla_temp_bytes_per_device"), **timing}
 
 
 def main(argv=None) -> int:
