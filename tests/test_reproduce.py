@@ -182,6 +182,52 @@ def test_an_arms_binding_of_its_seed_wins_and_reads_seed_k():
                                                        quick=False)[1].split("=", 1)[1]
 
 
+def test_finished_runs_are_recorded_in_the_repository_and_count_as_finished_elsewhere(
+    tmp_path, small_text_file, capsys):
+  """A run's record (what the tables read) goes into experiments/FAMILY/runs/ with the runs
+  folder's path made portable; on another machine it is put back as a finished run, except
+  where an arm still to train restores it (a record has no checkpoint)."""
+  experiments = _family(tmp_path, small_text_file)
+  first = tmp_path / "machine1"
+  for arm, seed, loss in (("low", 0, 5.0), ("high", 0, 4.0), ("high", 1, 4.2)):
+    run = first / "toy" / (f"seed{seed}" if seed else "") / arm
+    _write_run(run, [{"step": 3, "eval/loss": loss, "total/tokens": 768.0}],
+               f"MODEL_DIR = '{run}'\n")
+    (run / "done.json").write_text(json.dumps({"eval/loss": loss}))
+    (run / "restore_report.json").write_text(json.dumps({"source": str(first / "toy" / "x")}))
+  (first / "toy" / "low" / "checkpoints").mkdir()  # Not part of the record.
+  common = [f"--experiments_dir={experiments}", "--no_train"]
+  assert reproduce.main(["toy", f"--runs_dir={first}", *common]) == 0
+  table = (experiments / "toy" / "README.md").read_text()
+  record = experiments / "toy" / "runs" / "seed1" / "high"
+  assert sorted(os.listdir(record)) == ["config.gin", "done.json", "metrics.jsonl",
+                                        "restore_report.json"]
+  assert sorted(os.listdir(experiments / "toy" / "runs" / "low")) == sorted(os.listdir(record))
+  assert json.loads((record / "restore_report.json").read_text())["source"] == "{family_runs}/x"
+  # A fresh machine, with nothing but the repository: the same table, from the records.
+  second = tmp_path / "machine2"
+  assert reproduce.main(["toy", f"--runs_dir={second}", *common]) == 0
+  assert (experiments / "toy" / "README.md").read_text() == table
+  put_back = second / "toy" / "seed1" / "high"
+  assert json.loads((put_back / "restore_report.json").read_text())["source"] == str(
+      second / "toy" / "x")
+  assert f"MODEL_DIR = '{put_back}'" in (put_back / "config.gin").read_text()
+  # An arm still to train ("lower", no record) restores "low": low trains again, high does not.
+  manifest = reproduce.load_manifest(str(experiments), "toy")
+  arms = [a if a.name != "lower" else reproduce.dataclasses.replace(
+      a, bindings=("BASE_RUN = '{runs}/low'",)) for a in manifest.arms]
+  manifest = reproduce.dataclasses.replace(manifest, arms=tuple(arms))
+  counts = reproduce.seed_counts(manifest, None, False)
+  jobs = [(a, k) for k in range(2) for a in manifest.arms if k < counts[a.name]]
+  third = tmp_path / "machine3" / "toy"
+  capsys.readouterr()
+  reproduce.restore_records(manifest, counts, jobs, str(third),
+                            str(experiments / "toy" / "runs"))
+  assert not (third / "low").exists() and not (third / "lower").exists()
+  assert (third / "high" / "done.json").exists() and (third / "seed1" / "high" / "done.json").exists()
+  assert "toy/low: recorded in" in capsys.readouterr().out
+
+
 def _write_run(folder, records, config=""):
   folder.mkdir(parents=True)
   (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))

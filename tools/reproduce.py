@@ -55,6 +55,12 @@ arm with several, which runs two: the multi-seed path is exercised too; it skips
 Each arm trains in its own MODEL_DIR under --runs_dir (default $JAXLM_RUNS_DIR or
 ~/jaxlm_runs; --quick uses FAMILY-quick there), through `python -m jaxlm.train`, so an arm
 interrupted part-way resumes from its checkpoint, and a finished one (its done.json) is skipped.
+Every finished run's record (done.json, metrics.jsonl, config.gin, restore_report.json: what the
+tables, plots and reports read; jaxlm/reports/run_records.py) is copied into
+experiments/FAMILY/runs/, to be committed: on another machine (a fresh clone, a new session) a
+recorded run counts as finished, so a reproduction longer than one machine's life goes on where
+it stopped, and --no_train regenerates the README from the records alone. A record has no
+checkpoint: an arm still to train that restores a recorded one trains that one again first.
 After the runs, the table (ours beside the paper's number, and the compute each arm used) goes
 into experiments/FAMILY/README.md between the markers below, and the plots (tools/plot_runs.py,
 against the manifest's compute axis) into experiments/FAMILY/plots/. With --quick both go to
@@ -72,6 +78,7 @@ import sys
 import time
 
 from jaxlm.reports import plots as report_plots
+from jaxlm.reports import run_records
 from jaxlm.reports.runs import ReportError, branch_offset
 # The markdown side (tables, ties, the README's methods table) lives in jaxlm/reports/tables.py;
 # its markers and cells stay reachable here for the tool's callers.
@@ -296,6 +303,34 @@ def run_jobs(manifest: Manifest, jobs: list, family_runs: str, quick: bool,
       job.result()
 
 
+def restore_records(manifest: Manifest, counts: dict[str, int], jobs: list, family_runs: str,
+                    records: str) -> None:
+  """Puts back, as finished runs, the repository's records (experiments/FAMILY/runs/) of the
+  arms not finished under family_runs -- except where a job still to train restores that arm:
+  a record has no checkpoint, so that arm trains again (and so on up the chain)."""
+  names = [a.name for a in manifest.arms]
+  restores = {a.name: _arms_named(" ".join((*a.bindings, *a.command)), names)
+              for a in manifest.arms}
+  every = [(a.name, k) for k in range(max(counts.values())) for a in manifest.arms
+           if k < counts[a.name]]
+  listed = {(arm.name, k) for arm, k in jobs}
+  done = lambda name, k: os.path.exists(os.path.join(seed_dir(family_runs, name, k), "done.json"))
+  recorded = lambda name, k: run_records.has_record(seed_dir(records, name, k))
+  must_train = set()
+  for name, k in reversed(every):  # An arm's job comes after the jobs of the arms it restores.
+    if (name, k) in listed and not done(name, k) and (
+        not recorded(name, k) or any(name in restores[d] and (d, k) in must_train for d in names)):
+      must_train.add((name, k))
+  for name, k in every:
+    model_dir = seed_dir(family_runs, name, k)
+    if (name, k) in must_train and recorded(name, k):
+      print(f"{manifest.family}/{name}" + (f" seed {k}" if k else "") + ": recorded in "
+            f"{seed_dir(records, name, k)}, but an arm to train restores its checkpoint: "
+            "training it again", flush=True)
+    elif (name, k) not in must_train and recorded(name, k) and not os.path.exists(model_dir):
+      run_records.restore_record(seed_dir(records, name, k), model_dir, family_runs)
+
+
 def arm_flags(manifest: Manifest, arm: Arm, model_dir: str, quick: bool,
               seed: int = 0) -> list[str]:
   """jaxlm.train's flags for a training arm. The family's shared bindings (and --quick's) are
@@ -402,6 +437,9 @@ def reproduce(family: str, quick: bool = False, only: str | None = None,
   counts = seed_counts(manifest, seeds, quick)
   # Seed by seed: every arm's seed 0 first (the single-seed table), then the further seeds.
   jobs = [(arm, k) for k in range(max(counts.values())) for arm in arms if k < counts[arm.name]]
+  records = os.path.join(manifest.folder, "runs")
+  if not quick:  # Finished runs recorded in the repository count as finished here.
+    restore_records(manifest, counts, jobs if train else [], family_runs, records)
   run_jobs(manifest, jobs if train else [], family_runs, quick, parallel)  # --no_train: none.
   finished = {}  # arm -> its finished seeds' MODEL_DIRs, in seed order.
   for arm in manifest.arms:
@@ -411,6 +449,11 @@ def reproduce(family: str, quick: bool = False, only: str | None = None,
       finished[arm.name] = done
   training_arms = {a.name for a in manifest.arms if a.gin}
   trained = {name: dirs for name, dirs in finished.items() if name in training_arms}
+  if not quick:
+    for name, dirs in trained.items():
+      for d in dirs:
+        run_records.save_record(d, os.path.join(records, os.path.relpath(d, family_runs)),
+                                family_runs)
   results = {name: [with_restored_compute(final_metrics(d), d, manifest.compare_on)
                      for d in dirs] for name, dirs in trained.items()}
   out = family_runs if quick else manifest.folder
