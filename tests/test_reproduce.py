@@ -3,6 +3,7 @@ and plots are regenerated; every family in experiments/ passes its --quick smoke
 
 import json
 import os
+import shutil
 import time
 
 import pytest
@@ -303,3 +304,26 @@ def test_every_family_runs_quick(family, tmp_path):
     pytest.skip("the family reads ../shared/corpora, which is not present")
   # Two arms side by side (each after the arms it restores): CI's two cores, half the wall time.
   assert reproduce.main([family, "--quick", "--jobs=2", f"--runs_dir={tmp_path}"]) == 0
+
+
+RECORDED = [f for f in FAMILIES if os.path.isdir(REPO_ROOT / "experiments" / f / "runs")]
+
+
+@pytest.mark.parametrize("family", RECORDED or [pytest.param(None, marks=pytest.mark.skip(
+    reason="no family has committed run records yet"))])
+def test_a_familys_readme_table_is_what_its_committed_records_give(family, tmp_path):
+  """Every number a recorded family's README shows regenerates from experiments/FAMILY/runs/
+  alone (a fresh machine, nothing trained): the README and its headlines are no hand edit."""
+  experiments = tmp_path / "experiments"
+  shutil.copytree(REPO_ROOT / "experiments", experiments)
+  shutil.copy(REPO_ROOT / "README.md", tmp_path / "README.md")
+  assert reproduce.main([family, "--no_train", f"--experiments_dir={experiments}",
+                         f"--runs_dir={tmp_path / 'runs'}"]) == 0
+
+  def measured(path):
+    text = path.read_text(encoding="utf-8")
+    return text[text.index(reproduce.BEGIN):text.index(reproduce.END)]
+  ours = experiments / family / "README.md"
+  assert measured(ours) == measured(REPO_ROOT / "experiments" / family / "README.md")
+  assert ((experiments / family / "headlines.json").read_text()
+          == (REPO_ROOT / "experiments" / family / "headlines.json").read_text())
