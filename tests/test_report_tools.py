@@ -72,6 +72,17 @@ def test_compute_to_target_reports_the_saving_over_seeds(tmp_path, capsys):
   assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_compute_to_target_names_the_baseline_and_the_y_axis_as_asked(tmp_path):
+  xs, ys = np.array([0.0, 100.0, 200.0]), np.array([3.0, 2.5, 2.0])
+  fig = compute_to_target.plot_curves(str(tmp_path / "p.png"), [
+      ("AdamW", [(xs, ys, ys)], []), ("Muon", [(xs, ys - 0.5, ys - 0.5)], [100.0])],
+      2.0, "eval/wiki/loss", "tokens", y_label="held-out loss (nats/byte)")
+  ax = fig.axes[0]
+  assert ax.get_ylabel() == "held-out loss (nats/byte)"
+  assert "down to AdamW's final value" in ax.get_title()
+  assert [t.get_text() for t in ax.get_legend().get_texts()][:2] == ["AdamW", "Muon"]
+
+
 def test_compute_to_target_counts_a_branch_from_its_branch_point(tmp_path):
   stable = _run(tmp_path / "stable", [(0, 0.0, 4.0), (10, 100.0, 3.0), (20, 200.0, 2.0)])
   decay = _run(tmp_path / "decay", [(0, 0.0, 3.0), (5, 50.0, 2.0), (10, 100.0, 1.0)])

@@ -2,7 +2,8 @@
 
     python tools/compute_to_target.py --baseline=runs/scratch_s0,runs/scratch_s1 \
         gstack=runs/gstack_s0,runs/gstack_s1 ligo=runs/ligo [--metric=eval/loss] [--x=flops] \
-        [--smooth=5] [--paper=gstack:54.6,ligo:44.7] [--plot=plots/to_target.png]
+        [--smooth=5] [--paper=gstack:54.6,ligo:44.7] [--plot=plots/to_target.png] \
+        [--baseline_label=scratch] [--y_label="held-out loss (nats/byte)"]
 
 A run argument is NAME=DIR[,DIR...] and --baseline is DIR[,DIR...]: several MODEL_DIRs are seeds.
 Each curve (the metric against total/flops or total/tokens, which count every stage with its own
@@ -91,9 +92,11 @@ def _dirs(value) -> list[str]:
 
 def savings_table(baseline, runs: dict, metric: str = "eval/loss", x: str = "flops",
                   paper: dict[str, str] | None = None, smooth_k: int = 5,
-                  plot: str | None = None) -> list[str]:
+                  plot: str | None = None, baseline_label: str = "baseline",
+                  y_label: str | None = None) -> list[str]:
   """The markdown report. `baseline`: a MODEL_DIR or a list of seeds' MODEL_DIRs; `runs`:
-  {arm: MODEL_DIR or [seed MODEL_DIRs]}; `plot`: a .png path to draw the curves into."""
+  {arm: MODEL_DIR or [seed MODEL_DIRs]}; `plot`: a .png path to draw the curves into, the
+  baseline named `baseline_label` and the y axis `y_label` (default: the metric and its unit)."""
   paper, unit = paper or {}, UNITS[x]
   if smooth_k < 1:
     raise ReportError(f"--smooth={smooth_k}: give a number of evaluations >= 1")
@@ -115,8 +118,9 @@ def savings_table(baseline, runs: dict, metric: str = "eval/loss", x: str = "flo
     lines.append(f"| {name} | " + " | ".join(_cells(seeds, crossings[name], budget))
                  + f" | {paper.get(name, '-')} |")
   if plot is not None:
-    plot_curves(plot, [("baseline", base, []), *((n, s, crossings[n]) for n, s in arms.items())],
-                target, metric, x)
+    plot_curves(plot, [(baseline_label, base, []),
+                       *((n, s, crossings[n]) for n, s in arms.items())], target, metric, x,
+                y_label)
     lines += ["", plot]
   return lines
 
@@ -145,7 +149,7 @@ def _cells(seeds, reached: list[float | None], budget: float) -> list[str]:
 
 
 def plot_curves(path: str, arms: list[tuple[str, list, list]], target: float, metric: str,
-                x: str) -> None:
+                x: str, y_label: str | None = None):
   """Smoothed curves (raw evaluations faint) of (name, seeds, crossings) for the baseline and
   each arm, the target line and each seed's crossing; the y range covers the last half of the
   x span (jaxlm.reports.plots.y_limits), where the curves meet the target."""
@@ -168,13 +172,14 @@ def plot_curves(path: str, arms: list[tuple[str, list, list]], target: float, me
                                         np.array([target, target]))], keep=0.5)
   if limits:
     ax.set_ylim(*limits)
-  ylabel = (f"{metric} (bits/byte)" if metric.endswith("bits_per_byte")
-            else f"{metric} (nats/token)" if metric.endswith("loss") else metric)
+  ylabel = y_label or (f"{metric} (bits/byte)" if metric.endswith("bits_per_byte")
+                       else f"{metric} (nats/token)" if metric.endswith("loss") else metric)
   report_plots.style_axes(ax, x, ylabel)
-  ax.set_title(f"{metric} down to the baseline's final value (crossings circled)")
+  ax.set_title(f"{metric} down to {arms[0][0]}'s final value (crossings circled)")
   ax.legend(fontsize="small", loc="upper right")
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=100)
+  return fig
 
 
 def _paper_savings(text: str) -> dict[str, str]:
@@ -206,10 +211,12 @@ def main(argv: list[str] | None = None) -> int:
                       help="evaluations per local line fit (1: no smoothing)")
   parser.add_argument("--paper", default="", help="NAME:PERCENT,... the papers' savings")
   parser.add_argument("--plot", default=None, help="PATH.png: draw the curves and the target")
+  parser.add_argument("--baseline_label", default="baseline", help="the baseline's name in the plot")
+  parser.add_argument("--y_label", default=None, help="the plot's y axis (default: the metric)")
   args = parser.parse_args(argv)
   return print_report(lambda: savings_table(
       _baseline_dirs(args.baseline), named_runs(args.runs), args.metric, args.x,
-      _paper_savings(args.paper), args.smooth, args.plot))
+      _paper_savings(args.paper), args.smooth, args.plot, args.baseline_label, args.y_label))
 
 
 if __name__ == "__main__":
