@@ -159,7 +159,8 @@ def test_arms_side_by_side_start_after_the_arms_they_restore(monkeypatch):
       reproduce.Arm("branch", "c.gin", ("BASE_RUN = '{runs}/base'",))), ())
   events = []
 
-  def fake_run_arm(manifest, arm, model_dir, quick, index, count, seed=0, progress=True):
+  def fake_run_arm(manifest, arm, model_dir, quick, index, count, seed=0, progress=True,
+                   record_dir=None):
     assert not progress  # No live counters from two arms at once.
     events.append(("start", arm.name))
     time.sleep(0.3 if arm.name == "base" else 0.05)
@@ -227,6 +228,32 @@ def test_finished_runs_are_recorded_in_the_repository_and_count_as_finished_else
   assert not (third / "low").exists() and not (third / "lower").exists()
   assert (third / "high" / "done.json").exists() and (third / "seed1" / "high" / "done.json").exists()
   assert "toy/low: recorded in" in capsys.readouterr().out
+
+
+def test_a_run_is_recorded_as_soon_as_it_finishes(tmp_path, small_text_file, monkeypatch):
+  """Seed 1 of an arm: its record lands in the family's runs/seed1/ARM when the arm exits, before
+  the other arms run (a kill later loses nothing finished)."""
+  experiments = _family(tmp_path, small_text_file)
+  manifest = reproduce.load_manifest(str(experiments), "toy")
+  family_runs = tmp_path / "runs" / "toy"
+  model_dir = family_runs / "seed1" / "high"
+  _write_run(model_dir, [{"step": 3, "eval/loss": 4.0}], f"MODEL_DIR = '{model_dir}'\n")
+
+  class Finished:  # jaxlm.train, as if it had trained the arm and exited.
+    returncode = 0
+
+    def __init__(self, *args, **kwargs):
+      pass
+
+    def poll(self):
+      return 0
+  monkeypatch.setattr(reproduce.subprocess, "Popen", Finished)
+  high = next(a for a in manifest.arms if a.name == "high")
+  records = experiments / "toy" / "runs"
+  reproduce.run_jobs(manifest, [(high, 1)], str(family_runs), quick=False, records=str(records))
+  record = records / "seed1" / "high"
+  assert json.loads((record / "done.json").read_text())["eval/loss"] == 4.0
+  assert (record / "config.gin").read_text() == "MODEL_DIR = '{family_runs}/seed1/high'\n"
 
 
 def _write_run(folder, records, config=""):
@@ -306,14 +333,26 @@ def test_every_family_runs_quick(family, tmp_path):
   assert reproduce.main([family, "--quick", "--jobs=2", f"--runs_dir={tmp_path}"]) == 0
 
 
-RECORDED = [f for f in FAMILIES if os.path.isdir(REPO_ROOT / "experiments" / f / "runs")]
+def _fully_recorded(family: str) -> bool:
+  """Every seed of every training arm has its record (a family part-way through a re-run keeps
+  its records for the next machine, and its README the last complete table, until it ends)."""
+  experiments = str(REPO_ROOT / "experiments")
+  manifest = reproduce.load_manifest(experiments, family)
+  counts = reproduce.seed_counts(manifest, None, False)
+  return all(os.path.isfile(os.path.join(reproduce.seed_dir(os.path.join(
+      experiments, family, "runs"), arm.name, k), "done.json"))
+             for arm in manifest.arms if arm.gin for k in range(counts[arm.name]))
+
+
+RECORDED = [f for f in FAMILIES if _fully_recorded(f)]
 
 
 @pytest.mark.parametrize("family", RECORDED or [pytest.param(None, marks=pytest.mark.skip(
     reason="no family has committed run records yet"))])
 def test_a_familys_readme_table_is_what_its_committed_records_give(family, tmp_path):
-  """Every number a recorded family's README shows regenerates from experiments/FAMILY/runs/
-  alone (a fresh machine, nothing trained): the README and its headlines are no hand edit."""
+  """Every number a fully recorded family's README shows regenerates from
+  experiments/FAMILY/runs/ alone (a fresh machine, nothing trained): the README and its
+  headlines are no hand edit."""
   experiments = tmp_path / "experiments"
   shutil.copytree(REPO_ROOT / "experiments", experiments)
   shutil.copy(REPO_ROOT / "README.md", tmp_path / "README.md")

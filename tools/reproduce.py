@@ -56,7 +56,8 @@ Each arm trains in its own MODEL_DIR under --runs_dir (default $JAXLM_RUNS_DIR o
 ~/jaxlm_runs; --quick uses FAMILY-quick there), through `python -m jaxlm.train`, so an arm
 interrupted part-way resumes from its checkpoint, and a finished one (its done.json) is skipped.
 Every finished run's record (done.json, metrics.jsonl, config.gin, restore_report.json: what the
-tables, plots and reports read; jaxlm/reports/run_records.py) is copied into
+tables, plots and reports read; jaxlm/reports/run_records.py) is copied, as soon as it finishes,
+into
 experiments/FAMILY/runs/, to be committed: on another machine (a fresh clone, a new session) a
 recorded run counts as finished, so a reproduction longer than one machine's life goes on where
 it stopped, and --no_train regenerates the README from the records alone. A record has no
@@ -242,9 +243,11 @@ def with_restored_compute(metrics: dict[str, float], model_dir: str, compare_on:
 
 
 def run_arm(manifest: Manifest, arm: Arm, model_dir: str, quick: bool, index: int,
-            count: int, seed: int = 0, progress: bool = True) -> dict[str, float]:
+            count: int, seed: int = 0, progress: bool = True,
+            record_dir: str | None = None) -> dict[str, float]:
   """Trains (or resumes) one seed of an arm; returns its final metrics. A finished one is not
-  re-run. `progress`: a live step counter (off when arms run side by side)."""
+  re-run. `progress`: a live step counter (off when arms run side by side); `record_dir`: where
+  its record goes as soon as it finishes (run_records), so a kill loses no finished run."""
   done = os.path.join(model_dir, "done.json")
   label = f"[{index}/{count}] {manifest.family}/{arm.name}" + (f" seed {seed}" if seed else "")
   if os.path.exists(done):
@@ -275,19 +278,24 @@ def run_arm(manifest: Manifest, arm: Arm, model_dir: str, quick: bool, index: in
   metrics = {**final_metrics(model_dir), "reproduce/wall_seconds": time.time() - start}
   with open(done, "w", encoding="utf-8") as f:
     json.dump(metrics, f, indent=1)
+  if record_dir is not None:
+    family_runs = os.path.dirname(runs) if seed else runs
+    run_records.save_record(model_dir, record_dir, family_runs)
   return metrics
 
 
 def run_jobs(manifest: Manifest, jobs: list, family_runs: str, quick: bool,
-             parallel: int = 1) -> None:
+             parallel: int = 1, records: str | None = None) -> None:
   """Runs the (arm, seed) jobs in order; with `parallel` > 1, that many side by side, each
   starting once the arms it restores ({runs}/NAME, same seed) have finished. Jobs are listed
-  after the arms they restore, so a started job never waits on one that has not started."""
+  after the arms they restore, so a started job never waits on one that has not started.
+  `records`: the family's records folder, where each finished training run's record goes."""
   def run(index, arm, seed, wait_for=()):
     for job in wait_for:
       job.result()  # Raises if that arm failed: this one does not start.
     return run_arm(manifest, arm, seed_dir(family_runs, arm.name, seed), quick, index,
-                   len(jobs), seed, progress=parallel == 1)
+                   len(jobs), seed, progress=parallel == 1,
+                   record_dir=seed_dir(records, arm.name, seed) if records else None)
   if parallel == 1:
     for i, (arm, seed) in enumerate(jobs, 1):
       run(i, arm, seed)
@@ -440,7 +448,8 @@ def reproduce(family: str, quick: bool = False, only: str | None = None,
   records = os.path.join(manifest.folder, "runs")
   if not quick:  # Finished runs recorded in the repository count as finished here.
     restore_records(manifest, counts, jobs if train else [], family_runs, records)
-  run_jobs(manifest, jobs if train else [], family_runs, quick, parallel)  # --no_train: none.
+  run_jobs(manifest, jobs if train else [], family_runs, quick, parallel,  # --no_train: none.
+           None if quick else records)
   finished = {}  # arm -> its finished seeds' MODEL_DIRs, in seed order.
   for arm in manifest.arms:
     dirs = [seed_dir(family_runs, arm.name, k) for k in range(counts[arm.name])]
@@ -449,7 +458,7 @@ def reproduce(family: str, quick: bool = False, only: str | None = None,
       finished[arm.name] = done
   training_arms = {a.name for a in manifest.arms if a.gin}
   trained = {name: dirs for name, dirs in finished.items() if name in training_arms}
-  if not quick:
+  if not quick:  # Runs finished before records existed, or under an older checkout, too.
     for name, dirs in trained.items():
       for d in dirs:
         run_records.save_record(d, os.path.join(records, os.path.relpath(d, family_runs)),
