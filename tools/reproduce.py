@@ -57,11 +57,11 @@ Each arm trains in its own MODEL_DIR under --runs_dir (default $JAXLM_RUNS_DIR o
 interrupted part-way resumes from its checkpoint, and a finished one (its done.json) is skipped.
 Every finished run's record (done.json, metrics.jsonl, config.gin, restore_report.json: what the
 tables, plots and reports read; jaxlm/reports/run_records.py) is copied, as soon as it finishes,
-into
-experiments/FAMILY/runs/, to be committed: on another machine (a fresh clone, a new session) a
-recorded run counts as finished, so a reproduction longer than one machine's life goes on where
-it stopped, and --no_train regenerates the README from the records alone. A record has no
-checkpoint: an arm still to train that restores a recorded one trains that one again first.
+into experiments/FAMILY/runs/, to be committed: on another machine (a fresh clone, a new
+session) a recorded run counts as finished, so a reproduction longer than one machine's life
+goes on where it stopped, and --no_train regenerates the README from the records alone. A
+record has no checkpoint: an arm still to train that restores a recorded one trains that one
+again first.
 After the runs, the table (ours beside the paper's number, and the compute each arm used) goes
 into experiments/FAMILY/README.md between the markers below, and the plots (tools/plot_runs.py,
 against the manifest's compute axis) into experiments/FAMILY/plots/. With --quick both go to
@@ -322,8 +322,12 @@ def restore_records(manifest: Manifest, counts: dict[str, int], jobs: list, fami
   every = [(a.name, k) for k in range(max(counts.values())) for a in manifest.arms
            if k < counts[a.name]]
   listed = {(arm.name, k) for arm, k in jobs}
-  done = lambda name, k: os.path.exists(os.path.join(seed_dir(family_runs, name, k), "done.json"))
-  recorded = lambda name, k: run_records.has_record(seed_dir(records, name, k))
+
+  def done(name, k):
+    return os.path.exists(os.path.join(seed_dir(family_runs, name, k), "done.json"))
+
+  def recorded(name, k):
+    return run_records.has_record(seed_dir(records, name, k))
   must_train = set()
   for name, k in reversed(every):  # An arm's job comes after the jobs of the arms it restores.
     if (name, k) in listed and not done(name, k) and (
