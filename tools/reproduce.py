@@ -402,7 +402,9 @@ def run_report(report: dict, runs: str, plots_dir: str,
     return f"Not available: {error}", []
   lines = done.stdout.rstrip().splitlines()
   images = [line for line in lines if line.endswith(".png") and os.path.exists(line)]
-  return "\n".join(line for line in lines if line not in images), images
+  # Runs named relative to the family's runs folder: the README reads the same on any machine.
+  text = "\n".join(line for line in lines if line not in images)
+  return text.replace(os.path.abspath(runs) + os.sep, ""), images
 
 
 def wall_seconds(finished: dict[str, list[str]]) -> float | None:
