@@ -22,8 +22,11 @@ from jaxlm.training.stages import configured_stages
 from jaxlm.training.train_step import abstract_state
 from hf_fixtures import write_hf_model
 
+# Not the finished runs' saved configs in experiments/FAMILY/runs/ (records of what ran, with
+# their machine's paths in them; tools/reproduce.py keeps them).
 GIN_FILES = sorted(str(p.relative_to(REPO_ROOT))
-                   for folder in ("experiments", "gin") for p in (REPO_ROOT / folder).rglob("*.gin"))
+                   for folder in ("experiments", "gin") for p in (REPO_ROOT / folder).rglob("*.gin")
+                   if "runs" not in p.relative_to(REPO_ROOT / folder).parts[1:-1])
 # A building block alone has no run: it is checked inside the shared pretraining run.
 RUN = "gin/runs/pretrain.gin"
 
