@@ -80,6 +80,7 @@ import time
 
 from jaxlm.reports import plots as report_plots
 from jaxlm.reports import run_records
+from jaxlm.reports.run_records import seed_dir
 from jaxlm.reports.runs import ReportError, branch_offset
 # The markdown side (tables, ties, the README's methods table) lives in jaxlm/reports/tables.py;
 # its markers and cells stay reachable here for the tool's callers.
@@ -178,8 +179,7 @@ def load_manifest(experiments_dir: str, family: str) -> Manifest:
                              f"{row['versus']!r}, which is not among the arms {names}")
   for arm in arms:
     quick = {a.name: a.quick for a in arms}
-    skipped = [n for n in _arms_named(" ".join((*arm.bindings, *arm.command)), names)
-               if not quick[n]]
+    skipped = [n for n in restored_arms(arm, names) if not quick[n]]
     if arm.quick and skipped:
       raise ReproduceError(f"{path}: arm {arm.name!r} restores {skipped[0]!r}, which --quick "
                            "skips (\"quick\": false); let --quick run both or neither")
@@ -192,27 +192,26 @@ def load_manifest(experiments_dir: str, family: str) -> Manifest:
   return manifest
 
 
-def seed_dir(family_runs: str, arm: str, seed: int) -> str:
-  """Seed 0 of an arm in RUNS/ARM (as single-seed families always were), seed k in
-  RUNS/seed{k}/ARM."""
-  return os.path.join(family_runs, *([f"seed{seed}"] if seed else []), arm)
-
-
 def seed_counts(manifest: Manifest, seeds: int | None, quick: bool) -> dict[str, int]:
   """How many seeds each arm runs: the manifest's, or --seeds for all; --quick: one, except the
   first arm with several (that restores no other arm), which runs two. An arm never runs more seeds than an arm it restores
   ({runs}/NAME in its bindings or command)."""
   counts = {a.name: (seeds or a.seeds) for a in manifest.arms}
   if quick:  # The first such arm that restores no other (whose seeds would be needed too).
-    first = next((a.name for a in manifest.arms if counts[a.name] > 1 and not _arms_named(
-        " ".join((*a.bindings, *a.command)), counts)), None)
+    first = next((a.name for a in manifest.arms
+                  if counts[a.name] > 1 and not restored_arms(a, counts)), None)
     counts = {name: 2 if name == first else 1 for name in counts}
   for arm in manifest.arms:
-    for used in _arms_named(" ".join((*arm.bindings, *arm.command)), counts):
+    for used in restored_arms(arm, counts):
       if counts[used] < counts[arm.name]:
         raise ReproduceError(f"arm {arm.name!r} runs {counts[arm.name]} seeds but restores arm "
                              f"{used!r}, which runs {counts[used]}; give {used!r} as many seeds")
   return counts
+
+
+def restored_arms(arm: Arm, arms) -> list[str]:
+  """The arms (among `arms`) whose runs `arm` restores: {runs}/NAME in its bindings or command."""
+  return _arms_named(" ".join((*arm.bindings, *arm.command)), arms)
 
 
 def _arms_named(text: str, arms) -> list[str]:
@@ -304,7 +303,7 @@ def run_jobs(manifest: Manifest, jobs: list, family_runs: str, quick: bool,
   with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
     started = {}
     for i, (arm, seed) in enumerate(jobs, 1):
-      restored = _arms_named(" ".join((*arm.bindings, *arm.command)), names)
+      restored = restored_arms(arm, names)
       started[arm.name, seed] = pool.submit(
           run, i, arm, seed, [started[r, seed] for r in restored if (r, seed) in started])
     for job in started.values():
@@ -313,34 +312,14 @@ def run_jobs(manifest: Manifest, jobs: list, family_runs: str, quick: bool,
 
 def restore_records(manifest: Manifest, counts: dict[str, int], jobs: list, family_runs: str,
                     records: str) -> None:
-  """Puts back, as finished runs, the repository's records (experiments/FAMILY/runs/) of the
-  arms not finished under family_runs -- except where a job still to train restores that arm:
-  a record has no checkpoint, so that arm trains again (and so on up the chain)."""
+  """Puts back the repository's records of the arms not finished under family_runs, except
+  those a job still to train restores (run_records.put_back)."""
   names = [a.name for a in manifest.arms]
-  restores = {a.name: _arms_named(" ".join((*a.bindings, *a.command)), names)
-              for a in manifest.arms}
-  every = [(a.name, k) for k in range(max(counts.values())) for a in manifest.arms
-           if k < counts[a.name]]
-  listed = {(arm.name, k) for arm, k in jobs}
-
-  def done(name, k):
-    return os.path.exists(os.path.join(seed_dir(family_runs, name, k), "done.json"))
-
-  def recorded(name, k):
-    return run_records.has_record(seed_dir(records, name, k))
-  must_train = set()
-  for name, k in reversed(every):  # An arm's job comes after the jobs of the arms it restores.
-    if (name, k) in listed and not done(name, k) and (
-        not recorded(name, k) or any(name in restores[d] and (d, k) in must_train for d in names)):
-      must_train.add((name, k))
-  for name, k in every:
-    model_dir = seed_dir(family_runs, name, k)
-    if (name, k) in must_train and recorded(name, k):
-      print(f"{manifest.family}/{name}" + (f" seed {k}" if k else "") + ": recorded in "
-            f"{seed_dir(records, name, k)}, but an arm to train restores its checkpoint: "
-            "training it again", flush=True)
-    elif (name, k) not in must_train and recorded(name, k) and not os.path.exists(model_dir):
-      run_records.restore_record(seed_dir(records, name, k), model_dir, family_runs)
+  run_records.put_back(
+      [(a.name, k) for k in range(max(counts.values())) for a in manifest.arms
+       if k < counts[a.name]],
+      {(arm.name, k) for arm, k in jobs}, {a.name: restored_arms(a, names) for a in manifest.arms},
+      family_runs, records, manifest.family)
 
 
 def arm_flags(manifest: Manifest, arm: Arm, model_dir: str, quick: bool,
@@ -420,17 +399,6 @@ def wall_seconds(finished: dict[str, list[str]]) -> float | None:
   return total
 
 
-def remove_stale_plots(plots_dir: str, written) -> None:
-  """PNGs under plots_dir that this regeneration did not write (a figure no longer drawn) go,
-  so the folder holds exactly what the README shows."""
-  keep = {os.path.abspath(p) for p in written}
-  for folder, _, files in os.walk(plots_dir):
-    for name in files:
-      path = os.path.abspath(os.path.join(folder, name))
-      if name.endswith(".png") and path not in keep:
-        os.remove(path)
-
-
 def reproduce(family: str, quick: bool = False, only: str | None = None,
               runs_dir: str | None = None, experiments_dir: str | None = None,
               seeds: int | None = None, train: bool = True, parallel: int = 1) -> str:
@@ -480,7 +448,7 @@ def reproduce(family: str, quick: bool = False, only: str | None = None,
                                    x=manifest.compare_on, targets=group.get("targets"))
   reports = [(r["title"], *run_report(r, family_runs, os.path.join(out, "plots"), finished))
              for r in manifest.reports]
-  remove_stale_plots(os.path.join(out, "plots"),
+  report_plots.remove_stale_plots(os.path.join(out, "plots"),
                      {*plots, *(image for _, _, images in reports for image in images)})
   text = results_markdown(manifest, results, plots, out, reports, wall_seconds(trained))
   write_between_markers(os.path.join(out, "README.md"), text, manifest.title)

@@ -199,3 +199,14 @@ def plot_runs(runs: dict[str, list[str]], out_dir: str, x: str = "step",
     fig.savefig(path, dpi=100)
     written.append(path)
   return written
+
+
+def remove_stale_plots(plots_dir: str, written) -> None:
+  """PNGs under plots_dir that this regeneration did not write (a figure no longer drawn) go,
+  so the folder holds exactly what the README shows."""
+  keep = {os.path.abspath(p) for p in written}
+  for folder, _, files in os.walk(plots_dir):
+    for name in files:
+      path = os.path.abspath(os.path.join(folder, name))
+      if name.endswith(".png") and path not in keep:
+        os.remove(path)

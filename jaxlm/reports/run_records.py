@@ -17,6 +17,12 @@ RECORD_FILES = ("metrics.jsonl", "config.gin", "restore_report.json", "done.json
 RUNS_TOKEN = "{family_runs}"
 
 
+def seed_dir(family_runs: str, arm: str, seed: int) -> str:
+  """Seed 0 of an arm in RUNS/ARM (as single-seed families always were), seed k in
+  RUNS/seed{k}/ARM; records are laid out the same way."""
+  return os.path.join(family_runs, *([f"seed{seed}"] if seed else []), arm)
+
+
 def has_record(record_dir: str) -> bool:
   return os.path.isfile(os.path.join(record_dir, "done.json"))
 
@@ -47,6 +53,34 @@ def restore_record(record_dir: str, model_dir: str, family_runs: str) -> None:
     if os.path.isfile(source):
       _write(os.path.join(model_dir, name),
              _read(source).replace(RUNS_TOKEN, os.path.abspath(family_runs)))
+
+
+def put_back(every: list[tuple[str, int]], listed: set, restores: dict[str, list[str]],
+             family_runs: str, records: str, family: str) -> None:
+  """Puts back, as finished runs, the records of the (arm, seed)s in `every` not finished under
+  family_runs -- except where a job still to train restores that arm: a record has no
+  checkpoint, so that arm trains again (and so on up the chain). `every` lists an arm after
+  the arms it restores; `listed`: the jobs this invocation may train; `restores`: arm -> the
+  arms it restores."""
+  def done(name, k):
+    return os.path.exists(os.path.join(seed_dir(family_runs, name, k), "done.json"))
+
+  def recorded(name, k):
+    return has_record(seed_dir(records, name, k))
+  must_train = set()
+  for name, k in reversed(every):
+    if (name, k) in listed and not done(name, k) and (
+        not recorded(name, k) or any(name in restores[d] and (d, k) in must_train
+                                     for d in restores)):
+      must_train.add((name, k))
+  for name, k in every:
+    model_dir = seed_dir(family_runs, name, k)
+    if (name, k) in must_train and recorded(name, k):
+      print(f"{family}/{name}" + (f" seed {k}" if k else "") + ": recorded in "
+            f"{seed_dir(records, name, k)}, but an arm to train restores its checkpoint: "
+            "training it again", flush=True)
+    elif (name, k) not in must_train and recorded(name, k) and not os.path.exists(model_dir):
+      restore_record(seed_dir(records, name, k), model_dir, family_runs)
 
 
 def _read(path: str) -> str:
