@@ -21,6 +21,7 @@ import sys
 from jaxlm import parallel
 from jaxlm.config import cli
 from jaxlm.evaluation import held_out
+from jaxlm.training import compilation_cache
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -38,6 +39,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--batch_size", type=int, default=8,
                       help="sequences per forward pass (lm-evaluation-harness)")
   cli.add_gin_arguments(parser)
+  compilation_cache.add_argument(parser)
   return cli.parse_with_gin_flags(parser, argv)
 
 
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
   cli.setup_logging()
 
   def run_eval() -> int:
+    compilation_cache.enable(args.compilation_cache)
     from jaxlm.training.saved_run import load_saved_run  # pylint: disable=import-outside-toplevel
     run = load_saved_run(args.model_dir, args.step, args.gin_file, args.gin_bindings,
                          args.gin_search_paths)

@@ -19,6 +19,7 @@ import numpy as np
 from jaxlm.config import cli
 from jaxlm.evaluation.decoding import Sampling, generate_tokens
 from jaxlm.errors import UserError
+from jaxlm.training import compilation_cache
 
 log = logging.getLogger("jaxlm")
 
@@ -43,6 +44,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--no_cache", action="store_true",
                       help="re-run the whole window per token (the slow reference)")
   cli.add_gin_arguments(parser)
+  compilation_cache.add_argument(parser)
   return cli.parse_with_gin_flags(parser, argv)
 
 
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
   cli.setup_logging()
 
   def run() -> int:
+    compilation_cache.enable(args.compilation_cache)
     if not args.prompt:
       raise UserError("no prompt given; pass --prompt=TEXT (repeat it for a batch)")
     sampling = Sampling(args.temperature, args.top_k, args.top_p)

@@ -16,6 +16,7 @@ import jax
 
 from jaxlm.config import cli
 from jaxlm.config import gin_config
+from jaxlm.training import compilation_cache
 from jaxlm.training import host_memory
 from jaxlm.errors import TrainingDiverged
 from jaxlm.training.preemption import EXIT_FORCED, EXIT_PREEMPTED
@@ -34,6 +35,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                       help="keep: glibc malloc keeps freed memory and CPU steps run one at a "
                            "time (faster on CPU, resident memory stays at about one step's "
                            "worth; see jaxlm/training/host_memory.py); system: glibc's defaults")
+  compilation_cache.add_argument(parser)
   parser.add_argument("--dry_run", action="store_true",
                       help="run every start-up check (config, unused bindings, data, MODEL_DIR, "
                            "checkpoints), then exit without writing anything")
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
   cli.setup_logging()
 
   def train() -> int:
+    compilation_cache.enable(args.compilation_cache)
     gin_config.parse(args.gin_file, args.gin_bindings, args.gin_search_paths)
     from jaxlm import parallel  # After parsing: import-time work never hides a flag error.
     from jaxlm.training import trainer

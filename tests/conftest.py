@@ -1,8 +1,11 @@
 """Shared fixtures: gin state is global, so every test starts from an empty config."""
 
 import importlib.util
+import os
 import pathlib
+import shutil
 import sys
+import tempfile
 import textwrap
 
 import gin
@@ -35,6 +38,21 @@ def pytest_collection_modifyitems(items):
     name = item.nodeid.split("::")[0].rsplit("/", 1)[-1]
     return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
   items.sort(key=rank)
+
+
+def pytest_configure(config):
+  """One XLA compilation cache for the session, its xdist workers and the command-line runs
+  they start (which compile the same small programs again and again), in a temporary folder of
+  its own rather than the user's ~/.cache. Workers inherit it from the controlling process.
+  JAXLM_COMPILATION_CACHE=none in the environment keeps it off (to time the suite without it)."""
+  if not hasattr(config, "workerinput") and os.environ.get("JAXLM_COMPILATION_CACHE") != "none":
+    config.xla_cache = tempfile.mkdtemp(prefix="jaxlm-tests-xla-cache-")
+    os.environ["JAXLM_COMPILATION_CACHE"] = config.xla_cache
+
+
+def pytest_unconfigure(config):
+  if hasattr(config, "xla_cache"):
+    shutil.rmtree(config.xla_cache, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

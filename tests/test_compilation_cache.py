@@ -1,0 +1,94 @@
+"""The persistent compilation cache of the command-line entry points
+(jaxlm/training/compilation_cache.py)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxlm.errors import UserError
+from jaxlm.training import compilation_cache
+
+# A process that turns the cache on as the entry points do, compiles one program and prints the
+# folder used and how many of its compilations were loaded from the cache. The threshold is
+# lowered so that this small program is written at all.
+PROGRAM = """
+import json, sys
+import jax, jax.numpy as jnp
+from jaxlm.training import compilation_cache
+hits = []
+jax.monitoring.register_event_listener(
+    lambda name, **_: hits.append(name) if name == "/jax/compilation_cache/cache_hits" else None)
+path = compilation_cache.enable(sys.argv[1] if len(sys.argv) > 1 else None)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+value = float(jax.jit(lambda x: jnp.tanh(x @ x.T).sum())(jnp.arange(64.0).reshape(8, 8) / 64))
+print(json.dumps({"path": path, "hits": len(hits), "value": value}))
+"""
+
+
+def _run(*args, env=None):
+  environment = {k: v for k, v in os.environ.items()
+                 if k not in ("JAX_COMPILATION_CACHE_DIR", compilation_cache.ENVIRONMENT_VARIABLE)}
+  result = subprocess.run([sys.executable, "-c", PROGRAM, *args], capture_output=True,
+                          text=True, env={**environment, **(env or {})}, check=True)
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_a_second_process_loads_what_the_first_compiled(tmp_path):
+  first = _run(str(tmp_path))
+  second = _run(str(tmp_path))
+  assert first["path"] == second["path"] == str(tmp_path / compilation_cache.host_kind())
+  assert os.listdir(first["path"])  # The program was written ...
+  assert first["hits"] == 0 and second["hits"] >= 1  # ... and loaded by the second process,
+  assert first["value"] == second["value"]  # which computes the same.
+
+
+def test_the_default_folder_comes_from_the_environment_and_none_turns_it_off(tmp_path):
+  from_environment = _run(env={compilation_cache.ENVIRONMENT_VARIABLE: str(tmp_path / "env")})
+  assert from_environment["path"] == str(tmp_path / "env" / compilation_cache.host_kind())
+  off = _run("none")
+  assert off["path"] is None and off["hits"] == 0
+  # JAX's own setting is left in charge.
+  jax_own = _run(str(tmp_path / "ours"), env={"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "j")})
+  assert jax_own["path"] == str(tmp_path / "j") and not (tmp_path / "ours").exists()
+
+
+def test_the_default_folder_follows_xdg(monkeypatch, tmp_path):
+  monkeypatch.delenv(compilation_cache.ENVIRONMENT_VARIABLE, raising=False)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  assert compilation_cache.default_directory() == str(tmp_path / "jaxlm" / "xla")
+
+
+def test_a_folder_that_cannot_be_made_is_one_clear_error_or_a_warning(tmp_path, monkeypatch,
+                                                                       caplog):
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a folder")
+  with pytest.raises(UserError, match=r"--compilation_cache=.*a_file.*cannot make.*'none'"):
+    compilation_cache.enable(str(blocker))
+  monkeypatch.setenv(compilation_cache.ENVIRONMENT_VARIABLE, str(blocker))  # The default: warn.
+  assert compilation_cache.enable() is None
+  assert "compiling without it" in caplog.text
+
+
+@pytest.mark.parametrize("module", ["train", "eval", "generate"])
+def test_every_entry_point_takes_the_flag(module):
+  import importlib  # pylint: disable=import-outside-toplevel
+  entry_point = importlib.import_module(f"jaxlm.{module}")
+  required = {"train": ["--gin_file=x.gin"]}.get(module, ["--model_dir=/tmp/x"])
+  assert entry_point.parse_args(required).compilation_cache is None
+  assert entry_point.parse_args([*required, "--compilation_cache=none"]).compilation_cache == "none"
+
+
+def test_a_bad_cache_folder_stops_training_before_anything_is_written(tmp_path, capsys,
+                                                                     monkeypatch):
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+  from jaxlm import train  # pylint: disable=import-outside-toplevel
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a folder")
+  code = train.main(["--gin_file=experiments/quickstart.gin", f"--gin.MODEL_DIR='{tmp_path}/run'",
+                     f"--compilation_cache={blocker}"])
+  assert code == 2 and not (tmp_path / "run").exists()
+  assert capsys.readouterr().err.strip().count("\n") == 0
