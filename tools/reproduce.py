@@ -261,8 +261,7 @@ def run_arm(manifest: Manifest, arm: Arm, model_dir: str, quick: bool, index: in
              *arm_flags(manifest, arm, model_dir, quick, seed)]
   start = time.time()
   with open(os.path.join(model_dir, "train.log"), "a", encoding="utf-8") as log:
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                               env=arm_env(runs))
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     if not progress:
       print(f"{label}: started", flush=True)
     while process.poll() is None:
@@ -338,20 +337,12 @@ def arm_flags(manifest: Manifest, arm: Arm, model_dir: str, quick: bool,
           *[f"--gin_defaults={b}" for b in (manifest.quick_bindings if quick else ())]]
 
 
-def arm_env(runs: str) -> dict[str, str]:
-  """The arms' environment: one persistent XLA compilation cache for the family, so arms of the
-  same shapes compile their steps once (unless JAX_COMPILATION_CACHE_DIR is set already)."""
-  env = dict(os.environ)
-  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(runs, ".jax_cache"))
-  return env
-
-
 def _run_command_arm(arm: Arm, model_dir: str, runs: str, label: str, done: str) -> dict:
   command = [c.replace("{runs}", runs).replace("{model_dir}", model_dir) for c in arm.command]
   start = time.time()
   with open(os.path.join(model_dir, "command.log"), "a", encoding="utf-8") as log:
     code = subprocess.run([sys.executable, *command], stdout=log, stderr=subprocess.STDOUT,
-                          cwd=REPO, check=False, env=arm_env(runs)).returncode
+                          cwd=REPO, check=False).returncode
   print(f"{label}: exit {code} after {time.time() - start:.0f} s", flush=True)
   if code != 0:
     raise ReproduceError(f"arm {arm.name!r} failed (exit {code}); see "

@@ -3,7 +3,8 @@
 Every `python -m jaxlm.train` process compiles its steps afresh: on the CPU reproductions'
 0.9M-parameter model the train step, the evaluation step, the initialisation and the peak-FLOP
 probe take ~10 s of compilation, a tenth of a 600-step arm, and each arm of a family compiles
-the same programs again (every seed, and every arm that shares the model). JAX can keep the
+the same programs again (every seed, and every arm that shares the model; tools/reproduce.py's
+arms use this cache too). JAX can keep the
 compiled executables on disk, keyed by the program, the compile options, XLA's flags and the
 jax/jaxlib version, and load them in a later process instead (what MaxText's `jax_cache_dir`
 turns on). A loaded executable is the same program, so results are bitwise the same.
