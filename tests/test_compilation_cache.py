@@ -22,9 +22,11 @@ hits = []
 jax.monitoring.register_event_listener(
     lambda name, **_: hits.append(name) if name == "/jax/compilation_cache/cache_hits" else None)
 path = compilation_cache.enable(sys.argv[1] if len(sys.argv) > 1 else None)
+bounds = [jax.config.jax_compilation_cache_max_size,
+          jax.config.jax_persistent_cache_min_compile_time_secs]
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 value = float(jax.jit(lambda x: jnp.tanh(x @ x.T).sum())(jnp.arange(64.0).reshape(8, 8) / 64))
-print(json.dumps({"path": path, "hits": len(hits), "value": value}))
+print(json.dumps({"path": path, "hits": len(hits), "value": value, "bounds": bounds}))
 """
 
 
@@ -43,6 +45,7 @@ def test_a_second_process_loads_what_the_first_compiled(tmp_path):
   assert os.listdir(first["path"])  # The program was written ...
   assert first["hits"] == 0 and second["hits"] >= 1  # ... and loaded by the second process,
   assert first["value"] == second["value"]  # which computes the same.
+  assert first["bounds"] == [compilation_cache.MAX_BYTES, compilation_cache.MIN_COMPILE_SECONDS]
 
 
 def test_the_default_folder_comes_from_the_environment_and_none_turns_it_off(tmp_path):

@@ -4,10 +4,10 @@ Every `python -m jaxlm.train` process compiles its steps afresh: on the CPU repr
 0.9M-parameter model the train step, the evaluation step, the initialisation and the peak-FLOP
 probe take ~10 s of compilation, a tenth of a 600-step arm, and each arm of a family compiles
 the same programs again (every seed, and every arm that shares the model; tools/reproduce.py's
-arms use this cache too). JAX can keep the
-compiled executables on disk, keyed by the program, the compile options, XLA's flags and the
-jax/jaxlib version, and load them in a later process instead (what MaxText's `jax_cache_dir`
-turns on). A loaded executable is the same program, so results are bitwise the same.
+arms use this cache too). JAX can keep the compiled executables on disk, keyed by the program,
+the compile options, XLA's flags and the jax/jaxlib version, and load them in a later process
+instead (what MaxText's `jax_cache_dir` turns on). A loaded executable is the same program, so
+results are bitwise the same.
 
 Where: `--compilation_cache=DIR` (default `$JAXLM_COMPILATION_CACHE`, else
 `$XDG_CACHE_HOME/jaxlm/xla`, else `~/.cache/jaxlm/xla`), in a subfolder per host kind (machine,
