@@ -35,6 +35,7 @@ def _run(*args, env=None):
                  if k not in ("JAX_COMPILATION_CACHE_DIR", compilation_cache.ENVIRONMENT_VARIABLE)}
   result = subprocess.run([sys.executable, "-c", PROGRAM, *args], capture_output=True,
                           text=True, env={**environment, **(env or {})}, check=True)
+  assert "persistent compilation cache" not in result.stderr  # No entry failed to write or read.
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -95,3 +96,29 @@ def test_a_bad_cache_folder_stops_training_before_anything_is_written(tmp_path, 
                      f"--compilation_cache={blocker}"])
   assert code == 2 and not (tmp_path / "run").exists()
   assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_the_reload_check_says_no_where_nothing_comes_back(tmp_path):
+  """The check behind enable(): where XLA reads nothing back (jax-ml/jax#38445 on some Intel
+  CPUs; here, entries too small to be written), it says so and the cache stays off."""
+  def check(**env):
+    return subprocess.run([sys.executable, "-m", "jaxlm.training.compilation_cache",
+                           str(tmp_path / "probe")], capture_output=True, text=True, check=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", **env}).stdout.strip()
+  assert check(JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=str(2**40)) == "does not reload"
+  assert check() == "reloads"
+
+
+def test_a_host_that_does_not_reload_compiles_without_the_cache(tmp_path, monkeypatch, caplog):
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+  folder = tmp_path / compilation_cache.host_kind()
+  folder.mkdir()
+  record = folder / compilation_cache.RELOAD_CHECK
+  record.write_text(json.dumps({"versions": compilation_cache._versions(), "reloads": False}))
+  assert compilation_cache.enable(str(tmp_path)) is None
+  assert "does not read back" in caplog.text
+  # An answer for other versions is asked again (here: yes), and kept.
+  record.write_text(json.dumps({"versions": "jax 0.0.1, jaxlib 0.0.1", "reloads": False}))
+  assert compilation_cache.reloads_here(str(folder))
+  assert json.loads(record.read_text()) == {"versions": compilation_cache._versions(),
+                                            "reloads": True}

@@ -17,12 +17,21 @@ turns it off; a `JAX_COMPILATION_CACHE_DIR` in the environment is JAX's own sett
 The folder is bounded at MAX_BYTES (least recently used entries go first; the bound needs
 `filelock`, which also serialises concurrent readers and writers such as
 `tools/reproduce.py --jobs=2`). Deleting the folder is always safe.
+
+Before a host kind's folder is first used, one short subprocess checks that XLA:CPU here reads
+back a program it wrote (kept in RELOAD_CHECK per jax version): on some Intel CPUs JAX 0.9-0.10
+rejects every cached CPU program it reads (jax-ml/jax#38445, the loader takes LLVM's
++prefer-no-gather tuning for a missing CPU feature), so the cache there would only add an error
+line per program; it is then left off, and a warning says so once per run.
 """
 
 import hashlib
+import json
 import logging
 import os
 import platform
+import subprocess
+import sys
 
 from jaxlm.errors import UserError
 
@@ -31,6 +40,7 @@ ENVIRONMENT_VARIABLE = "JAXLM_COMPILATION_CACHE"
 MAX_BYTES = 4 * 2**30
 # Programs that compile faster than this are not worth a file (reading one costs a few ms).
 MIN_COMPILE_SECONDS = 0.1
+RELOAD_CHECK = "reload_check.json"
 
 log = logging.getLogger("jaxlm")
 
@@ -77,10 +87,68 @@ def enable(directory: str | None = None) -> str | None:
     log.warning("%s; compiling without it (set --compilation_cache or $%s)", reason,
                 ENVIRONMENT_VARIABLE)
     return None
+  if not reloads_here(path):
+    log.warning("XLA:CPU on this host does not read back the programs it caches "
+                "(jax-ml/jax#38445); compiling without the cache (%s)", path)
+    return None
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
   jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
   return path
+
+
+def _versions() -> str:
+  import jax, jaxlib  # pylint: disable=import-outside-toplevel,multiple-imports
+  return f"jax {jax.__version__}, jaxlib {jaxlib.__version__}"
+
+
+def reloads_here(path: str) -> bool:
+  """Whether XLA:CPU on this host reads back a program cached in `path`: asked once per jax
+  version in a subprocess (this process's backends must stay uninitialised until
+  jax.distributed is set up), the answer kept in `path`/RELOAD_CHECK."""
+  record_path, versions = os.path.join(path, RELOAD_CHECK), _versions()
+  try:
+    with open(record_path, encoding="utf-8") as f:
+      record = json.load(f)
+    if record["versions"] == versions:
+      return bool(record["reloads"])
+  except (OSError, ValueError, KeyError, TypeError):
+    pass
+  environment = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  try:
+    result = subprocess.run([sys.executable, "-m", __name__, path], capture_output=True,
+                            text=True, timeout=300, env={**environment, "JAX_PLATFORMS": "cpu"})
+    reloads = result.returncode == 0 and result.stdout.split()[-1:] == ["reloads"]
+  except (OSError, subprocess.TimeoutExpired):
+    reloads = False
+  temporary = f"{record_path}.{os.getpid()}"
+  with open(temporary, "w", encoding="utf-8") as f:
+    json.dump({"versions": versions, "reloads": reloads}, f)
+  os.replace(temporary, record_path)
+  return reloads
+
+
+def _check_reload(path: str) -> str:
+  """In a fresh process: compile a small program into `path`, forget it in memory, compile it
+  again, and say whether the second compilation was read from the cache."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  # Bounded like every other user of the folder: the bound's eviction expects each entry's
+  # access-time file, which only a bounded cache writes.
+  jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+  hits = []
+  jax.monitoring.register_event_listener(
+      lambda name, **_: hits.append(name) if name.endswith("/cache_hits") else None)
+  for _ in range(2):
+    jax.jit(_reload_probe).lower(jnp.zeros((8, 8), jnp.float32)).compile()
+    jax.clear_caches()
+  return "reloads" if hits else "does not reload"
+
+
+def _reload_probe(x):
+  return (x @ x.T).sum()
 
 
 def add_argument(parser) -> None:
@@ -88,3 +156,7 @@ def add_argument(parser) -> None:
       "--compilation_cache", default=None, metavar="DIR",
       help="where compiled XLA programs are kept for the next run (default "
            f"${ENVIRONMENT_VARIABLE}, else ~/.cache/jaxlm/xla); 'none' turns it off")
+
+
+if __name__ == "__main__":
+  print(_check_reload(sys.argv[1]))
