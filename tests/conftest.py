@@ -25,7 +25,8 @@ def load_tool(name: str):
 
 # The files that take longest with the slow tests included (`pytest -m "slow or not slow"
 # --durations=40`, 2026-12-07: the reproduction families' quick runs 17 minutes in all, the
-# kill/resume runs 6, the growth and layout subprocesses 4 and 3).
+# kill/resume runs 6, the growth and layout subprocesses 4 and 3; with the compilation cache,
+# 2026-12-08, the quick runs took 8 minutes).
 LONGEST_FILES = ("test_reproduce.py", "test_fault_tolerance.py", "test_growth.py",
                  "test_state_layout.py")
 
