@@ -194,8 +194,8 @@ def load_manifest(experiments_dir: str, family: str) -> Manifest:
 
 def seed_counts(manifest: Manifest, seeds: int | None, quick: bool) -> dict[str, int]:
   """How many seeds each arm runs: the manifest's, or --seeds for all; --quick: one, except the
-  first arm with several (that restores no other arm), which runs two. An arm never runs more seeds than an arm it restores
-  ({runs}/NAME in its bindings or command)."""
+  first arm with several (that restores no other arm), which runs two. An arm never runs more
+  seeds than an arm it restores (restored_arms)."""
   counts = {a.name: (seeds or a.seeds) for a in manifest.arms}
   if quick:  # The first such arm that restores no other (whose seeds would be needed too).
     first = next((a.name for a in manifest.arms
@@ -439,8 +439,8 @@ def reproduce(family: str, quick: bool = False, only: str | None = None,
                                    x=manifest.compare_on, targets=group.get("targets"))
   reports = [(r["title"], *run_report(r, family_runs, os.path.join(out, "plots"), finished))
              for r in manifest.reports]
-  report_plots.remove_stale_plots(os.path.join(out, "plots"),
-                     {*plots, *(image for _, _, images in reports for image in images)})
+  report_images = {image for _, _, images in reports for image in images}
+  report_plots.remove_stale_plots(os.path.join(out, "plots"), {*plots, *report_images})
   text = results_markdown(manifest, results, plots, out, reports, wall_seconds(trained))
   write_between_markers(os.path.join(out, "README.md"), text, manifest.title)
   if not quick and only is None:  # Only a whole family's results stand in the methods table.

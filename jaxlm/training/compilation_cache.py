@@ -118,9 +118,11 @@ def reloads_here(path: str) -> bool:
   try:
     result = subprocess.run([sys.executable, "-m", __name__, path], capture_output=True,
                             text=True, timeout=300, env={**environment, "JAX_PLATFORMS": "cpu"})
-    reloads = result.returncode == 0 and result.stdout.split()[-1:] == ["reloads"]
   except (OSError, subprocess.TimeoutExpired):
-    reloads = False
+    return False  # No answer this time (not kept): asked again by the next run.
+  if result.returncode != 0:
+    return False
+  reloads = result.stdout.split()[-1:] == ["reloads"]
   temporary = f"{record_path}.{os.getpid()}"
   with open(temporary, "w", encoding="utf-8") as f:
     json.dump({"versions": versions, "reloads": reloads}, f)
